@@ -1,0 +1,301 @@
+//! Getting writes and consistent reads to the leader.
+//!
+//! A write that lands on a follower travels, unstamped, to the leader's
+//! internal route `/raft/write`; the leader stamps its clock into the
+//! command, commits it, and answers with the result. A consistent read asks
+//! the leader for a read index (`/raft/read-index`: the leader confirms with
+//! a quorum that it still leads) and then waits until the local replica has
+//! applied that index: the answer comes from this node but is linearizable.
+//!
+//! While no leader is known (an election), both wait up to `leader_wait`,
+//! then fail with `503`. They retry only where it is safe: when the request
+//! certainly did not reach a leader (refused connection, "not the leader").
+//! Every command is an idempotent upsert or delete besides.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState};
+use crate::raft::{ClientWriteError, NodeId, RaftError};
+use crate::registry::{Command, CommandResult, HeartbeatRequest, Instance, Millis, RegisterRequest};
+
+/// A validated write as it travels from the receiving node to the leader.
+/// The receiving node has resolved defaults that depend on the caller
+/// (`host`); the leader adds the time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WriteRequest {
+    Register(RegisterRequest),
+    Heartbeat(HeartbeatRequest),
+    Deregister {
+        service_name: String,
+        instance_id: Option<String>,
+    },
+}
+
+impl WriteRequest {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Register(_) => "register",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::Deregister { .. } => "deregister",
+        }
+    }
+
+    /// Turns the request into a log command stamped with the leader's time.
+    fn stamp(&self, now_ms: Millis) -> Command {
+        match self.clone() {
+            Self::Register(r) => {
+                let host = r.host.unwrap_or_else(|| "127.0.0.1".to_string());
+                let instance_id = r.instance_id.unwrap_or_else(|| format!("{host}:{}", r.port));
+                Command::Register {
+                    instance: Instance {
+                        service_name: r.service_name,
+                        instance_id,
+                        host,
+                        port: r.port,
+                        health_endpoint: r.health_endpoint,
+                        metadata: r.metadata,
+                        ttl_seconds: r.ttl_seconds,
+                        registered_at: now_ms,
+                        last_heartbeat: now_ms,
+                    },
+                }
+            }
+            Self::Heartbeat(h) => Command::Heartbeat {
+                service_name: h.service_name,
+                instance_id: h.instance_id,
+                now_ms,
+            },
+            Self::Deregister {
+                service_name,
+                instance_id,
+            } => Command::Deregister {
+                service_name,
+                instance_id,
+            },
+        }
+    }
+}
+
+/// The leader's answer on `/raft/write`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WriteReply {
+    Done(CommandResult),
+    /// The receiver is not the leader; it names the one it knows, if any.
+    NotLeader(Option<NodeId>),
+    /// The outcome is unknown or the cluster cannot commit now.
+    Unavailable(String),
+}
+
+/// The leader's answer on `/raft/read-index`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadIndexReply {
+    Index(u64),
+    NotLeader(Option<NodeId>),
+    Unavailable(String),
+}
+
+/// The wall clock in milliseconds. Only the leader calls this, to stamp
+/// commands; apply never does.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Why one attempt to reach the leader failed.
+enum Attempt<T> {
+    Answered(T),
+    /// The request surely did not reach a leader: try again.
+    Retry,
+    /// The request may have been applied: stop and say so.
+    Unknown(String),
+}
+
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+impl AppState {
+    fn no_leader(&self, what: &str) -> ApiError {
+        ApiError::Unavailable(format!(
+            "no leader reachable within {} ms to {what}; retry shortly",
+            self.leader_wait.as_millis()
+        ))
+    }
+
+    /// Commits a write through the leader, wherever it is.
+    pub async fn write(&self, req: WriteRequest) -> Result<CommandResult, ApiError> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.no_leader("commit the write"));
+            }
+            let view = self.leader_view();
+            let attempt = match (view.leader_id, view.leader_addr) {
+                (Some(id), _) if id == self.id => match self.write_local(&req, remaining).await {
+                    WriteReply::Done(r) => Attempt::Answered(r),
+                    WriteReply::NotLeader(_) => Attempt::Retry,
+                    WriteReply::Unavailable(m) => Attempt::Unknown(m),
+                },
+                (Some(_), Some(addr)) => self.forward_write(&addr, &req, remaining).await,
+                _ => {
+                    self.wait_for_leader(remaining).await;
+                    continue;
+                }
+            };
+            match attempt {
+                Attempt::Answered(r) => return Ok(r),
+                Attempt::Unknown(m) => return Err(ApiError::Unavailable(m)),
+                Attempt::Retry => tokio::time::sleep(RETRY_PAUSE.min(remaining)).await,
+            }
+        }
+    }
+
+    /// Proposes a write on this node, which must be the leader.
+    pub async fn write_local(&self, req: &WriteRequest, remaining: Duration) -> WriteReply {
+        let cmd = req.stamp(now_ms());
+        match tokio::time::timeout(remaining, self.raft.client_write(cmd)).await {
+            Err(_) => WriteReply::Unavailable(
+                "the write was not committed in time (no quorum?); its outcome is unknown and retrying it is safe"
+                    .into(),
+            ),
+            Ok(Ok(resp)) => WriteReply::Done(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                WriteReply::NotLeader(f.leader_id)
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                WriteReply::Unavailable(e.to_string())
+            }
+            Ok(Err(RaftError::Fatal(f))) => WriteReply::Unavailable(format!("raft stopped: {f}")),
+        }
+    }
+
+    async fn forward_write(&self, addr: &str, req: &WriteRequest, remaining: Duration) -> Attempt<CommandResult> {
+        self.metrics.forwarded.with_label_values(&[req.kind()]).inc();
+        match self.forward::<_, WriteReply>(addr, "write", req, remaining).await {
+            Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
+            Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
+            Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => Attempt::Unknown(m),
+        }
+    }
+
+    /// Posts JSON to another node's internal route and decodes its answer.
+    async fn forward<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        remaining: Duration,
+    ) -> Attempt<Resp> {
+        if self.net.faults.is_isolated() {
+            return Attempt::Retry;
+        }
+        let started = Instant::now();
+        let sent = self
+            .net
+            .post(format!("http://{addr}/raft/{path}"))
+            .json(req)
+            .timeout(remaining)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => return Attempt::Retry,
+            Err(e) => {
+                return Attempt::Unknown(format!(
+                    "the leader at {addr} did not answer ({e}); the outcome is unknown and retrying is safe"
+                ))
+            }
+        };
+        self.metrics
+            .forward_latency
+            .observe(started.elapsed().as_secs_f64());
+        if !resp.status().is_success() {
+            // Refused before any work was done (cut off, wrong secret, stopping).
+            return Attempt::Retry;
+        }
+        match resp.json::<Resp>().await {
+            Ok(r) => Attempt::Answered(r),
+            Err(e) => Attempt::Unknown(format!("the leader at {addr} sent an unreadable answer: {e}")),
+        }
+    }
+
+    async fn wait_for_leader(&self, remaining: Duration) {
+        let _ = self
+            .raft
+            .wait(Some(remaining.min(Duration::from_millis(200))))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await;
+    }
+
+    /// Makes the next local read linearizable: returns once this replica has
+    /// applied everything committed before the call.
+    pub async fn read_barrier(&self) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.no_leader("confirm a consistent read"));
+            }
+            let view = self.leader_view();
+            let attempt = match (view.leader_id, view.leader_addr) {
+                (Some(id), _) if id == self.id => match self.read_index_local(remaining).await {
+                    ReadIndexReply::Index(i) => Attempt::Answered(i),
+                    ReadIndexReply::NotLeader(_) => Attempt::Retry,
+                    ReadIndexReply::Unavailable(m) => Attempt::Unknown(m),
+                },
+                (Some(_), Some(addr)) => {
+                    self.metrics.forwarded.with_label_values(&["read_index"]).inc();
+                    match self.forward::<_, ReadIndexReply>(&addr, "read-index", &(), remaining).await {
+                        Attempt::Answered(ReadIndexReply::Index(i)) => Attempt::Answered(i),
+                        Attempt::Answered(ReadIndexReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
+                        Attempt::Answered(ReadIndexReply::Unavailable(m)) | Attempt::Unknown(m) => {
+                            Attempt::Unknown(m)
+                        }
+                    }
+                }
+                _ => {
+                    self.wait_for_leader(remaining).await;
+                    continue;
+                }
+            };
+            match attempt {
+                Attempt::Answered(index) => {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .raft
+                        .wait(Some(remaining))
+                        .applied_index_at_least(Some(index), "consistent read")
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| {
+                            ApiError::Unavailable(format!(
+                                "this node did not catch up to index {index} in time; retry shortly"
+                            ))
+                        });
+                }
+                Attempt::Unknown(m) => return Err(ApiError::Unavailable(m)),
+                Attempt::Retry => tokio::time::sleep(RETRY_PAUSE.min(remaining)).await,
+            }
+        }
+    }
+
+    /// On the leader: confirms leadership with a quorum and returns the
+    /// index a linearizable read must wait for.
+    pub async fn read_index_local(&self, remaining: Duration) -> ReadIndexReply {
+        match tokio::time::timeout(remaining, self.raft.get_read_log_id()).await {
+            Err(_) => ReadIndexReply::Unavailable(
+                "the leader could not confirm its leadership with a quorum in time".into(),
+            ),
+            Ok(Ok((read_log_id, _))) => ReadIndexReply::Index(read_log_id.map_or(0, |l| l.index)),
+            Ok(Err(RaftError::APIError(crate::raft::CheckIsLeaderError::ForwardToLeader(f)))) => {
+                ReadIndexReply::NotLeader(f.leader_id)
+            }
+            Ok(Err(RaftError::APIError(crate::raft::CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                ReadIndexReply::Unavailable(format!("no quorum: {e}"))
+            }
+            Ok(Err(RaftError::Fatal(f))) => ReadIndexReply::Unavailable(format!("raft stopped: {f}")),
+        }
+    }
+}

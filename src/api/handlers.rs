@@ -1,0 +1,364 @@
+//! Public API handlers: validate, write through Raft or read the local
+//! replica, and shape the JSON the seed's clients expect.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState, WriteRequest};
+use crate::registry::{self, validate, CommandResult, Instance, Millis};
+
+/// A JSON body whose every rejection is one of our errors (400, 413, 415).
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = Json::<Value>::from_request(req, state).await?;
+        Ok(Self(v))
+    }
+}
+
+/// Query flags shared by the read endpoints.
+#[derive(Debug, Deserialize)]
+pub struct ReadParams {
+    consistent: Option<String>,
+}
+
+impl ReadParams {
+    fn consistent(&self) -> Result<bool, ApiError> {
+        match self.consistent.as_deref() {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(_) => Err(ApiError::bad("consistent", "consistent must be true or false")),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeregisterParams {
+    instance_id: Option<String>,
+}
+
+fn rfc3339(ms: Millis) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The contract's JSON form of a stored instance.
+pub fn instance_json(i: &Instance) -> Value {
+    json!({
+        "service_name": i.service_name,
+        "instance_id": i.instance_id,
+        "host": i.host,
+        "port": i.port,
+        "health_endpoint": i.health_endpoint,
+        "metadata": i.metadata,
+        "ttl_seconds": i.ttl_seconds,
+        "registered_at": rfc3339(i.registered_at),
+        "last_heartbeat": rfc3339(i.last_heartbeat),
+    })
+}
+
+impl AppState {
+    /// Counts the operation, and turns the outcome into a response.
+    fn finish(&self, op: &str, started: Instant, result: Result<Response, ApiError>) -> Response {
+        let status = match &result {
+            Ok(_) => "success",
+            Err(e) => e.metric_status(),
+        };
+        self.metrics
+            .observe(op, status, started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            if e.status().is_server_error() {
+                tracing::warn!(operation = op, error = %e, "request failed");
+            }
+        }
+        result.unwrap_or_else(IntoResponse::into_response)
+    }
+
+    /// The three headers every read carries.
+    fn read_headers(&self, applied_index: u64) -> [(HeaderName, HeaderValue); 3] {
+        let view = self.leader_view();
+        [
+            (
+                HeaderName::from_static("x-registry-index"),
+                HeaderValue::from(applied_index),
+            ),
+            (
+                HeaderName::from_static("x-registry-known-leader"),
+                HeaderValue::from_static(if view.live { "true" } else { "false" }),
+            ),
+            (
+                HeaderName::from_static("x-registry-last-contact"),
+                HeaderValue::from(view.last_contact_ms),
+            ),
+        ]
+    }
+}
+
+fn service_name_from_path(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(name) = path?;
+    validate::service_name(&name, "service_name")?;
+    Ok(name)
+}
+
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let JsonBody(body) = body?;
+        let mut req = registry::parse_register(&body)?;
+        if req.host.is_none() {
+            req.host = Some(peer.ip().to_canonical().to_string());
+        }
+        match state.write(WriteRequest::Register(req)).await? {
+            CommandResult::Registered(inst) => Ok(Json(instance_json(&inst)).into_response()),
+            other => Err(ApiError::Internal(format!("unexpected result of register: {other:?}"))),
+        }
+    }
+    .await;
+    state.finish("register", started, result)
+}
+
+pub async fn heartbeat(State(state): State<Arc<AppState>>, body: Result<JsonBody, ApiError>) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let JsonBody(body) = body?;
+        let req = registry::parse_heartbeat(&body)?;
+        let (service, instance) = (req.service_name.clone(), req.instance_id.clone());
+        match state.write(WriteRequest::Heartbeat(req)).await? {
+            CommandResult::Touched(n) => Ok(Json(json!({
+                "status": "ok",
+                "service_name": service,
+                "instance_id": instance,
+                "renewed": n,
+            }))
+            .into_response()),
+            CommandResult::NotFound => Err(not_registered(&service, instance.as_deref())),
+            other => Err(ApiError::Internal(format!("unexpected result of heartbeat: {other:?}"))),
+        }
+    }
+    .await;
+    state.finish("heartbeat", started, result)
+}
+
+fn not_registered(service: &str, instance: Option<&str>) -> ApiError {
+    match instance {
+        Some(id) => ApiError::NotFound(format!(
+            "instance '{id}' of service '{service}' is not registered; register it again"
+        )),
+        None => ApiError::NotFound(format!("service '{service}' is not registered; register it again")),
+    }
+}
+
+pub async fn deregister(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<DeregisterParams>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let service = service_name_from_path(path)?;
+        let Query(q) = query?;
+        if let Some(id) = &q.instance_id {
+            validate::instance_id(id)?;
+        }
+        let req = WriteRequest::Deregister {
+            service_name: service.clone(),
+            instance_id: q.instance_id.clone(),
+        };
+        match state.write(req).await? {
+            CommandResult::Touched(n) => Ok(Json(json!({
+                "status": "deregistered",
+                "service_name": service,
+                "instance_id": q.instance_id,
+                "removed": n,
+            }))
+            .into_response()),
+            CommandResult::NotFound => Err(not_registered(&service, q.instance_id.as_deref())),
+            other => Err(ApiError::Internal(format!("unexpected result of deregister: {other:?}"))),
+        }
+    }
+    .await;
+    state.finish("deregister", started, result)
+}
+
+pub async fn list_services(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<ReadParams>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let Query(q) = query?;
+        if q.consistent()? {
+            state.read_barrier().await?;
+        }
+        let (names, index) = {
+            let applied = state.replica.read();
+            let names: Vec<&str> = applied.registry.service_names().collect();
+            (serde_json::to_vec(&names).expect("strings serialize"), applied.applied_index())
+        };
+        Ok((
+            state.read_headers(index),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            names,
+        )
+            .into_response())
+    }
+    .await;
+    state.finish("list", started, result)
+}
+
+pub async fn get_service(
+    State(state): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ReadParams>, QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let service = service_name_from_path(path)?;
+        let Query(q) = query?;
+        if q.consistent()? {
+            state.read_barrier().await?;
+        }
+        let (body, index) = {
+            let applied = state.replica.read();
+            let index = applied.applied_index();
+            let Some(instances) = applied.registry.service(&service) else {
+                drop(applied);
+                return Err(ApiError::NotFound(format!("service '{service}' is not registered")));
+            };
+            let instances: Vec<&Instance> = instances.collect();
+            // Clients written for the seed read one instance's fields at the
+            // top level: give them the one heard from most recently.
+            let latest = instances
+                .iter()
+                .max_by_key(|i| (i.last_heartbeat, std::cmp::Reverse(&i.instance_id)))
+                .expect("a registered service has an instance");
+            let body = json!({
+                "service_name": service,
+                "instances": instances.iter().map(|i| instance_json(i)).collect::<Vec<_>>(),
+                "host": latest.host,
+                "port": latest.port,
+                "health_endpoint": latest.health_endpoint,
+                "metadata": latest.metadata,
+                "url": format!("http://{}:{}", url_host(&latest.host), latest.port),
+            });
+            (body, index)
+        };
+        Ok((state.read_headers(index), Json(body)).into_response())
+    }
+    .await;
+    state.finish("get", started, result)
+}
+
+/// An IPv6 literal needs brackets inside a URL.
+fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let view = state.leader_view();
+    let m = state.raft.metrics().borrow().clone();
+    let (index, services, instances) = {
+        let applied = state.replica.read();
+        (
+            applied.applied_index(),
+            applied.registry.service_count(),
+            applied.registry.instance_count(),
+        )
+    };
+    let membership = m.membership_config.membership();
+    let members: Vec<u64> = membership.voter_ids().collect();
+    let learners: Vec<u64> = membership.learner_ids().collect();
+    let body = json!({
+        "status": if view.live { "healthy" } else { "unhealthy" },
+        "node_id": state.id,
+        "role": view.role,
+        "leader_id": view.leader_id,
+        "term": view.term,
+        "last_applied": index,
+        "committed": state.log.committed_index(),
+        "members": members,
+        "learners": learners,
+        "last_contact_ms": view.last_contact_ms,
+        "services": services,
+        "instances": instances,
+    });
+    let status = if view.live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut resp = (status, state.read_headers(index), Json(body)).into_response();
+    if !view.live {
+        resp.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from(super::error::RETRY_AFTER_SECS),
+        );
+    }
+    resp
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = state.raft.metrics().borrow().clone();
+    let metrics = &state.metrics;
+    {
+        let applied = state.replica.read();
+        metrics
+            .active_services
+            .set(applied.registry.service_count() as i64);
+        metrics
+            .active_instances
+            .set(applied.registry.instance_count() as i64);
+        metrics.last_applied.set(applied.applied_index() as i64);
+    }
+    metrics.term.set(m.current_term as i64);
+    metrics
+        .is_leader
+        .set(i64::from(m.state == openraft::ServerState::Leader));
+    metrics.committed.set(state.log.committed_index() as i64);
+    metrics.last_log.set(m.last_log_index.unwrap_or(0) as i64);
+    metrics
+        .snapshots_installed
+        .set(state.replica.snapshots_installed() as i64);
+    if let Ok(size) = state.db.size_on_disk() {
+        metrics.db_size.set(size as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    let _ = req;
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,146 @@
+//! The HTTP layer: public handlers, forwarding to the leader, and the
+//! internal routes other nodes call. Handlers depend on [`AppState`] only;
+//! errors become status codes in `error.rs` and nowhere else.
+
+pub mod error;
+mod forward;
+mod handlers;
+mod internal;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use openraft::ServerState;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use forward::{now_ms as forward_now_ms, WriteReply, WriteRequest};
+
+use crate::metrics::Metrics;
+use crate::raft::{LogStore, Network, NodeId, Raft, Replica};
+
+/// Largest body the public API accepts.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest body the internal Raft routes accept (log batches, snapshot chunks).
+pub const MAX_RAFT_BODY: usize = 64 * 1024 * 1024;
+
+/// When this node last heard from a leader, for `X-Registry-Last-Contact`.
+#[derive(Debug)]
+pub struct LastContact {
+    origin: Instant,
+    /// Milliseconds after `origin`, plus one; zero means never.
+    at: AtomicU64,
+}
+
+impl Default for LastContact {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LastContact {
+    pub fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.at.store(ms, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last contact, or `None` if there was none.
+    pub fn millis_since(&self) -> Option<u64> {
+        match self.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some((self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(at)),
+        }
+    }
+}
+
+/// Everything a handler needs; one per node, shared by all requests.
+pub struct AppState {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub replica: Arc<Replica>,
+    pub log: LogStore,
+    pub net: Network,
+    pub metrics: Arc<Metrics>,
+    pub db: sled::Db,
+    pub contact: LastContact,
+    /// How long a write or consistent read waits for a leader before `503`.
+    pub leader_wait: Duration,
+    /// A leader not heard from for this long is not considered live.
+    pub live_bound: Duration,
+}
+
+/// What this node knows about the leader, read from Raft's metrics.
+#[derive(Debug, Clone)]
+pub struct LeaderView {
+    pub role: &'static str,
+    pub leader_id: Option<NodeId>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    /// This node knows a leader and has heard from it recently (or is a
+    /// leader that a quorum acknowledged recently).
+    pub live: bool,
+    /// Milliseconds since this node last heard from the leader; 0 on the leader.
+    pub last_contact_ms: u64,
+}
+
+impl AppState {
+    pub fn leader_view(&self) -> LeaderView {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader_addr = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+        let bound = self.live_bound.as_millis() as u64;
+        let (live, last_contact_ms) = if m.state == ServerState::Leader {
+            let voters = m.membership_config.membership().voter_ids().count();
+            let acked = m.millis_since_quorum_ack.is_some_and(|ms| ms <= bound);
+            (voters <= 1 || acked, 0)
+        } else {
+            let since = self.contact.millis_since();
+            (
+                m.current_leader.is_some() && since.is_some_and(|ms| ms <= bound),
+                since.unwrap_or(u64::MAX / 2),
+            )
+        };
+        LeaderView {
+            role,
+            leader_id: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            live,
+            last_contact_ms,
+        }
+    }
+}
+
+/// The node's whole HTTP surface.
+pub fn router(state: Arc<AppState>) -> Router {
+    let public = Router::new()
+        .route("/register", post(handlers::register))
+        .route("/heartbeat", post(handlers::heartbeat))
+        .route("/deregister/{name}", delete(handlers::deregister))
+        .route("/services", get(handlers::list_services))
+        .route("/services/{name}", get(handlers::get_service))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    public
+        .merge(internal::router(state.clone()))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,147 @@
+//! The command line. Every flag also reads an environment variable, so a
+//! container needs no arguments. Parsing only: `node.rs` acts on it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::raft::NodeId;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vertice-register",
+    version,
+    about = "A Raft-replicated service registry. With no subcommand: `node` with every default."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a registry node.
+    Node(NodeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// This node's id, unique in the cluster.
+    #[arg(long, env = "REGISTRY_ID", default_value_t = 1)]
+    pub id: NodeId,
+    /// Listen address for the public API and the Raft routes.
+    #[arg(long, env = "REGISTRY_ADDR", default_value = "127.0.0.1:8888")]
+    pub addr: String,
+    /// Address peers use to reach this node (default: --addr).
+    #[arg(long, env = "REGISTRY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where the node keeps its data.
+    #[arg(long, env = "REGISTRY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Initial voters, the same list on every node: 1=H:P,2=H:P,3=H:P.
+    /// Default: this node alone.
+    #[arg(long, env = "REGISTRY_PEERS", value_parser = parse_peers)]
+    pub peers: Option<Peers>,
+    /// Ask a running cluster (any node's URL) to add this node.
+    #[arg(long, env = "REGISTRY_JOIN")]
+    pub join: Option<String>,
+    /// Shared secret required on /raft/* and /cluster/* (header X-Cluster-Secret).
+    #[arg(long, env = "REGISTRY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Allow more than one voter without a cluster secret.
+    #[arg(long, env = "REGISTRY_INSECURE")]
+    pub insecure: bool,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "REGISTRY_HEARTBEAT_MS", default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, env = "REGISTRY_ELECTION_TIMEOUT_MS", default_value_t = 400)]
+    pub election_timeout_ms: u64,
+    /// Build a snapshot (and compact the log) every this many entries.
+    #[arg(long, env = "REGISTRY_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
+    pub snapshot_threshold: u64,
+    /// How long a write or consistent read waits for a leader before 503.
+    #[arg(long, env = "REGISTRY_LEADER_WAIT_MS", default_value_t = 5_000)]
+    pub leader_wait_ms: u64,
+}
+
+impl Default for NodeArgs {
+    fn default() -> Self {
+        Self::parse_from(["node"])
+    }
+}
+
+impl NodeArgs {
+    /// Parses only node flags (and their environment variables).
+    fn parse_from<I: IntoIterator<Item = &'static str>>(args: I) -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        Only::parse_from(args).node
+    }
+
+    pub fn advertise(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.addr)
+    }
+
+    pub fn leader_wait(&self) -> Duration {
+        Duration::from_millis(self.leader_wait_ms)
+    }
+}
+
+/// The initial voters: node id → advertised address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers(pub BTreeMap<NodeId, String>);
+
+pub fn parse_peers(s: &str) -> Result<Peers, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer '{part}' must look like ID=HOST:PORT"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("peer id '{id}' must be a positive integer"))?;
+        let addr = addr.trim();
+        if !addr.contains(':') {
+            return Err(format!("peer address '{addr}' must be HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            return Err(format!("peer id {id} appears twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("the peer list is empty".into());
+    }
+    Ok(Peers(peers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject() {
+        let p = parse_peers("1=a:1, 2=b:2,3=c:3").unwrap();
+        assert_eq!(p.0.len(), 3);
+        assert_eq!(p.0[&2], "b:2");
+        assert!(parse_peers("1=a:1,1=b:2").is_err());
+        assert!(parse_peers("x=a:1").is_err());
+        assert!(parse_peers("1=a").is_err());
+        assert!(parse_peers("").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let a = NodeArgs::default();
+        assert_eq!(a.id, 1);
+        assert_eq!(a.addr, "127.0.0.1:8888");
+        assert_eq!(a.advertise(), "127.0.0.1:8888");
+        assert_eq!(a.data_dir, PathBuf::from("./data"));
+    }
+}

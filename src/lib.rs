@@ -1,0 +1,16 @@
+//! vertice-register: a Raft-replicated service registry.
+//!
+//! Module map (each owns one thing):
+//! - [`registry`]: the pure state machine: instances, commands, apply, validation.
+//! - [`raft`]: openraft wiring: sled log store, sled state machine, HTTP transport.
+//! - [`node`]: starts and stops a node: storage, Raft, HTTP server, leader tasks.
+//! - [`api`]: HTTP handlers, forwarding to the leader, the one error-to-status mapping.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: the command line.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod node;
+pub mod raft;
+pub mod registry;

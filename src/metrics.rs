@@ -1,0 +1,136 @@
+//! Prometheus metrics: the seed's registry metrics plus what an operator of
+//! a Raft cluster needs. Counters are bumped where things happen; gauges that
+//! mirror Raft state are refreshed when `/metrics` is scraped.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub operations: IntCounterVec,
+    pub duration: HistogramVec,
+    pub active_services: IntGauge,
+    pub active_instances: IntGauge,
+    pub forwarded: IntCounterVec,
+    pub term: IntGauge,
+    pub is_leader: IntGauge,
+    pub last_applied: IntGauge,
+    pub committed: IntGauge,
+    pub last_log: IntGauge,
+    pub leader_changes: IntCounter,
+    pub db_size: IntGauge,
+    pub snapshots_installed: IntGauge,
+    pub expired: IntCounter,
+    pub forward_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let operations = IntCounterVec::new(
+            Opts::new("registry_operations_total", "Registry operations by outcome"),
+            &["operation", "status"],
+        )
+        .unwrap();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "registry_operation_duration_seconds",
+                "Time to answer a registry operation",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["operation"],
+        )
+        .unwrap();
+        let g = |name: &str, help: &str| IntGauge::new(name, help).unwrap();
+        let m = Self {
+            operations,
+            duration,
+            active_services: g("registry_active_services", "Registered services"),
+            active_instances: g("registry_active_instances", "Registered instances"),
+            forwarded: IntCounterVec::new(
+                Opts::new(
+                    "registry_forwarded_requests_total",
+                    "Requests this node forwarded to the leader",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
+            term: g("raft_term", "Current Raft term"),
+            is_leader: g("raft_is_leader", "1 if this node is the leader"),
+            last_applied: g("raft_last_applied_index", "Last log index applied to the registry"),
+            committed: g("raft_committed_index", "Last committed log index known to this node"),
+            last_log: g("raft_last_log_index", "Last log index on this node"),
+            leader_changes: IntCounter::new(
+                "raft_leader_changes_total",
+                "Times this node saw the leader change",
+            )
+            .unwrap(),
+            db_size: g("registry_db_size_bytes", "Size of the sled database on disk"),
+            snapshots_installed: g(
+                "raft_snapshots_installed_total",
+                "Snapshots received from a leader and installed",
+            ),
+            expired: IntCounter::new(
+                "registry_expirations_total",
+                "Instances this node expired as leader",
+            )
+            .unwrap(),
+            forward_latency: Histogram::with_opts(HistogramOpts::new(
+                "registry_forward_duration_seconds",
+                "Time for a forwarded request to come back from the leader",
+            ))
+            .unwrap(),
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.operations.clone())).unwrap();
+        r.register(Box::new(m.duration.clone())).unwrap();
+        r.register(Box::new(m.forwarded.clone())).unwrap();
+        r.register(Box::new(m.leader_changes.clone())).unwrap();
+        r.register(Box::new(m.expired.clone())).unwrap();
+        r.register(Box::new(m.forward_latency.clone())).unwrap();
+        for gauge in [
+            &m.active_services,
+            &m.active_instances,
+            &m.term,
+            &m.is_leader,
+            &m.last_applied,
+            &m.committed,
+            &m.last_log,
+            &m.db_size,
+            &m.snapshots_installed,
+        ] {
+            r.register(Box::new(gauge.clone())).unwrap();
+        }
+        m
+    }
+
+    /// Counts one finished operation and its latency.
+    pub fn observe(&self, operation: &str, status: &str, seconds: f64) {
+        self.operations
+            .with_label_values(&[operation, status])
+            .inc();
+        self.duration
+            .with_label_values(&[operation])
+            .observe(seconds);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

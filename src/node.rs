@@ -1,0 +1,303 @@
+//! Starting and stopping one registry node: storage, Raft, the HTTP server,
+//! and the background tasks (election watchdog, TTL expiry on the leader,
+//! leader-change accounting).
+//!
+//! The caller binds the listener (port 0 in tests) so it always knows the
+//! address before the node starts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ServerState};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, AppState};
+use crate::config::NodeArgs;
+use crate::metrics::Metrics;
+use crate::raft::{self, Faults, LogStore, Network, NodeId, Raft, StateMachineStore};
+use crate::registry::Command;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot open the data directory {dir}: {source}")]
+    Storage { dir: String, source: sled::Error },
+    #[error("cannot load stored state: {0}")]
+    Load(String),
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+}
+
+/// Most instances one expiry command carries, so no entry gets huge.
+const EXPIRE_BATCH: usize = 1000;
+
+/// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+    pub raft: Raft,
+    pub state: Arc<AppState>,
+    pub faults: Arc<Faults>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds openraft's configuration from the node's flags.
+pub fn raft_config(args: &NodeArgs) -> Result<openraft::Config, StartError> {
+    let config = openraft::Config {
+        cluster_name: "vertice-register".into(),
+        heartbeat_interval: args.heartbeat_ms,
+        election_timeout_min: args.election_timeout_ms,
+        election_timeout_max: args.election_timeout_ms * 2,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_threshold),
+        max_in_snapshot_log_to_keep: (args.snapshot_threshold / 10).min(1000),
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))
+}
+
+impl RunningNode {
+    /// Opens storage, starts Raft and the HTTP server on `listener`, and
+    /// bootstraps the cluster from `--peers` if this node has never run.
+    pub async fn start(args: NodeArgs, listener: TcpListener) -> Result<Self, StartError> {
+        Self::start_with_faults(args, listener, Arc::new(Faults::default())).await
+    }
+
+    pub async fn start_with_faults(
+        args: NodeArgs,
+        listener: TcpListener,
+        faults: Arc<Faults>,
+    ) -> Result<Self, StartError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StartError::Config(format!("listener has no address: {e}")))?;
+        let peers = initial_members(&args)?;
+        let config = Arc::new(raft_config(&args)?);
+
+        std::fs::create_dir_all(&args.data_dir).map_err(|e| StartError::Storage {
+            dir: args.data_dir.display().to_string(),
+            source: e.into(),
+        })?;
+        let db = raft::open_db(&args.data_dir).map_err(|source| StartError::Storage {
+            dir: args.data_dir.display().to_string(),
+            source,
+        })?;
+        let log = LogStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
+        let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
+        let replica = sm.replica();
+        let net = Network::new(args.cluster_secret.clone(), faults.clone());
+
+        let raft = Raft::new(args.id, config.clone(), net.clone(), log.clone(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let state = Arc::new(AppState {
+            id: args.id,
+            raft: raft.clone(),
+            replica,
+            log,
+            net,
+            metrics: Arc::new(Metrics::new()),
+            db,
+            contact: Default::default(),
+            leader_wait: args.leader_wait(),
+            live_bound: Duration::from_millis(config.election_timeout_max * 2),
+        });
+
+        let (stop, stop_rx) = watch::channel(false);
+        let app = api::router(state.clone());
+        let mut server_stop = stop_rx.clone();
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+
+        if args.join.is_none() && !raft.is_initialized().await.unwrap_or(true) {
+            let members: BTreeMap<NodeId, BasicNode> = peers
+                .iter()
+                .map(|(id, a)| (*id, BasicNode { addr: a.clone() }))
+                .collect();
+            tracing::info!(?members, "bootstrapping a new cluster");
+            if let Err(e) = raft.initialize(members).await {
+                // Another node's initialization got here first: that is fine.
+                tracing::info!(error = %e, "not initializing: already part of a cluster");
+            }
+        }
+
+        let tasks = vec![
+            tokio::spawn(watchdog(state.clone(), config.clone(), stop_rx.clone())),
+            tokio::spawn(expiry(state.clone(), stop_rx.clone())),
+            tokio::spawn(leader_changes(state.clone(), stop_rx)),
+        ];
+        tracing::info!(id = args.id, %addr, data_dir = %args.data_dir.display(), "node started");
+        Ok(Self {
+            id: args.id,
+            addr,
+            raft,
+            state,
+            faults,
+            stop,
+            server,
+            tasks,
+        })
+    }
+
+    /// Stops gracefully: closes the listener, stops Raft and the background
+    /// tasks, and flushes sled. Safe to call on a node that is partitioned.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Connections that never finish must not hold the stop forever.
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(3), &mut server).await.is_err() {
+            server.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.state.db.flush_async().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!(id = self.id, "node stopped");
+    }
+}
+
+/// The voters this node bootstraps with: `--peers`, or itself alone.
+fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartError> {
+    let peers = match &args.peers {
+        Some(p) => p.0.clone(),
+        None => BTreeMap::from([(args.id, args.advertise().to_string())]),
+    };
+    if args.join.is_none() && !peers.contains_key(&args.id) {
+        return Err(StartError::Config(format!(
+            "--peers does not list this node's id {}",
+            args.id
+        )));
+    }
+    if peers.len() > 1 && args.cluster_secret.is_none() && !args.insecure {
+        return Err(StartError::Config(
+            "a cluster of more than one voter needs --cluster-secret (or --insecure to run without one)"
+                .into(),
+        ));
+    }
+    Ok(peers)
+}
+
+/// openraft 0.9.25 can repeat split votes; if no leader shows up within a
+/// few election timeouts, start an election ourselves (with jitter, so two
+/// watchdogs do not collide again).
+async fn watchdog(state: Arc<AppState>, config: Arc<openraft::Config>, mut stop: watch::Receiver<bool>) {
+    let bound = Duration::from_millis(config.election_timeout_max * 3);
+    let mut leaderless_since: Option<Instant> = None;
+    loop {
+        let pause = Duration::from_millis(config.heartbeat_interval + rand::random::<u64>() % 100);
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let m = state.raft.metrics().borrow().clone();
+        let voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == state.id);
+        let view = state.leader_view();
+        if view.live || !voter || m.state == ServerState::Leader {
+            leaderless_since = None;
+            continue;
+        }
+        let since = *leaderless_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= bound {
+            tracing::warn!(term = m.current_term, "no leader for {:?}; triggering an election", since.elapsed());
+            let _ = state.raft.trigger().elect().await;
+            leaderless_since = Some(Instant::now());
+        }
+    }
+}
+
+/// On the leader, removes instances whose TTL ran out. The command carries
+/// the leader's time and the candidates; apply checks each deadline again.
+async fn expiry(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+        }
+        if state.raft.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        let now = api::forward_now_ms();
+        let due = state.replica.read().registry.expired(now);
+        for chunk in due.chunks(EXPIRE_BATCH) {
+            let cmd = Command::Expire {
+                now_ms: now,
+                instances: chunk.to_vec(),
+            };
+            match state.raft.client_write(cmd).await {
+                Ok(resp) => {
+                    if let crate::registry::CommandResult::Expired(n) = resp.data {
+                        state.metrics.expired.inc_by(n as u64);
+                        tracing::info!(expired = n, "expired instances whose TTL ran out");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "expiry not committed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Counts and logs every change of leader this node sees.
+async fn leader_changes(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut metrics = state.raft.metrics();
+    let mut last: Option<NodeId> = None;
+    let mut members: BTreeSet<NodeId> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+        let (leader, term, voters) = {
+            let m = metrics.borrow();
+            (
+                m.current_leader,
+                m.current_term,
+                m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>(),
+            )
+        };
+        if leader != last {
+            if leader.is_some() {
+                state.metrics.leader_changes.inc();
+            }
+            tracing::info!(?leader, term, "leader changed");
+            last = leader;
+        }
+        if voters != members {
+            tracing::info!(?voters, "membership changed");
+            members = voters;
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Raft plumbing: the type configuration, the sled-backed log and state
+//! machine stores, and the HTTP transport between nodes.
+//!
+//! How it fits together: one sled database per node holds four trees: the
+//! Raft log (`log`), Raft's own metadata (`raft`: vote, committed, last
+//! purged), the applied registry (`sm`) and the current snapshot
+//! (`snapshot`). sled writes all trees through one log, so whatever survives
+//! a crash is a prefix of what was written; the log store flushes before it
+//! reports an append or a vote durable, which makes every acknowledged write
+//! survive `kill -9`. The state machine does not flush on apply: after a
+//! crash it is at or behind the flushed log, and openraft re-applies the rest.
+//!
+//! Known limitations (openraft 0.9.25): split votes can repeat, so the node
+//! runs a watchdog that triggers an election when no leader appears within a
+//! bound (see `node.rs`); snapshots travel in chunks of the whole serialized
+//! registry.
+
+// openraft's `StorageError` is large, and it is the type its traits demand.
+#![allow(clippy::result_large_err)]
+
+use std::io::Cursor;
+
+use crate::registry::{Command, CommandResult};
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+pub use log_store::LogStore;
+pub use network::{Faults, Network};
+pub use state_machine::{Replica, StateMachineStore};
+
+pub type NodeId = u64;
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// The Raft types of the registry.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+pub type RPCError<E = openraft::error::Infallible> =
+    openraft::error::RPCError<NodeId, Node, RaftError<E>>;
+pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, Node>;
+pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, Node>;
+
+/// Opens (or creates) the node's sled database in `dir`.
+pub fn open_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    sled::Config::new()
+        .path(dir.join("sled"))
+        .mode(sled::Mode::HighThroughput)
+        // We flush explicitly wherever durability is promised; the periodic
+        // flush is only a backstop.
+        .flush_every_ms(Some(1000))
+        .open()
+}

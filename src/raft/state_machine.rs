@@ -1,0 +1,323 @@
+//! The Raft state machine: applies committed commands to the registry, keeps
+//! a persistent copy of it in sled, and builds and installs snapshots.
+//!
+//! The live registry sits in memory behind a [`Replica`] that the HTTP layer
+//! reads; sled holds the same data (tree `sm`) so a restart does not replay
+//! the whole log. Apply never reads the clock: times come inside commands.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
+use crate::registry::{Change, CommandResult, Instance, Registry};
+
+const APPLIED: &[u8] = b"m/applied";
+const MEMBERSHIP: &[u8] = b"m/membership";
+const INSTANCE_PREFIX: &[u8] = b"i/";
+const CURRENT_SNAPSHOT: &[u8] = b"current";
+
+/// What a node has applied: the registry and the Raft position it reflects.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub registry: Registry,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership<NodeId, Node>,
+}
+
+impl Applied {
+    pub fn applied_index(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index)
+    }
+}
+
+/// The node's applied state, shared between the state machine (writer) and
+/// the HTTP handlers (readers).
+///
+/// A `std::sync::RwLock`, not tokio's: every critical section is short and
+/// never awaits, and readers must not yield while holding it.
+#[derive(Debug, Default)]
+pub struct Replica {
+    state: RwLock<Applied>,
+    snapshots_installed: AtomicU64,
+}
+
+impl Replica {
+    pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many snapshots from a leader this node has installed.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed.load(Ordering::Relaxed)
+    }
+}
+
+/// A snapshot as stored in sled and sent to followers.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+/// The serialized form of the registry inside a snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    instances: Vec<Instance>,
+}
+
+fn instance_key(service: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(INSTANCE_PREFIX.len() + service.len() + 1 + id.len());
+    k.extend_from_slice(INSTANCE_PREFIX);
+    k.extend_from_slice(service.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("in-memory values always serialize")
+}
+
+/// The sled-backed state machine. Clones share everything.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    replica: Arc<Replica>,
+    db: sled::Db,
+    sm: sled::Tree,
+    snapshots: sled::Tree,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, loading the applied registry from sled, or
+    /// from the current snapshot when that is newer (a crash during install).
+    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
+        let store = Self {
+            replica: Arc::new(Replica::default()),
+            db: db.clone(),
+            sm: db.open_tree("sm").map_err(|e| StorageIOError::read_state_machine(&e))?,
+            snapshots: db
+                .open_tree("snapshot")
+                .map_err(|e| StorageIOError::read_state_machine(&e))?,
+        };
+        let mut applied = Applied::default();
+        let read_err = |e: &dyn std::error::Error| StorageIOError::read_state_machine(&anyhow_like(e));
+        for item in store.sm.iter() {
+            let (k, v) = item.map_err(|e| read_err(&e))?;
+            if k.as_ref() == APPLIED {
+                applied.last_applied = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
+            } else if k.as_ref() == MEMBERSHIP {
+                applied.membership = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
+            } else if k.starts_with(INSTANCE_PREFIX) {
+                let inst: Instance = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
+                applied.registry.restore(inst);
+            }
+        }
+        *store.replica.write() = applied;
+        if let Some(snap) = store.read_snapshot()? {
+            if snap.meta.last_log_id > store.replica.read().last_applied {
+                store.load_snapshot(&snap)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The shared applied state that HTTP handlers read.
+    pub fn replica(&self) -> Arc<Replica> {
+        self.replica.clone()
+    }
+
+    fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
+        match self
+            .snapshots
+            .get(CURRENT_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                bincode::deserialize(&v).map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+            )),
+        }
+    }
+
+    async fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let sig = Some(snap.meta.signature());
+        self.snapshots
+            .insert(CURRENT_SNAPSHOT, encode(snap))
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(())
+    }
+
+    /// Replaces the applied state, in memory and in sled, with a snapshot's.
+    fn load_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let sig = Some(snap.meta.signature());
+        let data: SnapshotData = bincode::deserialize(&snap.data)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let mut registry = Registry::new();
+        let mut batch = sled::Batch::default();
+        for item in self.sm.iter().keys() {
+            batch.remove(item.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?);
+        }
+        for inst in data.instances {
+            batch.insert(instance_key(&inst.service_name, &inst.instance_id), encode(&inst));
+            registry.restore(inst);
+        }
+        batch.insert(APPLIED, encode(&snap.meta.last_log_id));
+        batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        *self.replica.write() = Applied {
+            registry,
+            last_applied: snap.meta.last_log_id,
+            membership: snap.meta.last_membership.clone(),
+        };
+        Ok(())
+    }
+}
+
+/// Wraps a borrowed error so it can be converted into openraft's `AnyError`.
+fn anyhow_like(e: &dyn std::error::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (instances, last_log_id, last_membership) = {
+            let applied = self.replica.read();
+            (
+                applied.registry.instances().cloned().collect::<Vec<_>>(),
+                applied.last_applied,
+                applied.membership.clone(),
+            )
+        };
+        let data = encode(&SnapshotData { instances });
+        // The id only has to be unique; the wall clock is fine here because
+        // building a snapshot is not part of apply.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let snapshot_id = match last_log_id {
+            Some(l) => format!("{}-{}-{nanos}", l.leader_id, l.index),
+            None => format!("none-{nanos}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.save_snapshot(&stored).await?;
+        tracing::info!(
+            snapshot = %stored.meta.snapshot_id,
+            bytes = stored.data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+        let applied = self.replica.read();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut changes = Vec::new();
+        let mut batch = sled::Batch::default();
+        {
+            let mut applied = self.replica.write();
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::None,
+                    EntryPayload::Normal(cmd) => applied.registry.apply(&cmd, &mut changes),
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        batch.insert(MEMBERSHIP, encode(&applied.membership));
+                        CommandResult::None
+                    }
+                };
+                results.push(result);
+            }
+            for change in changes.drain(..) {
+                match change {
+                    Change::Put(inst) => {
+                        batch.insert(instance_key(&inst.service_name, &inst.instance_id), encode(&inst))
+                    }
+                    Change::Delete {
+                        service_name,
+                        instance_id,
+                    } => batch.remove(instance_key(&service_name, &instance_id)),
+                }
+            }
+            batch.insert(APPLIED, encode(&applied.last_applied));
+        }
+        // One atomic batch per call: data and applied index move together.
+        // Not flushed: the flushed log is the source of truth after a crash.
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        };
+        // Save first: if we crash while replacing the state, `open` finds a
+        // snapshot newer than the state and loads it again.
+        self.save_snapshot(&stored).await?;
+        self.load_snapshot(&stored)?;
+        self.replica.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot from leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.read_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}

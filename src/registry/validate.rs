@@ -1,0 +1,264 @@
+//! Validation of client input. Each rule names the field it checks, so a
+//! client learns exactly what to fix; nothing here touches state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A rejected field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn err<T>(field: &'static str, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        field,
+        message: message.into(),
+    })
+}
+
+pub const MAX_NAME: usize = 128;
+pub const MAX_HOST: usize = 253;
+pub const MAX_INSTANCE_ID: usize = 256;
+pub const MAX_HEALTH_ENDPOINT: usize = 512;
+pub const MAX_METADATA_ENTRIES: usize = 64;
+pub const MAX_METADATA_KEY: usize = 128;
+pub const MAX_METADATA_VALUE: usize = 1024;
+pub const MIN_TTL: u64 = 5;
+pub const MAX_TTL: u64 = 86_400;
+pub const DEFAULT_TTL: u32 = 60;
+
+/// A validated `POST /register` body. `host` is `None` when the client left
+/// it out: the receiving node fills in the caller's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub service_name: String,
+    pub port: u16,
+    pub host: Option<String>,
+    pub health_endpoint: String,
+    pub metadata: BTreeMap<String, String>,
+    pub instance_id: Option<String>,
+    pub ttl_seconds: u32,
+}
+
+/// A validated `POST /heartbeat` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub service_name: String,
+    pub instance_id: Option<String>,
+}
+
+fn object(body: &Value) -> Result<&Map<String, Value>, FieldError> {
+    body.as_object().map_or_else(
+        || err("body", "the body must be a JSON object"),
+        Ok,
+    )
+}
+
+/// A field that is absent or JSON `null` counts as not given.
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn string<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, FieldError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => err(name, format!("{name} must be a string")),
+    }
+}
+
+/// Checks a service name: 1-128 characters of `[A-Za-z0-9_.-]`.
+pub fn service_name(name: &str, field: &'static str) -> Result<(), FieldError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return err(field, format!("{field} must be 1-{MAX_NAME} characters long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return err(field, format!("{field} may contain only A-Z, a-z, 0-9, '_', '.' and '-'"));
+    }
+    Ok(())
+}
+
+/// Checks an instance id: 1-256 printable ASCII characters, no spaces, no '/'.
+pub fn instance_id(id: &str) -> Result<(), FieldError> {
+    if id.is_empty() || id.len() > MAX_INSTANCE_ID {
+        return err("instance_id", format!("instance_id must be 1-{MAX_INSTANCE_ID} characters long"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+        return err("instance_id", "instance_id may contain only printable ASCII without spaces or '/'");
+    }
+    Ok(())
+}
+
+fn host(h: &str) -> Result<(), FieldError> {
+    if h.is_empty() || h.len() > MAX_HOST {
+        return err("host", format!("host must be 1-{MAX_HOST} characters long"));
+    }
+    if !h
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%'))
+    {
+        return err("host", "host must be a hostname or an IP address");
+    }
+    Ok(())
+}
+
+fn health_endpoint(p: &str) -> Result<(), FieldError> {
+    if !p.starts_with('/') || p.len() > MAX_HEALTH_ENDPOINT {
+        return err(
+            "health_endpoint",
+            format!("health_endpoint must be a path starting with '/', at most {MAX_HEALTH_ENDPOINT} characters"),
+        );
+    }
+    if !p.bytes().all(|b| b.is_ascii_graphic()) {
+        return err("health_endpoint", "health_endpoint may contain only printable ASCII without spaces");
+    }
+    Ok(())
+}
+
+fn metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, FieldError> {
+    let Some(v) = v else {
+        return Ok(BTreeMap::new());
+    };
+    let Value::Object(m) = v else {
+        return err("metadata", "metadata must be an object of string values");
+    };
+    if m.len() > MAX_METADATA_ENTRIES {
+        return err("metadata", format!("metadata may have at most {MAX_METADATA_ENTRIES} entries"));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY || k.chars().any(char::is_control) {
+            return err(
+                "metadata",
+                format!("metadata keys must be 1-{MAX_METADATA_KEY} bytes without control characters"),
+            );
+        }
+        let Value::String(s) = v else {
+            return err("metadata", format!("metadata value of '{k}' must be a string"));
+        };
+        if s.len() > MAX_METADATA_VALUE || s.chars().any(char::is_control) {
+            return err(
+                "metadata",
+                format!("metadata value of '{k}' must be at most {MAX_METADATA_VALUE} bytes without control characters"),
+            );
+        }
+        out.insert(k.clone(), s.clone());
+    }
+    Ok(out)
+}
+
+fn integer(obj: &Map<String, Value>, name: &'static str, lo: u64, hi: u64) -> Result<Option<u64>, FieldError> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if (lo..=hi).contains(&n) => Ok(Some(n)),
+            _ => err(name, format!("{name} must be an integer from {lo} to {hi}")),
+        },
+    }
+}
+
+/// Validates a `POST /register` body.
+pub fn parse_register(body: &Value) -> Result<RegisterRequest, FieldError> {
+    let obj = object(body)?;
+    let Some(name) = string(obj, "service_name")? else {
+        return err("service_name", "service_name is required");
+    };
+    service_name(name, "service_name")?;
+    let Some(port) = integer(obj, "port", 1, 65_535)? else {
+        return err("port", "port is required");
+    };
+    let host_v = string(obj, "host")?;
+    if let Some(h) = host_v {
+        host(h)?;
+    }
+    let health = string(obj, "health_endpoint")?.unwrap_or("/health");
+    health_endpoint(health)?;
+    let id = string(obj, "instance_id")?;
+    if let Some(id) = id {
+        instance_id(id)?;
+    }
+    let ttl = integer(obj, "ttl_seconds", MIN_TTL, MAX_TTL)?.map_or(DEFAULT_TTL, |t| t as u32);
+    Ok(RegisterRequest {
+        service_name: name.to_owned(),
+        port: port as u16,
+        host: host_v.map(str::to_owned),
+        health_endpoint: health.to_owned(),
+        metadata: metadata(field(obj, "metadata"))?,
+        instance_id: id.map(str::to_owned),
+        ttl_seconds: ttl,
+    })
+}
+
+/// Validates a `POST /heartbeat` body.
+pub fn parse_heartbeat(body: &Value) -> Result<HeartbeatRequest, FieldError> {
+    let obj = object(body)?;
+    let Some(name) = string(obj, "service_name")? else {
+        return err("service_name", "service_name is required");
+    };
+    service_name(name, "service_name")?;
+    let id = string(obj, "instance_id")?;
+    if let Some(id) = id {
+        instance_id(id)?;
+    }
+    Ok(HeartbeatRequest {
+        service_name: name.to_owned(),
+        instance_id: id.map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field_of(v: Value) -> &'static str {
+        parse_register(&v).unwrap_err().field
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let r = parse_register(&json!({"service_name": "osint_service", "port": 8049})).unwrap();
+        assert_eq!(r.health_endpoint, "/health");
+        assert_eq!(r.ttl_seconds, 60);
+        assert_eq!(r.host, None);
+        assert!(r.metadata.is_empty());
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(field_of(json!([1])), "body");
+        assert_eq!(field_of(json!({"port": 1})), "service_name");
+        assert_eq!(field_of(json!({"service_name": "a b", "port": 1})), "service_name");
+        assert_eq!(field_of(json!({"service_name": "x".repeat(129), "port": 1})), "service_name");
+        assert_eq!(field_of(json!({"service_name": 5, "port": 1})), "service_name");
+        assert_eq!(field_of(json!({"service_name": "a"})), "port");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 0})), "port");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 70000})), "port");
+        assert_eq!(field_of(json!({"service_name": "a", "port": "80"})), "port");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1.5})), "port");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "host": "a b"})), "host");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "health_endpoint": "health"})), "health_endpoint");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "metadata": {"k": 1}})), "metadata");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "metadata": "x"})), "metadata");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 4})), "ttl_seconds");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 86401})), "ttl_seconds");
+        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "instance_id": "a/b"})), "instance_id");
+    }
+
+    #[test]
+    fn heartbeat_needs_a_valid_name() {
+        assert!(parse_heartbeat(&json!({"service_name": "a"})).is_ok());
+        assert_eq!(parse_heartbeat(&json!({})).unwrap_err().field, "service_name");
+        assert_eq!(
+            parse_heartbeat(&json!({"service_name": "a", "instance_id": 3})).unwrap_err().field,
+            "instance_id"
+        );
+    }
+}
