@@ -30,7 +30,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let operations = IntCounterVec::new(
-            Opts::new("registry_operations_total", "Registry operations by outcome"),
+            Opts::new(
+                "registry_operations_total",
+                "Registry operations by outcome",
+            ),
             &["operation", "status"],
         )
         .unwrap();
@@ -61,15 +64,24 @@ impl Metrics {
             .unwrap(),
             term: g("raft_term", "Current Raft term"),
             is_leader: g("raft_is_leader", "1 if this node is the leader"),
-            last_applied: g("raft_last_applied_index", "Last log index applied to the registry"),
-            committed: g("raft_committed_index", "Last committed log index known to this node"),
+            last_applied: g(
+                "raft_last_applied_index",
+                "Last log index applied to the registry",
+            ),
+            committed: g(
+                "raft_committed_index",
+                "Last committed log index known to this node",
+            ),
             last_log: g("raft_last_log_index", "Last log index on this node"),
             leader_changes: IntCounter::new(
                 "raft_leader_changes_total",
                 "Times this node saw the leader change",
             )
             .unwrap(),
-            db_size: g("registry_db_size_bytes", "Size of the sled database on disk"),
+            db_size: g(
+                "registry_db_size_bytes",
+                "Size of the sled database on disk",
+            ),
             snapshots_installed: g(
                 "raft_snapshots_installed_total",
                 "Snapshots received from a leader and installed",

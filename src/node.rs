@@ -120,9 +120,12 @@ impl RunningNode {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
-                .await
+            if let Err(e) = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
             {
                 tracing::error!(error = %e, "HTTP server failed");
             }
@@ -167,7 +170,10 @@ impl RunningNode {
         }
         // Connections that never finish must not hold the stop forever.
         let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(3), &mut server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(3), &mut server)
+            .await
+            .is_err()
+        {
             server.abort();
         }
         if let Err(e) = self.raft.shutdown().await {
@@ -207,7 +213,11 @@ fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartErr
 /// openraft 0.9.25 can repeat split votes; if no leader shows up within a
 /// few election timeouts, start an election ourselves (with jitter, so two
 /// watchdogs do not collide again).
-async fn watchdog(state: Arc<AppState>, config: Arc<openraft::Config>, mut stop: watch::Receiver<bool>) {
+async fn watchdog(
+    state: Arc<AppState>,
+    config: Arc<openraft::Config>,
+    mut stop: watch::Receiver<bool>,
+) {
     let bound = Duration::from_millis(config.election_timeout_max * 3);
     let mut leaderless_since: Option<Instant> = None;
     loop {
@@ -229,7 +239,11 @@ async fn watchdog(state: Arc<AppState>, config: Arc<openraft::Config>, mut stop:
         }
         let since = *leaderless_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= bound {
-            tracing::warn!(term = m.current_term, "no leader for {:?}; triggering an election", since.elapsed());
+            tracing::warn!(
+                term = m.current_term,
+                "no leader for {:?}; triggering an election",
+                since.elapsed()
+            );
             let _ = state.raft.trigger().elect().await;
             leaderless_since = Some(Instant::now());
         }
@@ -285,7 +299,10 @@ async fn leader_changes(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
             (
                 m.current_leader,
                 m.current_term,
-                m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>(),
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect::<BTreeSet<_>>(),
             )
         };
         if leader != last {

@@ -16,7 +16,10 @@ pub const RETRY_AFTER_SECS: u64 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{message}")]
-    BadRequest { field: &'static str, message: String },
+    BadRequest {
+        field: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -94,7 +97,10 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Self::PayloadTooLarge
             }
-            other => Self::bad("body", format!("malformed JSON body: {}", other.body_text())),
+            other => Self::bad(
+                "body",
+                format!("malformed JSON body: {}", other.body_text()),
+            ),
         }
     }
 }

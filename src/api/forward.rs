@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
 use crate::raft::{ClientWriteError, NodeId, RaftError};
-use crate::registry::{Command, CommandResult, HeartbeatRequest, Instance, Millis, RegisterRequest};
+use crate::registry::{
+    Command, CommandResult, HeartbeatRequest, Instance, Millis, RegisterRequest,
+};
 
 /// A validated write as it travels from the receiving node to the leader.
 /// The receiving node has resolved defaults that depend on the caller
@@ -47,7 +49,9 @@ impl WriteRequest {
         match self.clone() {
             Self::Register(r) => {
                 let host = r.host.unwrap_or_else(|| "127.0.0.1".to_string());
-                let instance_id = r.instance_id.unwrap_or_else(|| format!("{host}:{}", r.port));
+                let instance_id = r
+                    .instance_id
+                    .unwrap_or_else(|| format!("{host}:{}", r.port));
                 Command::Register {
                     instance: Instance {
                         service_name: r.service_name,
@@ -171,12 +175,25 @@ impl AppState {
         }
     }
 
-    async fn forward_write(&self, addr: &str, req: &WriteRequest, remaining: Duration) -> Attempt<CommandResult> {
-        self.metrics.forwarded.with_label_values(&[req.kind()]).inc();
-        match self.forward::<_, WriteReply>(addr, "write", req, remaining).await {
+    async fn forward_write(
+        &self,
+        addr: &str,
+        req: &WriteRequest,
+        remaining: Duration,
+    ) -> Attempt<CommandResult> {
+        self.metrics
+            .forwarded
+            .with_label_values(&[req.kind()])
+            .inc();
+        match self
+            .forward::<_, WriteReply>(addr, "write", req, remaining)
+            .await
+        {
             Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
             Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
-            Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => Attempt::Unknown(m),
+            Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => {
+                Attempt::Unknown(m)
+            }
         }
     }
 
@@ -217,7 +234,9 @@ impl AppState {
         }
         match resp.json::<Resp>().await {
             Ok(r) => Attempt::Answered(r),
-            Err(e) => Attempt::Unknown(format!("the leader at {addr} sent an unreadable answer: {e}")),
+            Err(e) => Attempt::Unknown(format!(
+                "the leader at {addr} sent an unreadable answer: {e}"
+            )),
         }
     }
 
@@ -246,10 +265,18 @@ impl AppState {
                     ReadIndexReply::Unavailable(m) => Attempt::Unknown(m),
                 },
                 (Some(_), Some(addr)) => {
-                    self.metrics.forwarded.with_label_values(&["read_index"]).inc();
-                    match self.forward::<_, ReadIndexReply>(&addr, "read-index", &(), remaining).await {
+                    self.metrics
+                        .forwarded
+                        .with_label_values(&["read_index"])
+                        .inc();
+                    match self
+                        .forward::<_, ReadIndexReply>(&addr, "read-index", &(), remaining)
+                        .await
+                    {
                         Attempt::Answered(ReadIndexReply::Index(i)) => Attempt::Answered(i),
-                        Attempt::Answered(ReadIndexReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
+                        Attempt::Answered(ReadIndexReply::NotLeader(_)) | Attempt::Retry => {
+                            Attempt::Retry
+                        }
                         Attempt::Answered(ReadIndexReply::Unavailable(m)) | Attempt::Unknown(m) => {
                             Attempt::Unknown(m)
                         }
@@ -295,7 +322,9 @@ impl AppState {
             Ok(Err(RaftError::APIError(crate::raft::CheckIsLeaderError::QuorumNotEnough(e)))) => {
                 ReadIndexReply::Unavailable(format!("no quorum: {e}"))
             }
-            Ok(Err(RaftError::Fatal(f))) => ReadIndexReply::Unavailable(format!("raft stopped: {f}")),
+            Ok(Err(RaftError::Fatal(f))) => {
+                ReadIndexReply::Unavailable(format!("raft stopped: {f}"))
+            }
         }
     }
 }

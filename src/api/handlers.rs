@@ -40,7 +40,10 @@ impl ReadParams {
         match self.consistent.as_deref() {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
-            Some(_) => Err(ApiError::bad("consistent", "consistent must be true or false")),
+            Some(_) => Err(ApiError::bad(
+                "consistent",
+                "consistent must be true or false",
+            )),
         }
     }
 }
@@ -128,14 +131,19 @@ pub async fn register(
         }
         match state.write(WriteRequest::Register(req)).await? {
             CommandResult::Registered(inst) => Ok(Json(instance_json(&inst)).into_response()),
-            other => Err(ApiError::Internal(format!("unexpected result of register: {other:?}"))),
+            other => Err(ApiError::Internal(format!(
+                "unexpected result of register: {other:?}"
+            ))),
         }
     }
     .await;
     state.finish("register", started, result)
 }
 
-pub async fn heartbeat(State(state): State<Arc<AppState>>, body: Result<JsonBody, ApiError>) -> Response {
+pub async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    body: Result<JsonBody, ApiError>,
+) -> Response {
     let started = Instant::now();
     let result = async {
         let JsonBody(body) = body?;
@@ -150,7 +158,9 @@ pub async fn heartbeat(State(state): State<Arc<AppState>>, body: Result<JsonBody
             }))
             .into_response()),
             CommandResult::NotFound => Err(not_registered(&service, instance.as_deref())),
-            other => Err(ApiError::Internal(format!("unexpected result of heartbeat: {other:?}"))),
+            other => Err(ApiError::Internal(format!(
+                "unexpected result of heartbeat: {other:?}"
+            ))),
         }
     }
     .await;
@@ -162,7 +172,9 @@ fn not_registered(service: &str, instance: Option<&str>) -> ApiError {
         Some(id) => ApiError::NotFound(format!(
             "instance '{id}' of service '{service}' is not registered; register it again"
         )),
-        None => ApiError::NotFound(format!("service '{service}' is not registered; register it again")),
+        None => ApiError::NotFound(format!(
+            "service '{service}' is not registered; register it again"
+        )),
     }
 }
 
@@ -191,7 +203,9 @@ pub async fn deregister(
             }))
             .into_response()),
             CommandResult::NotFound => Err(not_registered(&service, q.instance_id.as_deref())),
-            other => Err(ApiError::Internal(format!("unexpected result of deregister: {other:?}"))),
+            other => Err(ApiError::Internal(format!(
+                "unexpected result of deregister: {other:?}"
+            ))),
         }
     }
     .await;
@@ -211,7 +225,10 @@ pub async fn list_services(
         let (names, index) = {
             let applied = state.replica.read();
             let names: Vec<&str> = applied.registry.service_names().collect();
-            (serde_json::to_vec(&names).expect("strings serialize"), applied.applied_index())
+            (
+                serde_json::to_vec(&names).expect("strings serialize"),
+                applied.applied_index(),
+            )
         };
         Ok((
             state.read_headers(index),
@@ -241,7 +258,9 @@ pub async fn get_service(
             let index = applied.applied_index();
             let Some(instances) = applied.registry.service(&service) else {
                 drop(applied);
-                return Err(ApiError::NotFound(format!("service '{service}' is not registered")));
+                return Err(ApiError::NotFound(format!(
+                    "service '{service}' is not registered"
+                )));
             };
             let instances: Vec<&Instance> = instances.collect();
             // Clients written for the seed read one instance's fields at the
@@ -355,7 +374,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn not_found(req: Request) -> ApiError {
-    ApiError::NotFound(format!("no route for {} {}", req.method(), req.uri().path()))
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 pub async fn method_not_allowed(req: Request) -> ApiError {

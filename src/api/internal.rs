@@ -45,7 +45,11 @@ pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
 /// test fault switch cuts this node off.
 async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if state.net.faults.is_isolated() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "isolated by the test fault switch").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "isolated by the test fault switch",
+        )
+            .into_response();
     }
     if let Some(secret) = &state.net.secret {
         let given = req
@@ -55,7 +59,8 @@ async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
             .unwrap_or_default();
         if !secret_matches(given, secret.as_bytes()) {
             tracing::warn!(path = %req.uri().path(), "refused a cluster request without the right secret");
-            return ApiError::Unauthorized("missing or wrong X-Cluster-Secret".into()).into_response();
+            return ApiError::Unauthorized("missing or wrong X-Cluster-Secret".into())
+                .into_response();
         }
     }
     next.run(req).await
@@ -67,7 +72,11 @@ fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {
 
 #[cold]
 fn bad_message(e: &bincode::Error) -> Response {
-    (StatusCode::BAD_REQUEST, format!("undecodable raft message: {e}")).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        format!("undecodable raft message: {e}"),
+    )
+        .into_response()
 }
 
 fn encode<T: Serialize>(v: &T) -> Response {
@@ -110,7 +119,10 @@ async fn snapshot(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
 
 /// The leader's side of a forwarded write. Never forwards again: a node that
 /// is not the leader says so, and the sender looks for the leader itself.
-async fn write(State(state): State<Arc<AppState>>, Json(req): Json<WriteRequest>) -> Json<WriteReply> {
+async fn write(
+    State(state): State<Arc<AppState>>,
+    Json(req): Json<WriteRequest>,
+) -> Json<WriteReply> {
     let view = state.leader_view();
     if view.leader_id != Some(state.id) {
         return Json(WriteReply::NotLeader(view.leader_id));

@@ -100,9 +100,12 @@ impl AppState {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let leader_addr = m
-            .current_leader
-            .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()));
+        let leader_addr = m.current_leader.and_then(|id| {
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
         let bound = self.live_bound.as_millis() as u64;
         let (live, last_contact_ms) = if m.state == ServerState::Leader {
             let voters = m.membership_config.membership().voter_ids().count();

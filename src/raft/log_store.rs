@@ -58,7 +58,10 @@ impl LogStore {
         self.committed_index.load(Ordering::Relaxed)
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        k: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         match self.meta.get(k).map_err(|e| StorageIOError::read(&e))? {
             None => Ok(None),
             Some(v) => Ok(Some(decode(&v).map_err(|e| StorageIOError::read(&e))?)),
@@ -72,7 +75,11 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), io::Error> {
-        self.db.flush_async().await.map(|_| ()).map_err(io::Error::from)
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(io::Error::from)
     }
 }
 
@@ -150,7 +157,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.read_meta(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -165,7 +176,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_logs(&e))?;
         // The entries are readable now; report them durable only once flushed.
         let flushed = self.flush().await;
-        let failed = flushed.as_ref().err().map(|e| StorageIOError::write_logs(&io::Error::new(e.kind(), e.to_string())));
+        let failed = flushed
+            .as_ref()
+            .err()
+            .map(|e| StorageIOError::write_logs(&io::Error::new(e.kind(), e.to_string())));
         callback.log_io_completed(flushed);
         match failed {
             Some(e) => Err(e.into()),

@@ -123,7 +123,8 @@ impl Network {
         }
         let result: Result<Resp, RaftError<E>> =
             bincode::deserialize(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(target, node.clone(), e)))
+        result
+            .map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(target, node.clone(), e)))
     }
 }
 

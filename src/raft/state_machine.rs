@@ -105,13 +105,16 @@ impl StateMachineStore {
         let store = Self {
             replica: Arc::new(Replica::default()),
             db: db.clone(),
-            sm: db.open_tree("sm").map_err(|e| StorageIOError::read_state_machine(&e))?,
+            sm: db
+                .open_tree("sm")
+                .map_err(|e| StorageIOError::read_state_machine(&e))?,
             snapshots: db
                 .open_tree("snapshot")
                 .map_err(|e| StorageIOError::read_state_machine(&e))?,
         };
         let mut applied = Applied::default();
-        let read_err = |e: &dyn std::error::Error| StorageIOError::read_state_machine(&anyhow_like(e));
+        let read_err =
+            |e: &dyn std::error::Error| StorageIOError::read_state_machine(&anyhow_like(e));
         for item in store.sm.iter() {
             let (k, v) = item.map_err(|e| read_err(&e))?;
             if k.as_ref() == APPLIED {
@@ -173,7 +176,10 @@ impl StateMachineStore {
             batch.remove(item.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?);
         }
         for inst in data.instances {
-            batch.insert(instance_key(&inst.service_name, &inst.instance_id), encode(&inst));
+            batch.insert(
+                instance_key(&inst.service_name, &inst.instance_id),
+                encode(&inst),
+            );
             registry.restore(inst);
         }
         batch.insert(APPLIED, encode(&snap.meta.last_log_id));
@@ -269,9 +275,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             for change in changes.drain(..) {
                 match change {
-                    Change::Put(inst) => {
-                        batch.insert(instance_key(&inst.service_name, &inst.instance_id), encode(&inst))
-                    }
+                    Change::Put(inst) => batch.insert(
+                        instance_key(&inst.service_name, &inst.instance_id),
+                        encode(&inst),
+                    ),
                     Change::Delete {
                         service_name,
                         instance_id,
@@ -309,7 +316,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // snapshot newer than the state and loads it again.
         self.save_snapshot(&stored).await?;
         self.load_snapshot(&stored)?;
-        self.replica.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+        self.replica
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot from leader");
         Ok(())
     }

@@ -130,7 +130,10 @@ impl Registry {
                 };
                 let mut touched = 0;
                 for inst in instances.values_mut() {
-                    if instance_id.as_ref().is_some_and(|id| *id != inst.instance_id) {
+                    if instance_id
+                        .as_ref()
+                        .is_some_and(|id| *id != inst.instance_id)
+                    {
                         continue;
                     }
                     touched += 1;

@@ -52,10 +52,8 @@ pub struct HeartbeatRequest {
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, FieldError> {
-    body.as_object().map_or_else(
-        || err("body", "the body must be a JSON object"),
-        Ok,
-    )
+    body.as_object()
+        .map_or_else(|| err("body", "the body must be a JSON object"), Ok)
 }
 
 /// A field that is absent or JSON `null` counts as not given.
@@ -63,7 +61,10 @@ fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-fn string<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<Option<&'a str>, FieldError> {
+fn string<'a>(
+    obj: &'a Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<&'a str>, FieldError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -74,13 +75,19 @@ fn string<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<Option<
 /// Checks a service name: 1-128 characters of `[A-Za-z0-9_.-]`.
 pub fn service_name(name: &str, field: &'static str) -> Result<(), FieldError> {
     if name.is_empty() || name.len() > MAX_NAME {
-        return err(field, format!("{field} must be 1-{MAX_NAME} characters long"));
+        return err(
+            field,
+            format!("{field} must be 1-{MAX_NAME} characters long"),
+        );
     }
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
     {
-        return err(field, format!("{field} may contain only A-Z, a-z, 0-9, '_', '.' and '-'"));
+        return err(
+            field,
+            format!("{field} may contain only A-Z, a-z, 0-9, '_', '.' and '-'"),
+        );
     }
     Ok(())
 }
@@ -88,10 +95,16 @@ pub fn service_name(name: &str, field: &'static str) -> Result<(), FieldError> {
 /// Checks an instance id: 1-256 printable ASCII characters, no spaces, no '/'.
 pub fn instance_id(id: &str) -> Result<(), FieldError> {
     if id.is_empty() || id.len() > MAX_INSTANCE_ID {
-        return err("instance_id", format!("instance_id must be 1-{MAX_INSTANCE_ID} characters long"));
+        return err(
+            "instance_id",
+            format!("instance_id must be 1-{MAX_INSTANCE_ID} characters long"),
+        );
     }
     if !id.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-        return err("instance_id", "instance_id may contain only printable ASCII without spaces or '/'");
+        return err(
+            "instance_id",
+            "instance_id may contain only printable ASCII without spaces or '/'",
+        );
     }
     Ok(())
 }
@@ -100,10 +113,9 @@ fn host(h: &str) -> Result<(), FieldError> {
     if h.is_empty() || h.len() > MAX_HOST {
         return err("host", format!("host must be 1-{MAX_HOST} characters long"));
     }
-    if !h
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%'))
-    {
+    if !h.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%')
+    }) {
         return err("host", "host must be a hostname or an IP address");
     }
     Ok(())
@@ -117,7 +129,10 @@ fn health_endpoint(p: &str) -> Result<(), FieldError> {
         );
     }
     if !p.bytes().all(|b| b.is_ascii_graphic()) {
-        return err("health_endpoint", "health_endpoint may contain only printable ASCII without spaces");
+        return err(
+            "health_endpoint",
+            "health_endpoint may contain only printable ASCII without spaces",
+        );
     }
     Ok(())
 }
@@ -130,18 +145,26 @@ fn metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, FieldError> {
         return err("metadata", "metadata must be an object of string values");
     };
     if m.len() > MAX_METADATA_ENTRIES {
-        return err("metadata", format!("metadata may have at most {MAX_METADATA_ENTRIES} entries"));
+        return err(
+            "metadata",
+            format!("metadata may have at most {MAX_METADATA_ENTRIES} entries"),
+        );
     }
     let mut out = BTreeMap::new();
     for (k, v) in m {
         if k.is_empty() || k.len() > MAX_METADATA_KEY || k.chars().any(char::is_control) {
             return err(
                 "metadata",
-                format!("metadata keys must be 1-{MAX_METADATA_KEY} bytes without control characters"),
+                format!(
+                    "metadata keys must be 1-{MAX_METADATA_KEY} bytes without control characters"
+                ),
             );
         }
         let Value::String(s) = v else {
-            return err("metadata", format!("metadata value of '{k}' must be a string"));
+            return err(
+                "metadata",
+                format!("metadata value of '{k}' must be a string"),
+            );
         };
         if s.len() > MAX_METADATA_VALUE || s.chars().any(char::is_control) {
             return err(
@@ -154,7 +177,12 @@ fn metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, FieldError> {
     Ok(out)
 }
 
-fn integer(obj: &Map<String, Value>, name: &'static str, lo: u64, hi: u64) -> Result<Option<u64>, FieldError> {
+fn integer(
+    obj: &Map<String, Value>,
+    name: &'static str,
+    lo: u64,
+    hi: u64,
+) -> Result<Option<u64>, FieldError> {
     match field(obj, name) {
         None => Ok(None),
         Some(v) => match v.as_u64() {
@@ -235,29 +263,67 @@ mod tests {
     fn each_bad_field_is_named() {
         assert_eq!(field_of(json!([1])), "body");
         assert_eq!(field_of(json!({"port": 1})), "service_name");
-        assert_eq!(field_of(json!({"service_name": "a b", "port": 1})), "service_name");
-        assert_eq!(field_of(json!({"service_name": "x".repeat(129), "port": 1})), "service_name");
-        assert_eq!(field_of(json!({"service_name": 5, "port": 1})), "service_name");
+        assert_eq!(
+            field_of(json!({"service_name": "a b", "port": 1})),
+            "service_name"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "x".repeat(129), "port": 1})),
+            "service_name"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": 5, "port": 1})),
+            "service_name"
+        );
         assert_eq!(field_of(json!({"service_name": "a"})), "port");
         assert_eq!(field_of(json!({"service_name": "a", "port": 0})), "port");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 70000})), "port");
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 70000})),
+            "port"
+        );
         assert_eq!(field_of(json!({"service_name": "a", "port": "80"})), "port");
         assert_eq!(field_of(json!({"service_name": "a", "port": 1.5})), "port");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "host": "a b"})), "host");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "health_endpoint": "health"})), "health_endpoint");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "metadata": {"k": 1}})), "metadata");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "metadata": "x"})), "metadata");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 4})), "ttl_seconds");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 86401})), "ttl_seconds");
-        assert_eq!(field_of(json!({"service_name": "a", "port": 1, "instance_id": "a/b"})), "instance_id");
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "host": "a b"})),
+            "host"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "health_endpoint": "health"})),
+            "health_endpoint"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "metadata": {"k": 1}})),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "metadata": "x"})),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 4})),
+            "ttl_seconds"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "ttl_seconds": 86401})),
+            "ttl_seconds"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "port": 1, "instance_id": "a/b"})),
+            "instance_id"
+        );
     }
 
     #[test]
     fn heartbeat_needs_a_valid_name() {
         assert!(parse_heartbeat(&json!({"service_name": "a"})).is_ok());
-        assert_eq!(parse_heartbeat(&json!({})).unwrap_err().field, "service_name");
         assert_eq!(
-            parse_heartbeat(&json!({"service_name": "a", "instance_id": 3})).unwrap_err().field,
+            parse_heartbeat(&json!({})).unwrap_err().field,
+            "service_name"
+        );
+        assert_eq!(
+            parse_heartbeat(&json!({"service_name": "a", "instance_id": 3}))
+                .unwrap_err()
+                .field,
             "instance_id"
         );
     }

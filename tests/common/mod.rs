@@ -1,0 +1,259 @@
+//! An in-process cluster of real nodes for integration tests: each node has
+//! its own HTTP server on 127.0.0.1:0, its own temp dir and a fault switch.
+//! Waits poll with deadlines; nothing sleeps blindly.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use vertice_register::config::{NodeArgs, Peers};
+use vertice_register::node::RunningNode;
+use vertice_register::raft::Faults;
+
+pub const SECRET: &str = "test-secret";
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct TestCluster {
+    pub nodes: BTreeMap<u64, Option<RunningNode>>,
+    pub addrs: BTreeMap<u64, SocketAddr>,
+    pub faults: BTreeMap<u64, Arc<Faults>>,
+    dirs: BTreeMap<u64, TempDir>,
+    tune: fn(&mut NodeArgs),
+    pub http: reqwest::Client,
+}
+
+impl TestCluster {
+    pub async fn start(n: u64) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts `n` voters; `tune` adjusts every node's flags.
+    pub async fn start_with(n: u64, tune: fn(&mut NodeArgs)) -> Self {
+        let mut listeners = BTreeMap::new();
+        let mut addrs = BTreeMap::new();
+        for id in 1..=n {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.insert(id, l.local_addr().unwrap());
+            listeners.insert(id, l);
+        }
+        let mut cluster = Self {
+            nodes: BTreeMap::new(),
+            addrs,
+            faults: (1..=n)
+                .map(|id| (id, Arc::new(Faults::default())))
+                .collect(),
+            dirs: (1..=n)
+                .map(|id| (id, tempfile::tempdir().unwrap()))
+                .collect(),
+            tune,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()
+                .unwrap(),
+        };
+        for (id, l) in listeners {
+            let node =
+                RunningNode::start_with_faults(cluster.args(id), l, cluster.faults[&id].clone())
+                    .await
+                    .unwrap();
+            cluster.nodes.insert(id, Some(node));
+        }
+        cluster
+    }
+
+    fn args(&self, id: u64) -> NodeArgs {
+        let mut a = NodeArgs::default();
+        a.id = id;
+        a.addr = self.addrs[&id].to_string();
+        a.data_dir = self.dirs[&id].path().to_path_buf();
+        a.peers = Some(Peers(
+            self.addrs
+                .iter()
+                .map(|(i, a)| (*i, a.to_string()))
+                .collect(),
+        ));
+        a.cluster_secret = Some(SECRET.into());
+        a.leader_wait_ms = 3000;
+        (self.tune)(&mut a);
+        a
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        format!("http://{}", self.addrs[&id])
+    }
+
+    pub fn node(&self, id: u64) -> &RunningNode {
+        self.nodes[&id].as_ref().expect("node is running")
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Waits until every running, connected node names the same leader,
+    /// and that leader is one of them.
+    pub async fn wait_for_leader(&self) -> u64 {
+        let ids: Vec<u64> = self
+            .running()
+            .into_iter()
+            .filter(|id| !self.faults[id].is_isolated())
+            .collect();
+        wait_for(
+            "a leader all running nodes agree on",
+            Duration::from_secs(20),
+            || {
+                let ids = ids.clone();
+                async move {
+                    let leaders: Vec<Option<u64>> = ids
+                        .iter()
+                        .map(|id| self.node(*id).raft.metrics().borrow().current_leader)
+                        .collect();
+                    let first = leaders[0]?;
+                    let agreed = leaders.iter().all(|l| *l == Some(first)) && ids.contains(&first);
+                    let is_leader = agreed
+                        && self.node(first).raft.metrics().borrow().state
+                            == openraft::ServerState::Leader;
+                    is_leader.then_some(first)
+                }
+            },
+        )
+        .await
+    }
+
+    pub fn follower_of(&self, leader: u64) -> u64 {
+        self.running().into_iter().find(|id| *id != leader).unwrap()
+    }
+
+    /// Stops a node (in process: a graceful stop; the binary tests use kill -9).
+    pub async fn stop(&mut self, id: u64) {
+        if let Some(node) = self.nodes.get_mut(&id).and_then(Option::take) {
+            node.shutdown().await;
+        }
+    }
+
+    /// Starts a stopped node again on its old address and data dir.
+    pub async fn restart(&mut self, id: u64) {
+        let addr = self.addrs[&id];
+        let args = self.args(id);
+        let faults = self.faults[&id].clone();
+        let node = wait_for("the node to start again", Duration::from_secs(20), || {
+            let args = args.clone();
+            let faults = faults.clone();
+            async move {
+                // The old listener and sled's file lock go away asynchronously.
+                let l = TcpListener::bind(addr).await.ok()?;
+                RunningNode::start_with_faults(args, l, faults).await.ok()
+            }
+        })
+        .await;
+        self.nodes.insert(id, Some(node));
+    }
+
+    pub fn isolate(&self, id: u64, on: bool) {
+        self.faults[&id].set_isolated(on);
+    }
+
+    pub async fn shutdown(mut self) {
+        for id in self.running() {
+            self.stop(id).await;
+        }
+    }
+
+    pub async fn post(&self, id: u64, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url(id)))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(
+        &self,
+        id: u64,
+        path: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url(id)))
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (r.status(), r.headers().clone());
+        (status, headers, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, id: u64, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.url(id)))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers `name` on node `id` and asserts success.
+    pub async fn register(&self, id: u64, name: &str, port: u16) -> Value {
+        let (status, body) = self
+            .post(
+                id,
+                "/register",
+                &serde_json::json!({"service_name": name, "port": port, "host": "10.1.2.3"}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "register {name} on node {id}: {body}"
+        );
+        body
+    }
+
+    /// Waits until node `id`'s local replica serves `name`.
+    pub async fn wait_for_service(&self, id: u64, name: &str) -> Value {
+        wait_for(
+            &format!("{name} on node {id}"),
+            Duration::from_secs(15),
+            || async {
+                let (status, _, body) = self.get(id, &format!("/services/{name}")).await;
+                (status == StatusCode::OK).then_some(body)
+            },
+        )
+        .await
+    }
+}
