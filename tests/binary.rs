@@ -1,0 +1,233 @@
+//! End-to-end tests against the real binary: three processes, `kill -9`,
+//! restart, and a graceful stop by signal.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
+const SECRET: &str = "e2e-secret";
+
+/// Free loopback ports: bound, read, and released for the child to take.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// Three node processes; every one still running is killed on drop.
+struct Procs {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+impl Procs {
+    fn start() -> Self {
+        let ports = free_ports(3);
+        let mut p = Self {
+            dir: tempfile::tempdir().unwrap(),
+            ports,
+            children: vec![None, None, None],
+        };
+        for id in 1..=3 {
+            p.spawn(id);
+        }
+        p
+    }
+
+    fn peers(&self) -> String {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn data_dir(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    fn spawn(&mut self, id: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["node", "--id", &id.to_string()])
+            .args(["--addr", &format!("127.0.0.1:{}", self.ports[id - 1])])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--peers", &self.peers(), "--cluster-secret", SECRET])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[id - 1] = Some(child);
+    }
+
+    fn kill9(&mut self, id: usize) {
+        if let Some(mut c) = self.children[id - 1].take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn url(&self, id: usize) -> String {
+        format!("http://127.0.0.1:{}", self.ports[id - 1])
+    }
+
+    fn logs(&self) -> String {
+        (1..=3)
+            .map(|id| std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for id in 1..=3 {
+            self.kill9(id);
+        }
+    }
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn health(client: &reqwest::blocking::Client, url: &str) -> Option<Value> {
+    let r = client.get(format!("{url}/health")).send().ok()?;
+    r.status().is_success().then(|| r.json().ok()).flatten()
+}
+
+/// The leader id, once the given nodes agree on a live one.
+fn wait_for_leader(p: &Procs, ids: &[usize]) -> usize {
+    let client = http();
+    poll("a leader", Duration::from_secs(30), || {
+        let leaders: Vec<u64> = ids
+            .iter()
+            .map(|id| health(&client, &p.url(*id)).and_then(|h| h["leader_id"].as_u64()))
+            .collect::<Option<Vec<_>>>()?;
+        let first = leaders[0];
+        (leaders.iter().all(|l| *l == first) && ids.contains(&(first as usize))).then_some(first as usize)
+    })
+}
+
+fn register(client: &reqwest::blocking::Client, url: &str, name: &str) -> bool {
+    client
+        .post(format!("{url}/register"))
+        .json(&json!({"service_name": name, "port": 9000, "host": "10.0.0.9"}))
+        .send()
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[test]
+fn kill_9_of_every_node_loses_no_acknowledged_write() {
+    let mut p = Procs::start();
+    let client = http();
+    wait_for_leader(&p, &[1, 2, 3]);
+
+    // Acknowledged writes, spread over all three nodes.
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        let name = format!("svc-{i}");
+        let node = 1 + i % 3;
+        if register(&client, &p.url(node), &name) {
+            acked.push(name);
+        }
+    }
+    assert_eq!(acked.len(), 60, "all writes succeed on a healthy cluster\n{}", p.logs());
+
+    // kill -9 of the leader: the survivors elect another and take writes.
+    let leader = wait_for_leader(&p, &[1, 2, 3]);
+    p.kill9(leader);
+    let survivor = if leader == 1 { 2 } else { 1 };
+    let killed = Instant::now();
+    poll("a write after the leader's kill -9", Duration::from_secs(30), || {
+        register(&client, &p.url(survivor), "after-failover").then_some(())
+    });
+    eprintln!("kill -9 of leader {leader} → next successful write in {:?}", killed.elapsed());
+    acked.push("after-failover".into());
+    p.spawn(leader);
+
+    // kill -9 of everything, right after the last acknowledgement.
+    for i in 60..80 {
+        let name = format!("svc-{i}");
+        assert!(register(&client, &p.url(survivor), &name));
+        acked.push(name);
+    }
+    for id in 1..=3 {
+        p.kill9(id);
+    }
+    for id in 1..=3 {
+        p.spawn(id);
+    }
+    wait_for_leader(&p, &[1, 2, 3]);
+    for id in 1..=3 {
+        let list: Vec<String> = poll("a consistent list", Duration::from_secs(30), || {
+            let r = client.get(format!("{}/services?consistent=true", p.url(id))).send().ok()?;
+            r.status().is_success().then(|| r.json().ok()).flatten()
+        });
+        for name in &acked {
+            assert!(list.contains(name), "node {id} lost acknowledged {name}\n{}", p.logs());
+        }
+    }
+}
+
+#[test]
+fn no_subcommand_runs_a_node_from_the_environment_and_sigterm_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_ports(1)[0];
+    let data = dir.path().join("data");
+    let mut child = Command::new(BIN)
+        .env("REGISTRY_ADDR", format!("127.0.0.1:{port}"))
+        .env("REGISTRY_DATA_DIR", &data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(child.id());
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}");
+    let h = poll("the node to become healthy", Duration::from_secs(30), || health(&client, &url));
+    assert_eq!(h["role"], "leader");
+    assert_eq!(h["members"], json!([1]));
+    assert!(register(&client, &url, "solo"));
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = poll("the node to exit after SIGTERM", Duration::from_secs(15), || child.try_wait().unwrap());
+    assert!(exit.success(), "graceful stop exits 0, got {exit:?}");
+    std::mem::forget(guard);
+    assert!(Path::new(&data).join("sled").exists());
+}
+
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-9", &self.0.to_string()]).status();
+    }
+}
