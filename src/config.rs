@@ -44,7 +44,8 @@ pub struct NodeArgs {
     /// Default: this node alone.
     #[arg(long, env = "REGISTRY_PEERS", value_parser = parse_peers)]
     pub peers: Option<Peers>,
-    /// Ask a running cluster (any node's URL) to add this node.
+    /// Ask a running cluster (any node's URL) to add this node. Not supported
+    /// yet: the node refuses to start with it.
     #[arg(long, env = "REGISTRY_JOIN")]
     pub join: Option<String>,
     /// Shared secret required on /raft/* and /cluster/* (header X-Cluster-Secret).
@@ -54,10 +55,12 @@ pub struct NodeArgs {
     #[arg(long, env = "REGISTRY_INSECURE")]
     pub insecure: bool,
     /// Raft heartbeat interval in milliseconds.
-    #[arg(long, env = "REGISTRY_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "REGISTRY_HEARTBEAT_MS", default_value_t = 50)]
     pub heartbeat_ms: u64,
     /// Minimum election timeout in milliseconds (the maximum is twice this).
-    #[arg(long, env = "REGISTRY_ELECTION_TIMEOUT_MS", default_value_t = 400)]
+    /// A follower starts an election after hearing nothing from the leader
+    /// for the maximum plus a random timeout between minimum and maximum.
+    #[arg(long, env = "REGISTRY_ELECTION_TIMEOUT_MS", default_value_t = 200)]
     pub election_timeout_ms: u64,
     /// Build a snapshot (and compact the log) every this many entries.
     #[arg(long, env = "REGISTRY_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]

@@ -195,7 +195,13 @@ fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartErr
         Some(p) => p.0.clone(),
         None => BTreeMap::from([(args.id, args.advertise().to_string())]),
     };
-    if args.join.is_none() && !peers.contains_key(&args.id) {
+    if args.join.is_some() {
+        // Joining needs the /cluster routes, which are not built yet.
+        return Err(StartError::Config(
+            "--join is not supported yet: start every node with the same --peers".into(),
+        ));
+    }
+    if !peers.contains_key(&args.id) {
         return Err(StartError::Config(format!(
             "--peers does not list this node's id {}",
             args.id

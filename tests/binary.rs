@@ -13,8 +13,13 @@ const SECRET: &str = "e2e-secret";
 
 /// Free loopback ports: bound, read, and released for the child to take.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// Three node processes; every one still running is killed on drop.
@@ -84,7 +89,10 @@ impl Procs {
 
     fn logs(&self) -> String {
         (1..=3)
-            .map(|id| std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default())
+            .map(|id| {
+                std::fs::read_to_string(self.dir.path().join(format!("node{id}.log")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -130,7 +138,8 @@ fn wait_for_leader(p: &Procs, ids: &[usize]) -> usize {
             .map(|id| health(&client, &p.url(*id)).and_then(|h| h["leader_id"].as_u64()))
             .collect::<Option<Vec<_>>>()?;
         let first = leaders[0];
-        (leaders.iter().all(|l| *l == first) && ids.contains(&(first as usize))).then_some(first as usize)
+        (leaders.iter().all(|l| *l == first) && ids.contains(&(first as usize)))
+            .then_some(first as usize)
     })
 }
 
@@ -157,17 +166,27 @@ fn kill_9_of_every_node_loses_no_acknowledged_write() {
             acked.push(name);
         }
     }
-    assert_eq!(acked.len(), 60, "all writes succeed on a healthy cluster\n{}", p.logs());
+    assert_eq!(
+        acked.len(),
+        60,
+        "all writes succeed on a healthy cluster\n{}",
+        p.logs()
+    );
 
     // kill -9 of the leader: the survivors elect another and take writes.
     let leader = wait_for_leader(&p, &[1, 2, 3]);
     p.kill9(leader);
     let survivor = if leader == 1 { 2 } else { 1 };
     let killed = Instant::now();
-    poll("a write after the leader's kill -9", Duration::from_secs(30), || {
-        register(&client, &p.url(survivor), "after-failover").then_some(())
-    });
-    eprintln!("kill -9 of leader {leader} → next successful write in {:?}", killed.elapsed());
+    poll(
+        "a write after the leader's kill -9",
+        Duration::from_secs(30),
+        || register(&client, &p.url(survivor), "after-failover").then_some(()),
+    );
+    eprintln!(
+        "kill -9 of leader {leader} → next successful write in {:?}",
+        killed.elapsed()
+    );
     acked.push("after-failover".into());
     p.spawn(leader);
 
@@ -186,11 +205,18 @@ fn kill_9_of_every_node_loses_no_acknowledged_write() {
     wait_for_leader(&p, &[1, 2, 3]);
     for id in 1..=3 {
         let list: Vec<String> = poll("a consistent list", Duration::from_secs(30), || {
-            let r = client.get(format!("{}/services?consistent=true", p.url(id))).send().ok()?;
+            let r = client
+                .get(format!("{}/services?consistent=true", p.url(id)))
+                .send()
+                .ok()?;
             r.status().is_success().then(|| r.json().ok()).flatten()
         });
         for name in &acked {
-            assert!(list.contains(name), "node {id} lost acknowledged {name}\n{}", p.logs());
+            assert!(
+                list.contains(name),
+                "node {id} lost acknowledged {name}\n{}",
+                p.logs()
+            );
         }
     }
 }
@@ -211,14 +237,25 @@ fn no_subcommand_runs_a_node_from_the_environment_and_sigterm_stops_it() {
     let guard = KillOnDrop(child.id());
     let client = http();
     let url = format!("http://127.0.0.1:{port}");
-    let h = poll("the node to become healthy", Duration::from_secs(30), || health(&client, &url));
+    let h = poll(
+        "the node to become healthy",
+        Duration::from_secs(30),
+        || health(&client, &url),
+    );
     assert_eq!(h["role"], "leader");
     assert_eq!(h["members"], json!([1]));
     assert!(register(&client, &url, "solo"));
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
-    let exit = poll("the node to exit after SIGTERM", Duration::from_secs(15), || child.try_wait().unwrap());
+    let exit = poll(
+        "the node to exit after SIGTERM",
+        Duration::from_secs(15),
+        || child.try_wait().unwrap(),
+    );
     assert!(exit.success(), "graceful stop exits 0, got {exit:?}");
     std::mem::forget(guard);
     assert!(Path::new(&data).join("sled").exists());
@@ -228,6 +265,8 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-9", &self.0.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
     }
 }

@@ -92,7 +92,9 @@ pub struct LeaderView {
 
 impl AppState {
     pub fn leader_view(&self) -> LeaderView {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrow, don't clone: this runs on every read.
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
         let role = match m.state {
             ServerState::Leader => "leader",
             ServerState::Follower => "follower",
@@ -100,17 +102,15 @@ impl AppState {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let leader_addr = m.current_leader.and_then(|id| {
-            m.membership_config
-                .membership()
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-        });
+        let membership = m.membership_config.membership();
+        let leader_addr = m
+            .current_leader
+            .and_then(|id| membership.get_node(&id).map(|n| n.addr.clone()));
         let bound = self.live_bound.as_millis() as u64;
         let (live, last_contact_ms) = if m.state == ServerState::Leader {
-            let voters = m.membership_config.membership().voter_ids().count();
+            let single = membership.voter_ids().nth(1).is_none();
             let acked = m.millis_since_quorum_ack.is_some_and(|ms| ms <= bound);
-            (voters <= 1 || acked, 0)
+            (single || acked, 0)
         } else {
             let since = self.contact.millis_since();
             (

@@ -1,0 +1,95 @@
+//! A small load generator for `scripts/quick-bench.sh`: N concurrent clients
+//! spread over every node, one workload, for a fixed time; prints ops/s,
+//! p50/p99/max latency and errors. (The full `bench` subcommand is planned.)
+//!
+//! usage: loadgen URL[,URL..] register|lookup|consistent-lookup CLIENTS SECONDS
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 5 {
+        eprintln!("usage: loadgen URL[,URL..] register|lookup|consistent-lookup CLIENTS SECONDS");
+        std::process::exit(2);
+    }
+    let urls: Vec<String> = args[1].split(',').map(str::to_owned).collect();
+    let workload = args[2].clone();
+    let clients: usize = args[3].parse().expect("CLIENTS is a number");
+    let secs: u64 = args[4].parse().expect("SECONDS is a number");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()
+        .unwrap();
+    if workload != "register" {
+        let r = http
+            .post(format!("{}/register", urls[0]))
+            .json(&json!({"service_name": "bench-lookup", "port": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "seeding the lookup target failed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, urls, workload) = (http.clone(), urls.clone(), workload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let url = &urls[(c + i as usize) % urls.len()];
+                let t = Instant::now();
+                let resp = match workload.as_str() {
+                    "register" => {
+                        http.post(format!("{url}/register"))
+                            .json(&json!({"service_name": format!("svc-{c}"), "port": 1 + (i % 60000) as u16}))
+                            .send()
+                            .await
+                    }
+                    "lookup" => http.get(format!("{url}/services/bench-lookup")).send().await,
+                    _ => {
+                        http.get(format!("{url}/services/bench-lookup?consistent=true"))
+                            .send()
+                            .await
+                    }
+                };
+                match resp {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        lat.push(t.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{workload:<18} clients={clients:<3} ops/s={:>8.0}  p50={:>6.2}ms  p99={:>6.2}ms  max={:>7.2}ms  errors={errors}",
+        all.len() as f64 / elapsed,
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        all.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
