@@ -21,7 +21,7 @@ pub struct Metrics {
     pub last_log: IntGauge,
     pub leader_changes: IntCounter,
     pub db_size: IntGauge,
-    pub snapshots_installed: IntGauge,
+    pub snapshots_installed: IntCounter,
     pub expired: IntCounter,
     pub forward_latency: Histogram,
 }
@@ -82,10 +82,11 @@ impl Metrics {
                 "registry_db_size_bytes",
                 "Size of the sled database on disk",
             ),
-            snapshots_installed: g(
+            snapshots_installed: IntCounter::new(
                 "raft_snapshots_installed_total",
                 "Snapshots received from a leader and installed",
-            ),
+            )
+            .unwrap(),
             expired: IntCounter::new(
                 "registry_expirations_total",
                 "Instances this node expired as leader",
@@ -104,6 +105,7 @@ impl Metrics {
         r.register(Box::new(m.forwarded.clone())).unwrap();
         r.register(Box::new(m.leader_changes.clone())).unwrap();
         r.register(Box::new(m.expired.clone())).unwrap();
+        r.register(Box::new(m.snapshots_installed.clone())).unwrap();
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,
@@ -114,7 +116,6 @@ impl Metrics {
             &m.committed,
             &m.last_log,
             &m.db_size,
-            &m.snapshots_installed,
         ] {
             r.register(Box::new(gauge.clone())).unwrap();
         }

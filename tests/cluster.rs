@@ -359,3 +359,53 @@ async fn a_consistent_read_cut_off_from_the_majority_is_503() {
     assert_eq!(s, StatusCode::OK);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_expires_instances_whose_ttl_ran_out() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_for_leader().await;
+    let follower = c.follower_of(leader);
+    for (name, port) in [("silent", 1), ("beating", 2)] {
+        let (s, body) = c
+            .post(
+                follower,
+                "/register",
+                &json!({"service_name": name, "port": port, "ttl_seconds": 5}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let registered = Instant::now();
+    // Heartbeat one of them every second through a follower until the other expires.
+    wait_for(
+        "the silent instance to expire everywhere",
+        Duration::from_secs(15),
+        || async {
+            let (s, _) = c
+                .post(follower, "/heartbeat", &json!({"service_name": "beating"}))
+                .await;
+            assert_eq!(s, StatusCode::OK, "a renewed instance never expires");
+            let mut gone = true;
+            for id in c.running() {
+                let (s, _, _) = c.get(id, "/services/silent").await;
+                gone &= s == StatusCode::NOT_FOUND;
+            }
+            if gone {
+                Some(())
+            } else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        },
+    )
+    .await;
+    assert!(
+        registered.elapsed() >= Duration::from_secs(5),
+        "expired before its TTL"
+    );
+    for id in c.running() {
+        let (s, _, _) = c.get(id, "/services/beating").await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    c.shutdown().await;
+}

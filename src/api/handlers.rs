@@ -91,6 +91,15 @@ impl AppState {
         result.unwrap_or_else(IntoResponse::into_response)
     }
 
+    /// Adds the read headers to a response that lacks them (a failed read).
+    fn with_read_headers(&self, mut resp: Response) -> Response {
+        if !resp.headers().contains_key("x-registry-index") {
+            let index = self.replica.read().applied_index();
+            resp.headers_mut().extend(self.read_headers(index));
+        }
+        resp
+    }
+
     /// The three headers every read carries.
     fn read_headers(&self, applied_index: u64) -> [(HeaderName, HeaderValue); 3] {
         let view = self.leader_view();
@@ -238,7 +247,8 @@ pub async fn list_services(
             .into_response())
     }
     .await;
-    state.finish("list", started, result)
+    let resp = state.finish("list", started, result);
+    state.with_read_headers(resp)
 }
 
 pub async fn get_service(
@@ -283,7 +293,8 @@ pub async fn get_service(
         Ok((state.read_headers(index), Json(body)).into_response())
     }
     .await;
-    state.finish("get", started, result)
+    let resp = state.finish("get", started, result);
+    state.with_read_headers(resp)
 }
 
 /// An IPv6 literal needs brackets inside a URL.
@@ -357,9 +368,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .set(i64::from(m.state == openraft::ServerState::Leader));
     metrics.committed.set(state.log.committed_index() as i64);
     metrics.last_log.set(m.last_log_index.unwrap_or(0) as i64);
+    let installed = state.replica.snapshots_installed();
     metrics
         .snapshots_installed
-        .set(state.replica.snapshots_installed() as i64);
+        .inc_by(installed.saturating_sub(metrics.snapshots_installed.get()));
     if let Ok(size) = state.db.size_on_disk() {
         metrics.db_size.set(size as i64);
     }

@@ -15,7 +15,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use openraft::ServerState;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 pub use error::ApiError;
 pub use forward::{now_ms as forward_now_ms, WriteReply, WriteRequest};
@@ -57,6 +58,13 @@ impl LastContact {
             0 => None,
             at => Some((self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(at)),
         }
+    }
+
+    /// Milliseconds since the last contact; a node that never had one
+    /// reports the time since it started.
+    pub fn millis_since_or_start(&self) -> u64 {
+        self.millis_since()
+            .unwrap_or_else(|| self.origin.elapsed().as_millis() as u64)
     }
 }
 
@@ -115,7 +123,7 @@ impl AppState {
             let since = self.contact.millis_since();
             (
                 m.current_leader.is_some() && since.is_some_and(|ms| ms <= bound),
-                since.unwrap_or(u64::MAX / 2),
+                self.contact.millis_since_or_start(),
             )
         };
         LeaderView {
@@ -144,6 +152,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(internal::router(state.clone()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .layer(TraceLayer::new_for_http())
+        // 503s are routine during elections; handlers log real failures.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .with_state(state)
 }
