@@ -175,15 +175,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
         // The entries are readable now; report them durable only once flushed.
-        let flushed = self.flush().await;
-        let failed = flushed
-            .as_ref()
-            .err()
-            .map(|e| StorageIOError::write_logs(&io::Error::new(e.kind(), e.to_string())));
-        callback.log_io_completed(flushed);
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        match self.flush().await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = StorageIOError::write_logs(&e);
+                callback.log_io_completed(Err(e));
+                Err(err.into())
+            }
         }
     }
 

@@ -113,8 +113,7 @@ impl StateMachineStore {
                 .map_err(|e| StorageIOError::read_state_machine(&e))?,
         };
         let mut applied = Applied::default();
-        let read_err =
-            |e: &dyn std::error::Error| StorageIOError::read_state_machine(&anyhow_like(e));
+        let read_err = |e: &dyn std::error::Error| StorageIOError::read_state_machine(&to_io(e));
         for item in store.sm.iter() {
             let (k, v) = item.map_err(|e| read_err(&e))?;
             if k.as_ref() == APPLIED {
@@ -196,8 +195,8 @@ impl StateMachineStore {
     }
 }
 
-/// Wraps a borrowed error so it can be converted into openraft's `AnyError`.
-fn anyhow_like(e: &dyn std::error::Error) -> std::io::Error {
+/// Copies a borrowed error into one openraft's `AnyError` can take.
+fn to_io(e: &dyn std::error::Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
