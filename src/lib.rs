@@ -5,10 +5,12 @@
 //! - [`raft`]: openraft wiring: sled log store, sled state machine, HTTP transport.
 //! - [`node`]: starts and stops a node: storage, Raft, HTTP server, leader tasks.
 //! - [`api`]: HTTP handlers, forwarding to the leader, the one error-to-status mapping.
+//! - [`clock`]: the leader's clock, for stamping commands.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the command line.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod node;

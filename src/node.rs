@@ -267,7 +267,7 @@ async fn expiry(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
         if state.raft.metrics().borrow().state != ServerState::Leader {
             continue;
         }
-        let now = api::forward_now_ms();
+        let now = crate::clock::now_ms();
         let due = state.replica.read().registry.expired(now);
         for chunk in due.chunks(EXPIRE_BATCH) {
             let cmd = Command::Expire {

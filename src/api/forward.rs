@@ -12,11 +12,12 @@
 //! certainly did not reach a leader (refused connection, "not the leader").
 //! Every command is an idempotent upsert or delete besides.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
+use crate::clock::now_ms;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 use crate::registry::{
     Command, CommandResult, HeartbeatRequest, Instance, Millis, RegisterRequest,
@@ -98,14 +99,6 @@ pub enum ReadIndexReply {
     Index(u64),
     NotLeader(Option<NodeId>),
     Unavailable(String),
-}
-
-/// The wall clock in milliseconds. Only the leader calls this, to stamp
-/// commands; apply never does.
-pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
 }
 
 /// Why one attempt to reach the leader failed.

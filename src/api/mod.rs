@@ -19,7 +19,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 pub use error::ApiError;
-pub use forward::{now_ms as forward_now_ms, WriteReply, WriteRequest};
+pub use forward::{WriteReply, WriteRequest};
 
 use crate::metrics::Metrics;
 use crate::raft::{LogStore, Network, NodeId, Raft, Replica};
