@@ -68,6 +68,30 @@ pub struct NodeArgs {
     /// How long a write or consistent read waits for a leader before 503.
     #[arg(long, env = "REGISTRY_LEADER_WAIT_MS", default_value_t = 5_000)]
     pub leader_wait_ms: u64,
+    /// Pause expiry when more than this share (0-1) of instances is overdue
+    /// or recently expired at once; 1 disables the protection.
+    #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_THRESHOLD", default_value_t = 0.5, value_parser = parse_share)]
+    pub expiry_pause_threshold: f64,
+    /// The protection applies only with at least this many instances.
+    #[arg(
+        long,
+        env = "REGISTRY_EXPIRY_PAUSE_MIN_INSTANCES",
+        default_value_t = 10
+    )]
+    pub expiry_pause_min_instances: usize,
+    /// Expirations within this many seconds count towards the share.
+    #[arg(long, env = "REGISTRY_EXPIRY_WINDOW_SECS", default_value_t = 60)]
+    pub expiry_window_secs: u64,
+    /// Longest pause, in seconds, before expiry resumes anyway.
+    #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
+    pub expiry_pause_max_secs: u64,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a share between 0 and 1")),
+    }
 }
 
 impl Default for NodeArgs {
@@ -93,6 +117,17 @@ impl NodeArgs {
 
     pub fn leader_wait(&self) -> Duration {
         Duration::from_millis(self.leader_wait_ms)
+    }
+
+    pub fn expiry(&self) -> crate::leases::ExpiryConfig {
+        crate::leases::ExpiryConfig {
+            protection: crate::registry::lease::Protection {
+                threshold: self.expiry_pause_threshold,
+                min_instances: self.expiry_pause_min_instances,
+            },
+            window: Duration::from_secs(self.expiry_window_secs),
+            pause_max: Duration::from_secs(self.expiry_pause_max_secs),
+        }
     }
 }
 

@@ -6,12 +6,14 @@
 //! - [`node`]: starts and stops a node: storage, Raft, HTTP server, leader tasks.
 //! - [`api`]: HTTP handlers, forwarding to the leader, the one error-to-status mapping.
 //! - [`clock`]: the leader's clock, for stamping commands.
+//! - [`leases`]: the leader's side of TTL leases: renewals, checkpoints, expiry.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the command line.
 
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod leases;
 pub mod metrics;
 pub mod node;
 pub mod raft;

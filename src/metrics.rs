@@ -24,6 +24,9 @@ pub struct Metrics {
     pub snapshots_installed: IntCounter,
     pub expired: IntCounter,
     pub forward_latency: Histogram,
+    pub renewals: IntCounterVec,
+    pub checkpoints: IntCounter,
+    pub expiry_paused: IntGauge,
 }
 
 impl Metrics {
@@ -97,6 +100,23 @@ impl Metrics {
                 "Time for a forwarded request to come back from the leader",
             ))
             .unwrap(),
+            renewals: IntCounterVec::new(
+                Opts::new(
+                    "registry_renewals_total",
+                    "Heartbeat renewals this node served as leader, by how: lease (no Raft write) or committed (in a Renew entry)",
+                ),
+                &["mode"],
+            )
+            .unwrap(),
+            checkpoints: IntCounter::new(
+                "registry_renewal_checkpoints_total",
+                "Renew entries committed (batched renewals)",
+            )
+            .unwrap(),
+            expiry_paused: g(
+                "registry_expiry_paused",
+                "1 while the leader holds expiry back (mass-expiry protection)",
+            ),
             registry,
         };
         let r = &m.registry;
@@ -106,6 +126,8 @@ impl Metrics {
         r.register(Box::new(m.leader_changes.clone())).unwrap();
         r.register(Box::new(m.expired.clone())).unwrap();
         r.register(Box::new(m.snapshots_installed.clone())).unwrap();
+        r.register(Box::new(m.renewals.clone())).unwrap();
+        r.register(Box::new(m.checkpoints.clone())).unwrap();
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,
@@ -116,6 +138,7 @@ impl Metrics {
             &m.committed,
             &m.last_log,
             &m.db_size,
+            &m.expiry_paused,
         ] {
             r.register(Box::new(gauge.clone())).unwrap();
         }

@@ -1,6 +1,6 @@
 //! Starting and stopping one registry node: storage, Raft, the HTTP server,
-//! and the background tasks (election watchdog, TTL expiry on the leader,
-//! leader-change accounting).
+//! and the background tasks (election watchdog, leases and TTL expiry on the
+//! leader, leader-change accounting).
 //!
 //! The caller binds the listener (port 0 in tests) so it always knows the
 //! address before the node starts.
@@ -17,9 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::config::NodeArgs;
+use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::raft::{self, Faults, LogStore, Network, NodeId, Raft, StateMachineStore};
-use crate::registry::Command;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +33,6 @@ pub enum StartError {
     #[error("raft failed to start: {0}")]
     Raft(String),
 }
-
-/// Most instances one expiry command carries, so no entry gets huge.
-const EXPIRE_BATCH: usize = 1000;
 
 /// A running node. Dropping it does not stop it: call [`RunningNode::shutdown`].
 pub struct RunningNode {
@@ -100,20 +97,29 @@ impl RunningNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
+        let metrics = Arc::new(Metrics::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let (leases, mut tasks) = Leases::start(
+            raft.clone(),
+            replica.clone(),
+            metrics.clone(),
+            args.expiry(),
+            stop_rx.clone(),
+        );
         let state = Arc::new(AppState {
             id: args.id,
             raft: raft.clone(),
             replica,
             log,
             net,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            leases,
             db,
             contact: Default::default(),
             leader_wait: args.leader_wait(),
             live_bound: Duration::from_millis(config.election_timeout_max * 2),
         });
 
-        let (stop, stop_rx) = watch::channel(false);
         let app = api::router(state.clone());
         let mut server_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
@@ -143,11 +149,12 @@ impl RunningNode {
             }
         }
 
-        let tasks = vec![
-            tokio::spawn(watchdog(state.clone(), config.clone(), stop_rx.clone())),
-            tokio::spawn(expiry(state.clone(), stop_rx.clone())),
-            tokio::spawn(leader_changes(state.clone(), stop_rx)),
-        ];
+        tasks.push(tokio::spawn(watchdog(
+            state.clone(),
+            config.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(leader_changes(state.clone(), stop_rx)));
         tracing::info!(id = args.id, %addr, data_dir = %args.data_dir.display(), "node started");
         Ok(Self {
             id: args.id,
@@ -252,40 +259,6 @@ async fn watchdog(
             );
             let _ = state.raft.trigger().elect().await;
             leaderless_since = Some(Instant::now());
-        }
-    }
-}
-
-/// On the leader, removes instances whose TTL ran out. The command carries
-/// the leader's time and the candidates; apply checks each deadline again.
-async fn expiry(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
-        }
-        if state.raft.metrics().borrow().state != ServerState::Leader {
-            continue;
-        }
-        let now = crate::clock::now_ms();
-        let due = state.replica.read().registry.expired(now);
-        for chunk in due.chunks(EXPIRE_BATCH) {
-            let cmd = Command::Expire {
-                now_ms: now,
-                instances: chunk.to_vec(),
-            };
-            match state.raft.client_write(cmd).await {
-                Ok(resp) => {
-                    if let crate::registry::CommandResult::Expired(n) = resp.data {
-                        state.metrics.expired.inc_by(n as u64);
-                        tracing::info!(expired = n, "expired instances whose TTL ran out");
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "expiry not committed");
-                    break;
-                }
-            }
         }
     }
 }

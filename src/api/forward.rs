@@ -44,42 +44,27 @@ impl WriteRequest {
             Self::Deregister { .. } => "deregister",
         }
     }
+}
 
-    /// Turns the request into a log command stamped with the leader's time.
-    fn stamp(&self, now_ms: Millis) -> Command {
-        match self.clone() {
-            Self::Register(r) => {
-                let host = r.host.unwrap_or_else(|| "127.0.0.1".to_string());
-                let instance_id = r
-                    .instance_id
-                    .unwrap_or_else(|| format!("{host}:{}", r.port));
-                Command::Register {
-                    instance: Instance {
-                        service_name: r.service_name,
-                        instance_id,
-                        host,
-                        port: r.port,
-                        health_endpoint: r.health_endpoint,
-                        metadata: r.metadata,
-                        ttl_seconds: r.ttl_seconds,
-                        registered_at: now_ms,
-                        last_heartbeat: now_ms,
-                    },
-                }
-            }
-            Self::Heartbeat(h) => Command::Heartbeat {
-                service_name: h.service_name,
-                instance_id: h.instance_id,
-                now_ms,
-            },
-            Self::Deregister {
-                service_name,
-                instance_id,
-            } => Command::Deregister {
-                service_name,
-                instance_id,
-            },
-        }
+/// A registration as a log command, stamped with the leader's time.
+fn register_command(r: &RegisterRequest, now_ms: Millis) -> Command {
+    let host = r.host.clone().unwrap_or_else(|| "127.0.0.1".to_string());
+    let instance_id = r
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("{host}:{}", r.port));
+    Command::Register {
+        instance: Instance {
+            service_name: r.service_name.clone(),
+            instance_id,
+            host,
+            port: r.port,
+            health_endpoint: r.health_endpoint.clone(),
+            metadata: r.metadata.clone(),
+            ttl_seconds: r.ttl_seconds,
+            registered_at: now_ms,
+            last_heartbeat: now_ms,
+        },
     }
 }
 
@@ -91,6 +76,29 @@ pub enum WriteReply {
     NotLeader(Option<NodeId>),
     /// The outcome is unknown or the cluster cannot commit now.
     Unavailable(String),
+}
+
+impl WriteReply {
+    /// Maps the outcome of `Raft::client_write` onto a reply.
+    pub fn from_raft(result: Result<CommandResult, RaftError<ClientWriteError>>) -> Self {
+        match result {
+            Ok(r) => Self::Done(r),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Self::NotLeader(f.leader_id)
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Self::Unavailable(e.to_string())
+            }
+            Err(RaftError::Fatal(f)) => Self::Unavailable(format!("raft stopped: {f}")),
+        }
+    }
+
+    pub fn not_committed_in_time() -> Self {
+        Self::Unavailable(
+            "the write was not committed in time (no quorum?); its outcome is unknown and retrying it is safe"
+                .into(),
+        )
+    }
 }
 
 /// The leader's answer on `/raft/read-index`.
@@ -149,22 +157,23 @@ impl AppState {
         }
     }
 
-    /// Proposes a write on this node, which must be the leader.
+    /// Carries out a write on this node, which must be the leader.
     pub async fn write_local(&self, req: &WriteRequest, remaining: Duration) -> WriteReply {
-        let cmd = req.stamp(now_ms());
+        let cmd = match req {
+            // Renewals go through the lease rules, not one entry per call.
+            WriteRequest::Heartbeat(h) => return self.leases.heartbeat(h, remaining).await,
+            WriteRequest::Register(r) => register_command(r, now_ms()),
+            WriteRequest::Deregister {
+                service_name,
+                instance_id,
+            } => Command::Deregister {
+                service_name: service_name.clone(),
+                instance_id: instance_id.clone(),
+            },
+        };
         match tokio::time::timeout(remaining, self.raft.client_write(cmd)).await {
-            Err(_) => WriteReply::Unavailable(
-                "the write was not committed in time (no quorum?); its outcome is unknown and retrying it is safe"
-                    .into(),
-            ),
-            Ok(Ok(resp)) => WriteReply::Done(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                WriteReply::NotLeader(f.leader_id)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                WriteReply::Unavailable(e.to_string())
-            }
-            Ok(Err(RaftError::Fatal(f))) => WriteReply::Unavailable(format!("raft stopped: {f}")),
+            Err(_) => WriteReply::not_committed_in_time(),
+            Ok(result) => WriteReply::from_raft(result.map(|resp| resp.data)),
         }
     }
 

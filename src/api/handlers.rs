@@ -309,12 +309,13 @@ fn url_host(host: &str) -> String {
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let view = state.leader_view();
     let m = state.raft.metrics().borrow().clone();
-    let (index, services, instances) = {
+    let (index, services, instances, expiry_paused) = {
         let applied = state.replica.read();
         (
             applied.applied_index(),
             applied.registry.service_count(),
             applied.registry.instance_count(),
+            applied.registry.expiry_paused(),
         )
     };
     let membership = m.membership_config.membership();
@@ -333,6 +334,9 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         "last_contact_ms": view.last_contact_ms,
         "services": services,
         "instances": instances,
+        "expiry_paused": expiry_paused,
+        // The leader's latest expiry round; null on other nodes.
+        "expiry": state.leases.status(),
     });
     let status = if view.live {
         StatusCode::OK
@@ -361,6 +365,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             .active_instances
             .set(applied.registry.instance_count() as i64);
         metrics.last_applied.set(applied.applied_index() as i64);
+        metrics
+            .expiry_paused
+            .set(i64::from(applied.registry.expiry_paused()));
     }
     metrics.term.set(m.current_term as i64);
     metrics

@@ -21,6 +21,7 @@ use tracing::Level;
 pub use error::ApiError;
 pub use forward::{WriteReply, WriteRequest};
 
+use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::raft::{LogStore, Network, NodeId, Raft, Replica};
 
@@ -76,6 +77,7 @@ pub struct AppState {
     pub log: LogStore,
     pub net: Network,
     pub metrics: Arc<Metrics>,
+    pub leases: Arc<Leases>,
     pub db: sled::Db,
     pub contact: LastContact,
     /// How long a write or consistent read waits for a leader before `503`.

@@ -20,6 +20,7 @@ use crate::registry::{Change, CommandResult, Instance, Registry};
 
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
+const EXPIRY_PAUSED: &[u8] = b"m/expiry_paused";
 const INSTANCE_PREFIX: &[u8] = b"i/";
 const CURRENT_SNAPSHOT: &[u8] = b"current";
 
@@ -74,6 +75,7 @@ struct StoredSnapshot {
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     instances: Vec<Instance>,
+    expiry_paused: bool,
 }
 
 fn instance_key(service: &str, id: &str) -> Vec<u8> {
@@ -120,6 +122,9 @@ impl StateMachineStore {
                 applied.last_applied = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
             } else if k.as_ref() == MEMBERSHIP {
                 applied.membership = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
+            } else if k.as_ref() == EXPIRY_PAUSED {
+                let paused = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
+                applied.registry.restore_expiry_paused(paused);
             } else if k.starts_with(INSTANCE_PREFIX) {
                 let inst: Instance = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
                 applied.registry.restore(inst);
@@ -170,6 +175,7 @@ impl StateMachineStore {
         let data: SnapshotData = bincode::deserialize(&snap.data)
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let mut registry = Registry::new();
+        registry.restore_expiry_paused(data.expiry_paused);
         let mut batch = sled::Batch::default();
         for item in self.sm.iter().keys() {
             batch.remove(item.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?);
@@ -183,6 +189,7 @@ impl StateMachineStore {
         }
         batch.insert(APPLIED, encode(&snap.meta.last_log_id));
         batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
+        batch.insert(EXPIRY_PAUSED, encode(&data.expiry_paused));
         self.sm
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
@@ -202,15 +209,18 @@ fn to_io(e: &dyn std::error::Error) -> std::io::Error {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (instances, last_log_id, last_membership) = {
+        let (data, last_log_id, last_membership) = {
             let applied = self.replica.read();
             (
-                applied.registry.instances().cloned().collect::<Vec<_>>(),
+                SnapshotData {
+                    instances: applied.registry.instances().cloned().collect(),
+                    expiry_paused: applied.registry.expiry_paused(),
+                },
                 applied.last_applied,
                 applied.membership.clone(),
             )
         };
-        let data = encode(&SnapshotData { instances });
+        let data = encode(&data);
         // The id only has to be unique; the wall clock is fine here because
         // building a snapshot is not part of apply.
         let nanos = std::time::SystemTime::now()
@@ -263,7 +273,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
-                    EntryPayload::Normal(cmd) => applied.registry.apply(&cmd, &mut changes),
+                    EntryPayload::Normal(cmd) => {
+                        let term = entry.log_id.leader_id.get_term();
+                        applied.registry.apply(&cmd, term, &mut changes)
+                    }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         batch.insert(MEMBERSHIP, encode(&applied.membership));
@@ -282,6 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         service_name,
                         instance_id,
                     } => batch.remove(instance_key(&service_name, &instance_id)),
+                    Change::ExpiryPaused(p) => batch.insert(EXPIRY_PAUSED, encode(&p)),
                 }
             }
             batch.insert(APPLIED, encode(&applied.last_applied));

@@ -2,11 +2,14 @@
 //! change entries, and how each command is applied.
 //!
 //! This module owns the data model and its rules and nothing else: no I/O, no
-//! clock, no Raft. Every command carries the time the leader stamped into it
-//! (`now_ms`), so applying the same log on any node gives the same state.
+//! clock, no Raft. Every command carries the time the leader stamped into it,
+//! so applying the same log on any node gives the same state. The lease
+//! rules (when a heartbeat needs a write, when an instance is due, when
+//! expiry pauses) are in [`lease`].
 //! Every command is an idempotent upsert or delete: applying a retried
 //! command a second time leaves the registry as the first did.
 
+pub mod lease;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -46,25 +49,35 @@ pub enum Command {
     /// Insert or replace an instance. A re-registration of the same
     /// `instance_id` keeps the original `registered_at`.
     Register { instance: Instance },
-    /// Renew one instance, or every instance of the service when
-    /// `instance_id` is `None`.
-    Heartbeat {
-        service_name: String,
-        instance_id: Option<String>,
-        now_ms: Millis,
-    },
+    /// A checkpoint of renewals the leader acknowledged: raises each listed
+    /// instance's `last_heartbeat` to the given time (never lowers it).
+    /// Instances that are gone by now are skipped.
+    Renew { renewals: Vec<Renewal> },
     /// Remove one instance, or the whole service when `instance_id` is `None`.
     Deregister {
         service_name: String,
         instance_id: Option<String>,
     },
-    /// Remove the listed instances whose deadline is at or before `now_ms`.
-    /// Apply checks the deadline again, so an expiry that arrives after a
-    /// renewal removes nothing.
+    /// Remove the listed instances that are due at `now_ms` (see
+    /// [`lease::is_due`]). Apply checks each deadline again, so an expiry
+    /// that arrives after a renewal removes nothing; and one stamped with a
+    /// term other than its entry's (a deposed leader's) removes nothing.
     Expire {
         now_ms: Millis,
+        term: u64,
         instances: Vec<(String, String)>,
     },
+    /// The leader paused or resumed expiry (mass-expiry protection); kept
+    /// in the replicated state so every node reports it.
+    SetExpiryPaused { paused: bool },
+}
+
+/// One acknowledged renewal: the instance and the leader's time of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewal {
+    pub service_name: String,
+    pub instance_id: String,
+    pub at: Millis,
 }
 
 /// What applying a command produced.
@@ -86,6 +99,7 @@ pub enum CommandResult {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registry {
     services: BTreeMap<String, BTreeMap<String, Instance>>,
+    expiry_paused: bool,
 }
 
 /// A key change made by `apply`, so a persistent copy can follow it.
@@ -96,6 +110,7 @@ pub enum Change {
         service_name: String,
         instance_id: String,
     },
+    ExpiryPaused(bool),
 }
 
 impl Registry {
@@ -103,8 +118,14 @@ impl Registry {
         Self::default()
     }
 
-    /// Applies `cmd`, reporting every changed key through `changes`.
-    pub fn apply(&mut self, cmd: &Command, changes: &mut Vec<Change>) -> CommandResult {
+    /// Applies `cmd`, found in a log entry of `entry_term`, reporting every
+    /// changed key through `changes`.
+    pub fn apply(
+        &mut self,
+        cmd: &Command,
+        entry_term: u64,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
         match cmd {
             Command::Register { instance } => {
                 let mut stored = instance.clone();
@@ -120,33 +141,23 @@ impl Registry {
                 changes.push(Change::Put(stored.clone()));
                 CommandResult::Registered(stored)
             }
-            Command::Heartbeat {
-                service_name,
-                instance_id,
-                now_ms,
-            } => {
-                let Some(instances) = self.services.get_mut(service_name) else {
-                    return CommandResult::NotFound;
-                };
+            Command::Renew { renewals } => {
                 let mut touched = 0;
-                for inst in instances.values_mut() {
-                    if instance_id
-                        .as_ref()
-                        .is_some_and(|id| *id != inst.instance_id)
-                    {
+                for r in renewals {
+                    let Some(inst) = self
+                        .services
+                        .get_mut(&r.service_name)
+                        .and_then(|m| m.get_mut(&r.instance_id))
+                    else {
                         continue;
-                    }
+                    };
                     touched += 1;
-                    if *now_ms > inst.last_heartbeat {
-                        inst.last_heartbeat = *now_ms;
+                    if r.at > inst.last_heartbeat {
+                        inst.last_heartbeat = r.at;
                         changes.push(Change::Put(inst.clone()));
                     }
                 }
-                if touched == 0 {
-                    CommandResult::NotFound
-                } else {
-                    CommandResult::Touched(touched)
-                }
+                CommandResult::Touched(touched)
             }
             Command::Deregister {
                 service_name,
@@ -170,12 +181,19 @@ impl Registry {
                 }));
                 CommandResult::Touched(n)
             }
-            Command::Expire { now_ms, instances } => {
+            Command::Expire {
+                now_ms,
+                term,
+                instances,
+            } => {
+                if *term != entry_term {
+                    return CommandResult::Expired(0);
+                }
                 let mut n = 0;
                 for (service, id) in instances {
                     let due = self
                         .get_instance(service, id)
-                        .is_some_and(|i| i.deadline() <= *now_ms);
+                        .is_some_and(|i| lease::is_due(i, *now_ms));
                     if due && self.remove_instance(service, id).is_some() {
                         n += 1;
                         changes.push(Change::Delete {
@@ -185,6 +203,13 @@ impl Registry {
                     }
                 }
                 CommandResult::Expired(n)
+            }
+            Command::SetExpiryPaused { paused } => {
+                if self.expiry_paused != *paused {
+                    self.expiry_paused = *paused;
+                    changes.push(Change::ExpiryPaused(*paused));
+                }
+                CommandResult::None
             }
         }
     }
@@ -228,13 +253,22 @@ impl Registry {
         self.services.values().map(BTreeMap::len).sum()
     }
 
-    /// Every instance whose deadline is at or before `now_ms`, as
-    /// `(service, instance id)` pairs.
-    pub fn expired(&self, now_ms: Millis) -> Vec<(String, String)> {
+    /// Every instance due for expiry at `now_ms`, as `(service, instance id)`.
+    pub fn due(&self, now_ms: Millis) -> Vec<(String, String)> {
         self.instances()
-            .filter(|i| i.deadline() <= now_ms)
+            .filter(|i| lease::is_due(i, now_ms))
             .map(|i| (i.service_name.clone(), i.instance_id.clone()))
             .collect()
+    }
+
+    /// Whether the leader has paused expiry (mass-expiry protection).
+    pub fn expiry_paused(&self) -> bool {
+        self.expiry_paused
+    }
+
+    /// Sets the paused flag as loaded from disk or a snapshot.
+    pub fn restore_expiry_paused(&mut self, paused: bool) {
+        self.expiry_paused = paused;
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
@@ -261,7 +295,7 @@ mod tests {
     }
 
     fn apply(r: &mut Registry, c: Command) -> CommandResult {
-        r.apply(&c, &mut Vec::new())
+        r.apply(&c, 1, &mut Vec::new())
     }
 
     #[test]
@@ -285,24 +319,29 @@ mod tests {
         assert_eq!((i.registered_at, i.last_heartbeat), (1000, 5000));
     }
 
+    fn renew(id: &str, at: Millis) -> Command {
+        Command::Renew {
+            renewals: vec![Renewal {
+                service_name: "a".into(),
+                instance_id: id.into(),
+                at,
+            }],
+        }
+    }
+
     #[test]
-    fn heartbeat_of_unknown_is_not_found_and_never_moves_time_back() {
+    fn renew_skips_the_unknown_and_never_moves_time_back() {
         let mut r = Registry::new();
-        let hb = |id: Option<&str>, t| Command::Heartbeat {
-            service_name: "a".into(),
-            instance_id: id.map(Into::into),
-            now_ms: t,
-        };
-        assert_eq!(apply(&mut r, hb(None, 1)), CommandResult::NotFound);
+        assert_eq!(apply(&mut r, renew("1", 5)), CommandResult::Touched(0));
         apply(
             &mut r,
             Command::Register {
                 instance: inst("a", "1", 1000),
             },
         );
-        assert_eq!(apply(&mut r, hb(Some("2"), 2000)), CommandResult::NotFound);
-        assert_eq!(apply(&mut r, hb(None, 3000)), CommandResult::Touched(1));
-        assert_eq!(apply(&mut r, hb(None, 2000)), CommandResult::Touched(1));
+        assert_eq!(apply(&mut r, renew("2", 2000)), CommandResult::Touched(0));
+        assert_eq!(apply(&mut r, renew("1", 3000)), CommandResult::Touched(1));
+        assert_eq!(apply(&mut r, renew("1", 2000)), CommandResult::Touched(1));
         assert_eq!(r.get_instance("a", "1").unwrap().last_heartbeat, 3000);
     }
 
@@ -329,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn expire_rechecks_the_deadline_at_apply() {
+    fn an_expiry_applied_after_a_renewal_is_a_no_op() {
         let mut r = Registry::new();
         apply(
             &mut r,
@@ -337,28 +376,60 @@ mod tests {
                 instance: inst("a", "1", 0),
             },
         );
-        // The leader saw it expired at t=10s, but a renewal got in first.
-        let due = r.expired(10_000);
+        // ttl 10 s: due from 12 s on (ttl + expiry slack).
+        let now = 10_000 + lease::EXPIRY_SLACK_MS;
+        let due = r.due(now);
         assert_eq!(due, vec![("a".to_string(), "1".to_string())]);
-        apply(
-            &mut r,
-            Command::Heartbeat {
-                service_name: "a".into(),
-                instance_id: None,
-                now_ms: 9_000,
-            },
-        );
+        // A renewal commits between the leader's decision and the expiry.
+        apply(&mut r, renew("1", 9_000));
         let expire = Command::Expire {
-            now_ms: 10_000,
+            now_ms: now,
+            term: 1,
             instances: due,
         };
-        assert_eq!(apply(&mut r, expire.clone()), CommandResult::Expired(0));
+        assert_eq!(apply(&mut r, expire), CommandResult::Expired(0));
         assert_eq!(r.instance_count(), 1);
         let later = Command::Expire {
-            now_ms: 19_000,
+            now_ms: 19_000 + lease::EXPIRY_SLACK_MS,
+            term: 1,
             instances: vec![("a".into(), "1".into())],
         };
         assert_eq!(apply(&mut r, later), CommandResult::Expired(1));
         assert_eq!(r.service_count(), 0);
+    }
+
+    #[test]
+    fn a_deposed_leaders_expiry_removes_nothing() {
+        let mut r = Registry::new();
+        apply(
+            &mut r,
+            Command::Register {
+                instance: inst("a", "1", 0),
+            },
+        );
+        // Stamped by the leader of term 3, found in an entry of term 4.
+        let stale = Command::Expire {
+            now_ms: 1_000_000,
+            term: 3,
+            instances: vec![("a".into(), "1".into())],
+        };
+        assert_eq!(
+            r.apply(&stale, 4, &mut Vec::new()),
+            CommandResult::Expired(0)
+        );
+        assert_eq!(r.instance_count(), 1);
+        assert_eq!(
+            r.apply(&stale, 3, &mut Vec::new()),
+            CommandResult::Expired(1)
+        );
+    }
+
+    #[test]
+    fn the_paused_flag_is_replicated_state() {
+        let mut r = Registry::new();
+        let mut changes = Vec::new();
+        r.apply(&Command::SetExpiryPaused { paused: true }, 1, &mut changes);
+        assert!(r.expiry_paused());
+        assert_eq!(changes, vec![Change::ExpiryPaused(true)]);
     }
 }

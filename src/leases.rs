@@ -1,0 +1,405 @@
+//! The leader's side of TTL leases: acknowledging heartbeats, checkpointing
+//! renewals into the log in batches, and expiring instances, with the
+//! mass-expiry protection.
+//!
+//! A heartbeat costs no Raft entry when the instance's committed
+//! `last_heartbeat` is fresh (see [`crate::registry::lease`] for why that is
+//! safe); the renewal is remembered and written, together with every other
+//! renewal of the last second, in one `Renew` checkpoint. When the committed
+//! value is too old, the heartbeat waits for a `Renew` entry that carries it;
+//! concurrent ones share one entry (group commit). Followers forward
+//! heartbeats here, so the leader serves every renewal.
+//!
+//! Only the leader expires, once a second with jitter, at most
+//! [`MAX_EXPIRE_PER_ROUND`] instances per round in entries of
+//! [`EXPIRE_BATCH`], each stamped with its time and term. Nothing here runs
+//! at takeover: a new leader continues from the committed state.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::WriteReply;
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::raft::{Raft, Replica};
+use crate::registry::lease::{can_ack, Protection};
+use crate::registry::{Command, CommandResult, HeartbeatRequest, Millis, Renewal};
+
+/// Most instances one expiry entry names.
+pub const EXPIRE_BATCH: usize = 500;
+/// Most instances expired in one round; the rest wait for the next rounds.
+pub const MAX_EXPIRE_PER_ROUND: usize = 2_000;
+/// Most renewals in one `Renew` entry.
+const RENEW_BATCH: usize = 4_096;
+/// How often acknowledged renewals are checkpointed into the log.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(1_000);
+
+/// Expiry settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpiryConfig {
+    pub protection: Protection,
+    /// The window over which recent expirations count towards the share.
+    pub window: Duration,
+    /// Longest pause before expiry resumes anyway (and says so).
+    pub pause_max: Duration,
+}
+
+/// The leader's latest expiry round, for `/health`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExpiryStatus {
+    pub total: usize,
+    pub overdue: usize,
+    pub recently_expired: usize,
+    pub share: f64,
+    pub threshold: f64,
+    /// The protection held expiry back for longer than allowed, and expiry
+    /// resumed anyway; it re-arms once the share drops below the threshold.
+    pub overridden: bool,
+}
+
+type InstanceKey = (String, String);
+
+struct BatchItem {
+    renewals: Vec<Renewal>,
+    done: Option<oneshot::Sender<WriteReply>>,
+}
+
+pub struct Leases {
+    raft: Raft,
+    replica: Arc<Replica>,
+    metrics: Arc<Metrics>,
+    config: ExpiryConfig,
+    /// Renewals acknowledged without a write, waiting for the next checkpoint.
+    pending: Mutex<HashMap<InstanceKey, Millis>>,
+    batches: mpsc::UnboundedSender<BatchItem>,
+    status: Mutex<Option<ExpiryStatus>>,
+}
+
+impl Leases {
+    /// Creates the lease manager and spawns its tasks (batcher, checkpoints,
+    /// expiry), which stop when `stop` turns true.
+    pub fn start(
+        raft: Raft,
+        replica: Arc<Replica>,
+        metrics: Arc<Metrics>,
+        config: ExpiryConfig,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let leases = Arc::new(Self {
+            raft,
+            replica,
+            metrics,
+            config,
+            pending: Mutex::new(HashMap::new()),
+            batches: tx,
+            status: Mutex::new(None),
+        });
+        let tasks = vec![
+            tokio::spawn(leases.clone().batcher(rx, stop.clone())),
+            tokio::spawn(leases.clone().checkpoints(stop.clone())),
+            tokio::spawn(leases.clone().expiry(stop)),
+        ];
+        (leases, tasks)
+    }
+
+    /// The latest expiry round on this node, if it ran one as leader.
+    pub fn status(&self) -> Option<ExpiryStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Serves a heartbeat on the leader: `NotFound` for an unknown service or
+    /// instance (the client registers again), else every matching instance
+    /// is renewed and the count returned.
+    pub async fn heartbeat(&self, req: &HeartbeatRequest, remaining: Duration) -> WriteReply {
+        let deadline = Instant::now() + remaining;
+        let mut committed_once = false;
+        loop {
+            let now = now_ms();
+            let targets: Vec<(String, Millis)> = {
+                let applied = self.replica.read();
+                let matching = applied
+                    .registry
+                    .service(&req.service_name)
+                    .map(|instances| {
+                        instances
+                            .filter(|i| {
+                                req.instance_id
+                                    .as_ref()
+                                    .is_none_or(|id| *id == i.instance_id)
+                            })
+                            .map(|i| (i.instance_id.clone(), i.last_heartbeat))
+                            .collect()
+                    });
+                matching.unwrap_or_default()
+            };
+            if targets.is_empty() {
+                return WriteReply::Done(CommandResult::NotFound);
+            }
+            let stale: Vec<Renewal> = targets
+                .iter()
+                .filter(|(_, committed)| !can_ack(*committed, now))
+                .map(|(id, _)| Renewal {
+                    service_name: req.service_name.clone(),
+                    instance_id: id.clone(),
+                    at: now,
+                })
+                .collect();
+            if stale.is_empty() {
+                if !committed_once {
+                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    for (id, _) in &targets {
+                        let at = pending
+                            .entry((req.service_name.clone(), id.clone()))
+                            .or_insert(now);
+                        *at = (*at).max(now);
+                    }
+                    self.metrics
+                        .renewals
+                        .with_label_values(&["lease"])
+                        .inc_by(targets.len() as u64);
+                }
+                return WriteReply::Done(CommandResult::Touched(targets.len()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return WriteReply::not_committed_in_time();
+            }
+            let n = stale.len() as u64;
+            match tokio::time::timeout(left, self.commit(stale)).await {
+                Err(_) => return WriteReply::not_committed_in_time(),
+                Ok(WriteReply::Done(_)) => {
+                    self.metrics
+                        .renewals
+                        .with_label_values(&["committed"])
+                        .inc_by(n);
+                    // Check again against the new committed value.
+                    committed_once = true;
+                }
+                Ok(other) => return other,
+            }
+        }
+    }
+
+    /// Commits renewals in the next `Renew` entry and waits for it.
+    async fn commit(&self, renewals: Vec<Renewal>) -> WriteReply {
+        let (tx, rx) = oneshot::channel();
+        let item = BatchItem {
+            renewals,
+            done: Some(tx),
+        };
+        if self.batches.send(item).is_err() {
+            return WriteReply::Unavailable("the node is stopping".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| WriteReply::Unavailable("the node is stopping".into()))
+    }
+
+    /// Group commit: while one `Renew` entry is being committed, renewals
+    /// queue up and all go into the next one.
+    async fn batcher(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<BatchItem>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let first = tokio::select! {
+                _ = stop.changed() => return,
+                item = rx.recv() => match item { Some(i) => i, None => return },
+            };
+            let mut items = vec![first];
+            let mut count = items[0].renewals.len();
+            while count < RENEW_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => {
+                        count += item.renewals.len();
+                        items.push(item);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let renewals: Vec<Renewal> = items
+                .iter_mut()
+                .flat_map(|i| std::mem::take(&mut i.renewals))
+                .collect();
+            let reply = WriteReply::from_raft(
+                self.raft
+                    .client_write(Command::Renew { renewals })
+                    .await
+                    .map(|r| r.data),
+            );
+            if matches!(reply, WriteReply::Done(_)) {
+                self.metrics.checkpoints.inc();
+            }
+            for item in items {
+                if let Some(done) = item.done {
+                    let _ = done.send(reply.clone());
+                }
+            }
+        }
+    }
+
+    /// Once a second, writes the renewals acknowledged without a write, so
+    /// followers (and a future leader) see a fresh `last_heartbeat`.
+    async fn checkpoints(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            }
+            let pending =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            if pending.is_empty() || !self.is_leader() {
+                // A deposed leader's renewals were acknowledged against
+                // committed values that already cover them (lease::can_ack).
+                continue;
+            }
+            let renewals = pending
+                .into_iter()
+                .map(|((service_name, instance_id), at)| Renewal {
+                    service_name,
+                    instance_id,
+                    at,
+                })
+                .collect::<Vec<_>>();
+            for chunk in renewals.chunks(RENEW_BATCH) {
+                let _ = self.batches.send(BatchItem {
+                    renewals: chunk.to_vec(),
+                    done: None,
+                });
+            }
+        }
+    }
+
+    /// The leader's expiry rounds, with the mass-expiry protection.
+    async fn expiry(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut recent: VecDeque<(Instant, usize)> = VecDeque::new();
+        let mut paused_since: Option<Instant> = None;
+        let mut overridden = false;
+        loop {
+            // Jitter spreads rounds, so a burst of deadlines is not one storm.
+            let pause = Duration::from_millis(800 + rand::random::<u64>() % 400);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            let (leader, term) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.state == ServerState::Leader, m.current_term)
+            };
+            if !leader {
+                recent.clear();
+                paused_since = None;
+                *self.status.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                continue;
+            }
+            let now = now_ms();
+            let (total, mut due, paused) = {
+                let applied = self.replica.read();
+                (
+                    applied.registry.instance_count(),
+                    applied.registry.due(now),
+                    applied.registry.expiry_paused(),
+                )
+            };
+            {
+                // Renewed since the last checkpoint: alive, whatever the log says.
+                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                due.retain(|k| !pending.contains_key(k));
+            }
+            while recent
+                .front()
+                .is_some_and(|(t, _)| t.elapsed() > self.config.window)
+            {
+                recent.pop_front();
+            }
+            let recently: usize = recent.iter().map(|(_, n)| n).sum();
+            let a = self.config.protection.assess(total, due.len(), recently);
+            if !a.pause {
+                overridden = false;
+            }
+            if a.pause && !overridden {
+                let since = *paused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.config.pause_max {
+                    tracing::warn!(
+                        share = a.share,
+                        "expiry was paused for longer than {:?}; resuming it anyway",
+                        self.config.pause_max
+                    );
+                    overridden = true;
+                }
+            }
+            let pause_now = a.pause && !overridden;
+            if !pause_now {
+                paused_since = None;
+            }
+            *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(ExpiryStatus {
+                total: a.total,
+                overdue: a.overdue,
+                recently_expired: a.recently_expired,
+                share: a.share,
+                threshold: self.config.protection.threshold,
+                overridden,
+            });
+            self.metrics.expiry_paused.set(i64::from(pause_now));
+            if pause_now != paused {
+                if pause_now {
+                    tracing::warn!(
+                        overdue = a.overdue,
+                        total = a.total,
+                        recently_expired = a.recently_expired,
+                        share = a.share,
+                        threshold = self.config.protection.threshold,
+                        "pausing expiry: too many instances would expire at once; the registry or its network is likely sick, not the services"
+                    );
+                } else {
+                    tracing::info!(share = a.share, "resuming expiry: renewals are back");
+                }
+                let cmd = Command::SetExpiryPaused { paused: pause_now };
+                if let Err(e) = self.raft.client_write(cmd).await {
+                    tracing::debug!(error = %e, "pause flag not committed");
+                    continue;
+                }
+            }
+            if pause_now {
+                continue;
+            }
+            due.truncate(MAX_EXPIRE_PER_ROUND);
+            for chunk in due.chunks(EXPIRE_BATCH) {
+                let cmd = Command::Expire {
+                    now_ms: now,
+                    term,
+                    instances: chunk.to_vec(),
+                };
+                match self.raft.client_write(cmd).await {
+                    Ok(resp) => {
+                        if let CommandResult::Expired(n) = resp.data {
+                            if n > 0 {
+                                self.metrics.expired.inc_by(n as u64);
+                                recent.push_back((Instant::now(), n));
+                                tracing::info!(expired = n, "expired instances whose TTL ran out");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "expiry not committed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
