@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,13 @@ async fn register(c: &TestCluster, node: u64, service: &str, id: &str, ttl: u64)
 
 /// Sends one heartbeat through any of `urls`, starting at `start`; true once
 /// a node acknowledged it.
-async fn heartbeat_any(http: &reqwest::Client, urls: &[String], start: usize, service: &str, id: &str) -> bool {
+async fn heartbeat_any(
+    http: &reqwest::Client,
+    urls: &[String],
+    start: usize,
+    service: &str,
+    id: &str,
+) -> bool {
     for k in 0..urls.len() {
         let url = &urls[(start + k) % urls.len()];
         let r = http
@@ -54,21 +60,31 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
     let mut c = TestCluster::start(3).await;
     let leader = c.wait_for_leader().await;
     register(&c, leader, "steady", "a", TTL).await;
+    // Default reads are local: start watching once every replica has it.
+    for id in 1..=3 {
+        c.wait_for_service(id, "steady").await;
+    }
     let urls: Vec<String> = (1..=3).map(|id| c.url(id)).collect();
     let up: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let vanished = Arc::new(AtomicUsize::new(0));
     let polls = Arc::new(AtomicUsize::new(0));
+    // Milliseconds after `t0` of the last acknowledged heartbeat: P1 is about
+    // that moment, not about when the client meant to send one.
+    let t0 = Instant::now();
+    let last_ack = Arc::new(AtomicU64::new(0));
 
     // The client: a heartbeat every TTL/3, retried through any node until acknowledged.
     let client = {
-        let (urls, stop, http) = (urls.clone(), stop.clone(), c.http.clone());
+        let (urls, stop, http, last_ack) =
+            (urls.clone(), stop.clone(), c.http.clone(), last_ack.clone());
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 while !heartbeat_any(&http, &urls, i, "steady", "a").await {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                last_ack.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(TTL * 1000 / 3)).await;
             }
@@ -76,8 +92,15 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
     };
     // The watcher: every 100 ms, every running node must still serve it.
     let watcher = {
-        let (urls, up, stop, vanished, polls, http) =
-            (urls.clone(), up.clone(), stop.clone(), vanished.clone(), polls.clone(), c.http.clone());
+        let (urls, up, stop, vanished, polls, http, last_ack) = (
+            urls.clone(),
+            up.clone(),
+            stop.clone(),
+            vanished.clone(),
+            polls.clone(),
+            c.http.clone(),
+            last_ack.clone(),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 for (k, url) in urls.iter().enumerate() {
@@ -86,9 +109,18 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
                     }
                     if let Ok(r) = http.get(format!("{url}/services/steady")).send().await {
                         polls.fetch_add(1, Ordering::SeqCst);
+                        let since_ack =
+                            t0.elapsed().as_millis() as u64 - last_ack.load(Ordering::SeqCst);
                         if r.status() == StatusCode::NOT_FOUND && up[k].load(Ordering::SeqCst) {
-                            eprintln!("instance missing on node {}", k + 1);
-                            vanished.fetch_add(1, Ordering::SeqCst);
+                            let h = http.get(format!("{url}/health")).send().await.ok();
+                            let h = match h {
+                                Some(h) => h.text().await.unwrap_or_default(),
+                                None => String::new(),
+                            };
+                            eprintln!("instance missing on node {}, {since_ack} ms after the last ack; health {h}", k + 1);
+                            if since_ack < TTL * 1000 {
+                                vanished.fetch_add(1, Ordering::SeqCst);
+                            }
                         }
                     }
                 }
@@ -112,8 +144,15 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
     stop.store(true, Ordering::SeqCst);
     client.await.unwrap();
     watcher.await.unwrap();
-    assert_eq!(vanished.load(Ordering::SeqCst), 0, "the instance disappeared while heartbeating");
-    assert!(polls.load(Ordering::SeqCst) > 100, "the watcher polled too little to tell");
+    assert_eq!(
+        vanished.load(Ordering::SeqCst),
+        0,
+        "the instance disappeared while heartbeating"
+    );
+    assert!(
+        polls.load(Ordering::SeqCst) > 100,
+        "the watcher polled too little to tell"
+    );
     c.shutdown().await;
 }
 
@@ -131,18 +170,25 @@ async fn p2_silent_instance_is_gone_everywhere_within_ttl_plus_5s_despite_a_lead
     let silent_since = Instant::now();
     c.stop(leader).await;
     c.wait_for_leader().await;
-    wait_for("the silent instance to be gone from every node", Duration::from_secs(TTL + 5), || async {
-        let mut gone = true;
-        for id in c.running() {
-            let (s, _, _) = c.get(id, "/services/fading").await;
-            gone &= s == StatusCode::NOT_FOUND;
-        }
-        gone.then_some(())
-    })
+    wait_for(
+        "the silent instance to be gone from every node",
+        Duration::from_secs(TTL + 5),
+        || async {
+            let mut gone = true;
+            for id in c.running() {
+                let (s, _, _) = c.get(id, "/services/fading").await;
+                gone &= s == StatusCode::NOT_FOUND;
+            }
+            gone.then_some(())
+        },
+    )
     .await;
     let took = silent_since.elapsed();
     eprintln!("gone {took:?} after the last heartbeat (ttl {TTL} s)");
-    assert!(took >= Duration::from_secs(TTL), "removed before its TTL ran out: {took:?}");
+    assert!(
+        took >= Duration::from_secs(TTL),
+        "removed before its TTL ran out: {took:?}"
+    );
     c.shutdown().await;
 }
 
@@ -152,7 +198,10 @@ async fn p3_heartbeats_do_not_append_an_entry_each() {
     let leader = c.wait_for_leader().await;
     register(&c, leader, "chatty", "a", 30).await;
     let (_, _, before) = c.get(leader, "/services/chatty?consistent=true").await;
-    let registered_hb = before["instances"][0]["last_heartbeat"].as_str().unwrap().to_string();
+    let registered_hb = before["instances"][0]["last_heartbeat"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let start_index = applied(&c, leader);
     let urls: Vec<String> = (1..=3).map(|id| c.url(id)).collect();
     const N: usize = 200;
@@ -161,20 +210,45 @@ async fn p3_heartbeats_do_not_append_an_entry_each() {
     }
     // Let the checkpoint of the last renewals land.
     let follower = c.follower_of(leader);
-    let fresh: Value = wait_for("a follower to show a newer last_heartbeat", Duration::from_secs(5), || async {
-        let (_, _, body) = c.get(follower, "/services/chatty").await;
-        let hb = body["instances"][0]["last_heartbeat"].as_str()?.to_string();
-        (hb > registered_hb).then_some(body)
-    })
+    let fresh: Value = wait_for(
+        "a follower to show a newer last_heartbeat",
+        Duration::from_secs(5),
+        || async {
+            let (_, _, body) = c.get(follower, "/services/chatty").await;
+            let hb = body["instances"][0]["last_heartbeat"].as_str()?.to_string();
+            (hb > registered_hb).then_some(body)
+        },
+    )
     .await;
     let grown = applied(&c, leader) - start_index;
-    eprintln!("{N} heartbeats grew the applied index by {grown}; follower shows {}", fresh["instances"][0]["last_heartbeat"]);
-    assert!(grown <= (N / 10) as u64, "{N} heartbeats appended {grown} entries");
-    let metrics = c.http.get(format!("{}/metrics", c.url(leader))).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("registry_renewals_total{mode=\"lease\"}"), "{metrics}");
+    eprintln!(
+        "{N} heartbeats grew the applied index by {grown}; follower shows {}",
+        fresh["instances"][0]["last_heartbeat"]
+    );
+    assert!(
+        grown <= (N / 10) as u64,
+        "{N} heartbeats appended {grown} entries"
+    );
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.url(leader)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("registry_renewals_total{mode=\"lease\"}"),
+        "{metrics}"
+    );
     // An unknown instance still answers 404, so the client registers again.
     let (s, _) = c
-        .post(follower, "/heartbeat", &json!({"service_name": "chatty", "instance_id": "nope"}))
+        .post(
+            follower,
+            "/heartbeat",
+            &json!({"service_name": "chatty", "instance_id": "nope"}),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     c.shutdown().await;
@@ -214,19 +288,31 @@ async fn p6_mass_silence_pauses_expiry_until_renewals_return() {
 
     // Eight of ten go silent at once: expiry pauses, and says so everywhere.
     let survivors = ids[..2].to_vec();
-    wait_for("expiry to pause on every node", Duration::from_secs(20), || async {
-        beat(survivors.clone()).await;
-        if paused_everywhere(&c, true).await {
-            Some(())
-        } else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            None
-        }
-    })
+    wait_for(
+        "expiry to pause on every node",
+        Duration::from_secs(20),
+        || async {
+            beat(survivors.clone()).await;
+            if paused_everywhere(&c, true).await {
+                Some(())
+            } else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        },
+    )
     .await;
     let (_, _, h) = c.get(leader, "/health").await;
     assert!(h["expiry"]["share"].as_f64().unwrap() > 0.5, "{h}");
-    let metrics = c.http.get(format!("{}/metrics", c.url(leader))).send().await.unwrap().text().await.unwrap();
+    let metrics = c
+        .http
+        .get(format!("{}/metrics", c.url(leader)))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("registry_expiry_paused 1"), "{metrics}");
     // Hold it a little: nothing is removed while paused.
     for _ in 0..4 {
@@ -234,35 +320,47 @@ async fn p6_mass_silence_pauses_expiry_until_renewals_return() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (_, _, body) = c.get(leader, "/services/fleet").await;
-    assert_eq!(body["instances"].as_array().unwrap().len(), 10, "nothing expires while paused");
+    assert_eq!(
+        body["instances"].as_array().unwrap().len(),
+        10,
+        "nothing expires while paused"
+    );
 
     // Renewals come back: expiry resumes by itself.
-    wait_for("expiry to resume on every node", Duration::from_secs(20), || async {
-        beat(ids.clone()).await;
-        paused_everywhere(&c, false).await.then_some(())
-    })
+    wait_for(
+        "expiry to resume on every node",
+        Duration::from_secs(20),
+        || async {
+            beat(ids.clone()).await;
+            paused_everywhere(&c, false).await.then_some(())
+        },
+    )
     .await;
     let (_, _, body) = c.get(leader, "/services/fleet").await;
     assert_eq!(body["instances"].as_array().unwrap().len(), 10);
 
     // And it works again: one silent instance of ten expires.
     let nine = ids[1..].to_vec();
-    wait_for("the one silent instance to expire", Duration::from_secs(20), || async {
-        beat(nine.clone()).await;
-        let (_, _, body) = c.get(leader, "/services/fleet").await;
-        let live: BTreeMap<String, Value> = body["instances"]
-            .as_array()?
-            .iter()
-            .map(|i| (i["instance_id"].as_str().unwrap().to_string(), i.clone()))
-            .collect();
-        if live.contains_key("i-0") {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            None
-        } else {
-            assert_eq!(live.len(), 9);
-            Some(())
-        }
-    })
+    wait_for(
+        "the one silent instance to expire",
+        Duration::from_secs(20),
+        || async {
+            beat(nine.clone()).await;
+            let (_, _, body) = c.get(leader, "/services/fleet").await;
+            let live: BTreeMap<String, Value> = body["instances"]
+                .as_array()?
+                .iter()
+                .map(|i| (i["instance_id"].as_str().unwrap().to_string(), i.clone()))
+                .collect();
+            if live.contains_key("i-0") {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            } else {
+                assert_eq!(live.len(), 9);
+                Some(())
+            }
+        },
+    )
     .await;
     c.shutdown().await;
 }
