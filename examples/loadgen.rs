@@ -2,17 +2,25 @@
 //! spread over every node, one workload, for a fixed time; prints ops/s,
 //! p50/p99/max latency and errors. (The full `bench` subcommand is planned.)
 //!
-//! usage: loadgen URL[,URL..] register|lookup|consistent-lookup CLIENTS SECONDS
+//! usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup CLIENTS SECONDS
+//!
+//! `heartbeat`: each client registers its own instance, then renews it in a
+//! loop (through every node in turn, as a fleet of services would).
+//! `heartbeat-cold`: each client cycles through 300 instances of its own, so
+//! every renewal finds a committed heartbeat older than the ack slack and
+//! goes through a (batched) Renew entry, as with the seed's 30 s cadence.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+const COLD_INSTANCES: usize = 300;
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 5 {
-        eprintln!("usage: loadgen URL[,URL..] register|lookup|consistent-lookup CLIENTS SECONDS");
+        eprintln!("usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup CLIENTS SECONDS");
         std::process::exit(2);
     }
     let urls: Vec<String> = args[1].split(',').map(str::to_owned).collect();
@@ -23,7 +31,31 @@ async fn main() {
         .pool_max_idle_per_host(clients)
         .build()
         .unwrap();
-    if workload != "register" {
+    let per_client = if workload == "heartbeat-cold" {
+        COLD_INSTANCES
+    } else {
+        1
+    };
+    if workload.starts_with("heartbeat") {
+        let mut seeding = Vec::new();
+        for c in 0..clients {
+            let (http, url) = (http.clone(), urls[c % urls.len()].clone());
+            seeding.push(tokio::spawn(async move {
+                for k in 0..per_client {
+                    let body = json!({"service_name": "bench-heartbeat", "instance_id": format!("i-{c}-{k}"), "port": 1});
+                    let r = http.post(format!("{url}/register")).json(&body).send().await.unwrap();
+                    assert!(r.status().is_success(), "registering the heartbeat targets failed");
+                }
+            }));
+        }
+        for s in seeding {
+            s.await.unwrap();
+        }
+        // Let the registrations' own heartbeats age past the ack slack.
+        if per_client > 1 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    } else if workload != "register" {
         let r = http
             .post(format!("{}/register", urls[0]))
             .json(&json!({"service_name": "bench-lookup", "port": 1}))
@@ -49,6 +81,13 @@ async fn main() {
                     "register" => {
                         http.post(format!("{url}/register"))
                             .json(&json!({"service_name": format!("svc-{c}"), "port": 1 + (i % 60000) as u16}))
+                            .send()
+                            .await
+                    }
+                    "heartbeat" | "heartbeat-cold" => {
+                        let k = i as usize % per_client;
+                        http.post(format!("{url}/heartbeat"))
+                            .json(&json!({"service_name": "bench-heartbeat", "instance_id": format!("i-{c}-{k}")}))
                             .send()
                             .await
                     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick figures for a three-node cluster of the release binary on loopback:
 # time from `kill -9` of the leader to the next successful write (ROUNDS
-# tries), then register / lookup / consistent-lookup rates with CLIENTS
+# tries), then register / heartbeat / lookup / consistent-lookup rates with CLIENTS
 # concurrent clients. Prints figures; asserts nothing. Cleans up after itself.
 #
 #   scripts/quick-bench.sh [ROUNDS=5] [CLIENTS=32] [SECONDS=5]
@@ -57,4 +57,4 @@ echo "failover ms: min $(echo "$sorted" | head -1), median $(echo "$sorted" | se
 
 URLS="$(url 1),$(url 2),$(url 3)"
 echo "== rates ($CLIENTS clients over all three nodes, ${SECS}s each)"
-for w in register lookup consistent-lookup; do "$LOADGEN" "$URLS" "$w" "$CLIENTS" "$SECS"; done
+for w in register heartbeat heartbeat-cold lookup consistent-lookup; do "$LOADGEN" "$URLS" "$w" "$CLIENTS" "$SECS"; done
