@@ -24,6 +24,62 @@ pub struct Cli {
 pub enum Command {
     /// Run a registry node.
     Node(NodeArgs),
+    /// Run the API gateway: `/v2/{service}/{path}` routed through the registry.
+    Gateway(GatewayArgs),
+    /// Run a small demo service that registers itself and heartbeats.
+    DemoService(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Listen address.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    /// Registry nodes, comma-separated URLs.
+    #[arg(
+        long,
+        env = "GATEWAY_REGISTRY",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8888"
+    )]
+    pub registry: Vec<String>,
+    /// Per-request timeout towards an upstream, in milliseconds.
+    #[arg(long, env = "GATEWAY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// How long a route looked up in the registry is served from the cache
+    /// without asking again, in seconds (watches refresh it sooner).
+    #[arg(long, env = "GATEWAY_CACHE_TTL_SECS", default_value_t = 5)]
+    pub cache_ttl_secs: u64,
+    /// Consecutive failures that open an instance's circuit breaker.
+    #[arg(long, env = "GATEWAY_BREAKER_THRESHOLD", default_value_t = 3)]
+    pub breaker_threshold: u32,
+    /// How long an open breaker waits before letting one request through.
+    #[arg(long, env = "GATEWAY_BREAKER_COOLDOWN_MS", default_value_t = 5_000)]
+    pub breaker_cooldown_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Service name to register.
+    #[arg(long, env = "DEMO_NAME")]
+    pub name: String,
+    /// Port to listen on (127.0.0.1 unless --host says otherwise).
+    #[arg(long, env = "DEMO_PORT")]
+    pub port: u16,
+    /// Address to listen on and to register.
+    #[arg(long, env = "DEMO_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Registry nodes, comma-separated URLs.
+    #[arg(
+        long,
+        env = "DEMO_REGISTRY",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8888"
+    )]
+    pub registry: Vec<String>,
+    /// TTL to register with, in seconds.
+    #[arg(long, env = "DEMO_TTL_SECS", default_value_t = 60)]
+    pub ttl_seconds: u32,
 }
 
 #[derive(Debug, Clone, Args)]

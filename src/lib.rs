@@ -9,10 +9,16 @@
 //! - [`leases`]: the leader's side of TTL leases: renewals, checkpoints, expiry.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the command line.
+//! - [`client`]: the async Rust client: failover, retries, auto-registration, watch.
+//! - [`gateway`]: the API gateway routing `/v2/{service}/{path}` through the registry.
+//! - [`demo`]: a small demo service that registers itself through the client.
 
 pub mod api;
+pub mod client;
 pub mod clock;
 pub mod config;
+pub mod demo;
+pub mod gateway;
 pub mod leases;
 pub mod metrics;
 pub mod node;

@@ -23,6 +23,16 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         None => run_node(NodeArgs::default()).await,
         Some(Command::Node(args)) => run_node(args).await,
+        Some(Command::Gateway(args)) => {
+            vertice_register::gateway::run_from_cli(args, shutdown_signal())
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+        }
+        Some(Command::DemoService(args)) => {
+            vertice_register::demo::run_from_cli(args, shutdown_signal())
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
