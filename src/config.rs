@@ -138,6 +138,9 @@ pub struct NodeArgs {
     /// Expirations within this many seconds count towards the share.
     #[arg(long, env = "REGISTRY_EXPIRY_WINDOW_SECS", default_value_t = 60)]
     pub expiry_window_secs: u64,
+    /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
+    #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
+    pub max_watchers: usize,
     /// Longest pause, in seconds, before expiry resumes anyway.
     #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
     pub expiry_pause_max_secs: u64,

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub renewals: IntCounterVec,
     pub checkpoints: IntCounter,
     pub expiry_paused: IntGauge,
+    pub watchers: IntGauge,
+    pub watch_rejected: IntCounter,
 }
 
 impl Metrics {
@@ -117,6 +119,12 @@ impl Metrics {
                 "registry_expiry_paused",
                 "1 while the leader holds expiry back (mass-expiry protection)",
             ),
+            watchers: g("registry_watchers", "Blocking queries waiting on this node"),
+            watch_rejected: IntCounter::new(
+                "registry_watch_rejected_total",
+                "Blocking queries refused because every watcher slot was taken",
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -128,6 +136,7 @@ impl Metrics {
         r.register(Box::new(m.snapshots_installed.clone())).unwrap();
         r.register(Box::new(m.renewals.clone())).unwrap();
         r.register(Box::new(m.checkpoints.clone())).unwrap();
+        r.register(Box::new(m.watch_rejected.clone())).unwrap();
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,
@@ -139,6 +148,7 @@ impl Metrics {
             &m.last_log,
             &m.db_size,
             &m.expiry_paused,
+            &m.watchers,
         ] {
             r.register(Box::new(gauge.clone())).unwrap();
         }

@@ -118,6 +118,7 @@ impl RunningNode {
             contact: Default::default(),
             leader_wait: args.leader_wait(),
             live_bound: Duration::from_millis(config.election_timeout_max * 2),
+            watchers: Arc::new(tokio::sync::Semaphore::new(args.max_watchers)),
         });
 
         let app = api::router(state.clone());

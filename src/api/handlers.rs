@@ -33,6 +33,10 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 #[derive(Debug, Deserialize)]
 pub struct ReadParams {
     consistent: Option<String>,
+    /// Blocking query: wait until the view changes past this index.
+    index: Option<u64>,
+    /// How long a blocking query may wait (default 30s, at most 5m).
+    wait: Option<String>,
 }
 
 impl ReadParams {
@@ -228,7 +232,12 @@ pub async fn list_services(
     let started = Instant::now();
     let result = async {
         let Query(q) = query?;
-        if q.consistent()? {
+        let consistent = q.consistent()?;
+        if let Some(after) = q.index {
+            let wait = super::watch::parse_wait(q.wait.as_deref())?;
+            state.block_until_changed(after, wait, |v| v.list()).await?;
+        }
+        if consistent {
             state.read_barrier().await?;
         }
         let (names, index) = {
@@ -260,7 +269,14 @@ pub async fn get_service(
     let result = async {
         let service = service_name_from_path(path)?;
         let Query(q) = query?;
-        if q.consistent()? {
+        let consistent = q.consistent()?;
+        if let Some(after) = q.index {
+            let wait = super::watch::parse_wait(q.wait.as_deref())?;
+            state
+                .block_until_changed(after, wait, |v| v.service(&service))
+                .await?;
+        }
+        if consistent {
             state.read_barrier().await?;
         }
         let (body, index) = {

@@ -6,6 +6,7 @@ pub mod error;
 mod forward;
 mod handlers;
 mod internal;
+mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub struct AppState {
     pub leader_wait: Duration,
     /// A leader not heard from for this long is not considered live.
     pub live_bound: Duration,
+    /// Slots for blocking queries; a request that finds none gets `429`.
+    pub watchers: Arc<tokio::sync::Semaphore>,
 }
 
 /// What this node knows about the leader, read from Raft's metrics.

@@ -5,6 +5,7 @@
 //! reads; sled holds the same data (tree `sm`) so a restart does not replay
 //! the whole log. Apply never reads the clock: times come inside commands.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -14,9 +15,10 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
-use crate::registry::{Change, CommandResult, Instance, Registry};
+use crate::registry::{Change, Command, CommandResult, Instance, Registry};
 
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
@@ -30,6 +32,40 @@ pub struct Applied {
     pub registry: Registry,
     pub last_applied: Option<LogId>,
     pub membership: StoredMembership<NodeId, Node>,
+    /// When each view last changed, for blocking queries.
+    pub views: ViewIndex,
+}
+
+/// The log index at which each view last changed: one service's instances,
+/// and the list of service names. Renewals (`Renew`) only move
+/// `last_heartbeat` and do not count, so watchers are not woken every
+/// second. Kept in memory only: after a restart or a snapshot install every
+/// view counts as changed at that point, so a watcher may wake once for
+/// nothing but never misses a change.
+#[derive(Debug, Default)]
+pub struct ViewIndex {
+    floor: u64,
+    services: HashMap<String, u64>,
+    list: u64,
+}
+
+impl ViewIndex {
+    /// The index of the last change to `service` (including its removal).
+    pub fn service(&self, service: &str) -> u64 {
+        self.services.get(service).copied().unwrap_or(self.floor)
+    }
+
+    /// The index of the last change to the list of service names.
+    pub fn list(&self) -> u64 {
+        self.list.max(self.floor)
+    }
+
+    fn reset(&mut self, floor: u64) {
+        *self = Self {
+            floor,
+            ..Self::default()
+        };
+    }
 }
 
 impl Applied {
@@ -43,13 +79,35 @@ impl Applied {
 ///
 /// A `std::sync::RwLock`, not tokio's: every critical section is short and
 /// never awaits, and readers must not yield while holding it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Replica {
     state: RwLock<Applied>,
     snapshots_installed: AtomicU64,
+    /// The applied index, published after every apply: blocking queries
+    /// wait on it (one wake-up shared by every waiter).
+    applied_tx: watch::Sender<u64>,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Self {
+            state: RwLock::default(),
+            snapshots_installed: AtomicU64::new(0),
+            applied_tx: watch::channel(0).0,
+        }
+    }
 }
 
 impl Replica {
+    /// Wakes whenever this replica applies something.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn publish(&self, applied_index: u64) {
+        self.applied_tx.send_replace(applied_index);
+    }
+
     pub fn read(&self) -> RwLockReadGuard<'_, Applied> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -130,7 +188,10 @@ impl StateMachineStore {
                 applied.registry.restore(inst);
             }
         }
+        let floor = applied.applied_index();
+        applied.views.reset(floor);
         *store.replica.write() = applied;
+        store.replica.publish(floor);
         if let Some(snap) = store.read_snapshot()? {
             if snap.meta.last_log_id > store.replica.read().last_applied {
                 store.load_snapshot(&snap)?;
@@ -193,11 +254,16 @@ impl StateMachineStore {
         self.sm
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        let floor = snap.meta.last_log_id.map_or(0, |l| l.index);
+        let mut views = ViewIndex::default();
+        views.reset(floor);
         *self.replica.write() = Applied {
             registry,
             last_applied: snap.meta.last_log_id,
             membership: snap.meta.last_membership.clone(),
+            views,
         };
+        self.replica.publish(floor);
         Ok(())
     }
 }
@@ -267,15 +333,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut results = Vec::new();
         let mut changes = Vec::new();
         let mut batch = sled::Batch::default();
-        {
-            let mut applied = self.replica.write();
+        let last_index = {
+            let mut guard = self.replica.write();
+            let applied = &mut *guard;
             for entry in entries {
                 applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
                     EntryPayload::Normal(cmd) => {
                         let term = entry.log_id.leader_id.get_term();
-                        applied.registry.apply(&cmd, term, &mut changes)
+                        let (first_change, services_before) =
+                            (changes.len(), applied.registry.service_count());
+                        let result = applied.registry.apply(&cmd, term, &mut changes);
+                        if !matches!(cmd, Command::Renew { .. }) {
+                            let index = entry.log_id.index;
+                            for name in changes[first_change..]
+                                .iter()
+                                .filter_map(Change::service_name)
+                            {
+                                applied.views.services.insert(name.to_string(), index);
+                            }
+                            // A command adds or removes services, never both.
+                            if applied.registry.service_count() != services_before {
+                                applied.views.list = index;
+                            }
+                        }
+                        result
                     }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -299,12 +382,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }
             }
             batch.insert(APPLIED, encode(&applied.last_applied));
-        }
+            applied.applied_index()
+        };
         // One atomic batch per call: data and applied index move together.
         // Not flushed: the flushed log is the source of truth after a crash.
         self.sm
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.replica.publish(last_index);
         Ok(results)
     }
 

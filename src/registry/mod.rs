@@ -113,6 +113,17 @@ pub enum Change {
     ExpiryPaused(bool),
 }
 
+impl Change {
+    /// The service a change touches, if it touches one.
+    pub fn service_name(&self) -> Option<&str> {
+        match self {
+            Self::Put(i) => Some(&i.service_name),
+            Self::Delete { service_name, .. } => Some(service_name),
+            Self::ExpiryPaused(_) => None,
+        }
+    }
+}
+
 impl Registry {
     pub fn new() -> Self {
         Self::default()
