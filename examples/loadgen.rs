@@ -2,10 +2,11 @@
 //! spread over every node, one workload, for a fixed time; prints ops/s,
 //! p50/p99/max latency and errors. (The full `bench` subcommand is planned.)
 //!
-//! usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup CLIENTS SECONDS
+//! usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup|get CLIENTS SECONDS
 //!
 //! `heartbeat`: each client registers its own instance, then renews it in a
 //! loop (through every node in turn, as a fleet of services would).
+//! `get`: plain GETs of the given URLs as they are (for the gateway bench).
 //! `heartbeat-cold`: each client cycles through 300 instances of its own, so
 //! every renewal finds a committed heartbeat older than the ack slack and
 //! goes through a (batched) Renew entry, as with the seed's 30 s cadence.
@@ -20,7 +21,7 @@ const COLD_INSTANCES: usize = 300;
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 5 {
-        eprintln!("usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup CLIENTS SECONDS");
+        eprintln!("usage: loadgen URL[,URL..] register|heartbeat|heartbeat-cold|lookup|consistent-lookup|get CLIENTS SECONDS");
         std::process::exit(2);
     }
     let urls: Vec<String> = args[1].split(',').map(str::to_owned).collect();
@@ -55,7 +56,7 @@ async fn main() {
         if per_client > 1 {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-    } else if workload != "register" {
+    } else if workload != "register" && workload != "get" {
         let r = http
             .post(format!("{}/register", urls[0]))
             .json(&json!({"service_name": "bench-lookup", "port": 1}))
@@ -92,6 +93,7 @@ async fn main() {
                             .await
                     }
                     "lookup" => http.get(format!("{url}/services/bench-lookup")).send().await,
+                    "get" => http.get(url.as_str()).send().await,
                     _ => {
                         http.get(format!("{url}/services/bench-lookup?consistent=true"))
                             .send()
