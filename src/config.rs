@@ -28,6 +28,49 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Run a small demo service that registers itself and heartbeats.
     DemoService(DemoArgs),
+    /// Inspect or change cluster membership.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub action: ClusterAction,
+    /// Registry nodes to ask, comma-separated URLs (the first that answers).
+    #[arg(
+        long,
+        env = "REGISTRY_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8888",
+        global = true
+    )]
+    pub registry: Vec<String>,
+    /// The cluster secret (header X-Cluster-Secret).
+    #[arg(
+        long,
+        env = "REGISTRY_CLUSTER_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub cluster_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterAction {
+    /// Leader, term, and every member's address, role, reachability and lag.
+    Status,
+    /// Add a node (learner first, voter once caught up).
+    Add {
+        /// The new node's id.
+        id: NodeId,
+        /// The address other nodes reach it at (HOST:PORT).
+        addr: String,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        /// The node's id.
+        id: NodeId,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -100,8 +143,8 @@ pub struct NodeArgs {
     /// Default: this node alone.
     #[arg(long, env = "REGISTRY_PEERS", value_parser = parse_peers)]
     pub peers: Option<Peers>,
-    /// Ask a running cluster (any node's URL) to add this node. Not supported
-    /// yet: the node refuses to start with it.
+    /// Ask a running cluster (any node's URL) to add this node: it becomes a
+    /// learner, then a voter once it has caught up. --peers is then ignored.
     #[arg(long, env = "REGISTRY_JOIN")]
     pub join: Option<String>,
     /// Shared secret required on /raft/* and /cluster/* (header X-Cluster-Secret).

@@ -9,10 +9,12 @@
 //! - [`leases`]: the leader's side of TTL leases: renewals, checkpoints, expiry.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`config`]: the command line.
+//! - [`admin`]: the `cluster` subcommand (membership requests, tables).
 //! - [`client`]: the async Rust client: failover, retries, auto-registration, watch.
 //! - [`gateway`]: the API gateway routing `/v2/{service}/{path}` through the registry.
 //! - [`demo`]: a small demo service that registers itself through the client.
 
+pub mod admin;
 pub mod api;
 pub mod client;
 pub mod clock;

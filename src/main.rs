@@ -28,6 +28,10 @@ async fn main() -> ExitCode {
                 .await
                 .map_err(|e| anyhow::anyhow!(e))
         }
+        Some(Command::Cluster(args)) => vertice_register::admin::run(&args)
+            .await
+            .map(|out| print!("{out}"))
+            .map_err(|e| anyhow::anyhow!(e)),
         Some(Command::DemoService(args)) => {
             vertice_register::demo::run_from_cli(args, shutdown_signal())
                 .await

@@ -150,6 +150,10 @@ impl RunningNode {
             }
         }
 
+        if let Some(url) = args.join.clone() {
+            let me = args.advertise().to_string();
+            tasks.push(tokio::spawn(join(state.clone(), url, me)));
+        }
         tasks.push(tokio::spawn(watchdog(
             state.clone(),
             config.clone(),
@@ -204,10 +208,8 @@ fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartErr
         None => BTreeMap::from([(args.id, args.advertise().to_string())]),
     };
     if args.join.is_some() {
-        // Joining needs the /cluster routes, which are not built yet.
-        return Err(StartError::Config(
-            "--join is not supported yet: start every node with the same --peers".into(),
-        ));
+        // A joining node starts empty and is added by the running cluster.
+        return Ok(BTreeMap::new());
     }
     if !peers.contains_key(&args.id) {
         return Err(StartError::Config(format!(
@@ -261,6 +263,50 @@ async fn watchdog(
             let _ = state.raft.trigger().elect().await;
             leaderless_since = Some(Instant::now());
         }
+    }
+}
+
+/// Asks a running cluster to add this node, until it says yes. An already
+/// added node is answered at once ("no change"), so restarting with the same
+/// `--join` is harmless.
+async fn join(state: Arc<AppState>, url: String, advertise: String) {
+    let url = format!("{}/cluster/nodes", url.trim_end_matches('/'));
+    let body = serde_json::json!({"id": state.id, "addr": advertise});
+    let mut attempt: u32 = 0;
+    loop {
+        let mut req = state
+            .net
+            .client
+            .post(&url)
+            .json(&body)
+            .timeout(Duration::from_secs(90));
+        if let Some(s) = &state.net.secret {
+            req = req.header(crate::raft::network::SECRET_HEADER, s.as_ref());
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%url, "joined the cluster");
+                return;
+            }
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                tracing::error!(%url, %status, %text, "the cluster refused to add this node; not retrying");
+                return;
+            }
+            Ok(r) => {
+                if attempt.is_multiple_of(10) {
+                    tracing::warn!(%url, status = %r.status(), "could not join yet; retrying");
+                }
+            }
+            Err(e) => {
+                if attempt.is_multiple_of(10) {
+                    tracing::warn!(%url, error = %e, "could not reach the cluster to join; retrying");
+                }
+            }
+        }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

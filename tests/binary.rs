@@ -173,6 +173,43 @@ fn kill_9_of_every_node_loses_no_acknowledged_write() {
         p.logs()
     );
 
+    // The operator's view, as the `cluster status` subcommand prints it.
+    let out = Command::new(BIN)
+        .args([
+            "cluster",
+            "status",
+            "--registry",
+            &format!("{},{}", "http://127.0.0.1:1", p.url(2)),
+        ])
+        .args(["--cluster-secret", SECRET])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.starts_with("leader "), "{table}");
+    assert_eq!(
+        table.lines().count(),
+        5,
+        "a header line, a title row and three members:\n{table}"
+    );
+    assert!(
+        table.contains("leader") && table.contains("follower"),
+        "{table}"
+    );
+    let refused = Command::new(BIN)
+        .args(["cluster", "status", "--registry", &p.url(2)])
+        .env_remove("REGISTRY_CLUSTER_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "without the secret the cluster routes refuse"
+    );
+
     // kill -9 of the leader: the survivors elect another and take writes.
     let leader = wait_for_leader(&p, &[1, 2, 3]);
     p.kill9(leader);

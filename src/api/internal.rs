@@ -1,6 +1,7 @@
-//! Routes other nodes call: the Raft RPCs (bincode) and the leader's side of
-//! forwarding (JSON). All of them sit behind the cluster secret, when one is
-//! set, and behind the test fault switch.
+//! Routes other nodes and operators call: the Raft RPCs (bincode), the
+//! leader's side of forwarding (JSON) and the `/cluster/*` membership routes.
+//! All of them sit behind the cluster secret, when one is set, and behind
+//! the test fault switch.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,6 +26,9 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/write", post(write))
         .route("/raft/read-index", post(read_index))
+        .route("/cluster/status", get(super::cluster::status))
+        .route("/cluster/nodes", post(super::cluster::add))
+        .route("/cluster/nodes/{id}", delete(super::cluster::remove))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(state, guard))
 }

@@ -2,6 +2,7 @@
 //! internal routes other nodes call. Handlers depend on [`AppState`] only;
 //! errors become status codes in `error.rs` and nowhere else.
 
+mod cluster;
 pub mod error;
 mod forward;
 mod handlers;

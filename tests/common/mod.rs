@@ -179,6 +179,40 @@ impl TestCluster {
         self.nodes.insert(id, Some(node));
     }
 
+    /// Starts a brand-new node (fresh data dir) that asks node `via` to add it.
+    pub async fn join_new_node(&mut self, id: u64, via: u64) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addrs.insert(id, l.local_addr().unwrap());
+        self.faults.insert(id, Arc::new(Faults::default()));
+        self.dirs.insert(id, tempfile::tempdir().unwrap());
+        let mut args = self.args(id);
+        args.join = Some(self.url(via));
+        let node = RunningNode::start_with_faults(args, l, self.faults[&id].clone())
+            .await
+            .unwrap();
+        self.nodes.insert(id, Some(node));
+    }
+
+    /// An operator request to `/cluster/*` with the cluster secret.
+    pub async fn cluster(
+        &self,
+        id: u64,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url(id)))
+            .header("x-cluster-secret", SECRET);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn isolate(&self, id: u64, on: bool) {
         self.faults[&id].set_isolated(on);
     }

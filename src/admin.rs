@@ -1,0 +1,158 @@
+//! The `cluster` subcommand: operator requests to `/cluster/*`, printed as
+//! readable tables. Tries each given node until one answers.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::config::{ClusterAction, ClusterArgs};
+use crate::raft::network::SECRET_HEADER;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no registry node answered ({0})")]
+    Unreachable(String),
+    #[error("{status}: {message}")]
+    Refused { status: u16, message: String },
+}
+
+/// Runs one `cluster` action and returns what to print.
+pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
+    let (method, path, body) = match &args.action {
+        ClusterAction::Status => (reqwest::Method::GET, "/cluster/status".to_string(), None),
+        ClusterAction::Add { id, addr } => (
+            reqwest::Method::POST,
+            "/cluster/nodes".to_string(),
+            Some(json!({"id": id, "addr": addr})),
+        ),
+        ClusterAction::Remove { id } => (
+            reqwest::Method::DELETE,
+            format!("/cluster/nodes/{id}"),
+            None,
+        ),
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| AdminError::Unreachable(e.to_string()))?;
+    let mut last_error = String::from("no --registry given");
+    for base in &args.registry {
+        let mut req = http.request(
+            method.clone(),
+            format!("{}{path}", base.trim_end_matches('/')),
+        );
+        if let Some(s) = &args.cluster_secret {
+            req = req.header(SECRET_HEADER, s);
+        }
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last_error = format!("{base}: {e}");
+                continue;
+            }
+        };
+        let status = resp.status();
+        let value: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.as_u16() == 503 {
+            last_error = format!(
+                "{base}: {}",
+                value["message"].as_str().unwrap_or("unavailable")
+            );
+            continue;
+        }
+        if !status.is_success() {
+            return Err(AdminError::Refused {
+                status: status.as_u16(),
+                message: value["message"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        return Ok(match args.action {
+            ClusterAction::Status => status_table(&value),
+            _ => serde_json::to_string_pretty(&value).unwrap_or_default(),
+        });
+    }
+    Err(AdminError::Unreachable(last_error))
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Bool(true) => "yes".into(),
+        Value::Bool(false) => "no".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `cluster status` as a table.
+pub fn status_table(v: &Value) -> String {
+    let mut out = format!(
+        "leader {}  term {}  last log index {}  committed {}\n",
+        cell(&v["leader_id"]),
+        cell(&v["term"]),
+        cell(&v["last_log_index"]),
+        cell(&v["committed"])
+    );
+    let header = [
+        "ID",
+        "ADDRESS",
+        "ROLE",
+        "VOTER",
+        "REACHABLE",
+        "MATCHED",
+        "LAG",
+        "LAST CONTACT",
+    ];
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    for m in v["members"].as_array().into_iter().flatten() {
+        let contact = match &m["last_contact_ms"] {
+            Value::Number(n) => format!("{n} ms"),
+            other => cell(other),
+        };
+        rows.push(vec![
+            cell(&m["id"]),
+            cell(&m["addr"]),
+            cell(&m["role"]),
+            cell(&m["voter"]),
+            cell(&m["reachable"]),
+            cell(&m["matched_index"]),
+            cell(&m["lag"]),
+            contact,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_member() {
+        let v = json!({"leader_id": 1, "term": 3, "last_log_index": 9, "committed": 9, "members": [
+            {"id": 1, "addr": "a:1", "role": "leader", "voter": true, "reachable": true, "matched_index": 9, "lag": 0, "last_contact_ms": 0},
+            {"id": 2, "addr": "b:2", "role": null, "voter": true, "reachable": false, "matched_index": 4, "lag": 5, "last_contact_ms": null},
+        ]});
+        let t = status_table(&v);
+        assert!(t.starts_with("leader 1  term 3"));
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.contains("b:2"));
+        assert!(t.lines().nth(3).unwrap().contains("no"));
+    }
+}
