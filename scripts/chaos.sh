@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every chaos script in process mode (real node processes on loopback)
+# and exits non-zero if any fails. Each script prints what it did and
+# measured, and PASS or FAIL.
+#
+#   scripts/chaos.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bin vertice-register || exit 1
+failed=()
+started=$(date +%s)
+for script in scripts/chaos/kill_nodes.py scripts/chaos/kill_leader.py scripts/chaos/pause_leader.py; do
+  echo "== $script"
+  if ! python3 "$script"; then
+    failed+=("$script")
+  fi
+done
+echo "== chaos suite took $(( $(date +%s) - started )) s"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "chaos: ${#failed[@]} failed: ${failed[*]}"
+  exit 1
+fi
+echo "chaos: all passed"

@@ -1,0 +1,262 @@
+"""Shared helpers for the chaos scripts: a cluster of real node processes on
+loopback ports in a temp dir, fault injection by signal, and HTTP with the
+standard library only. Every script starts its own cluster, prints what it
+did and measured, ends with PASS or FAIL, and kills everything it started."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("VR_BIN", os.path.join(ROOT, "target", "release", "vertice-register"))
+SECRET = "chaos-secret"
+
+
+def ensure_binary():
+    if not os.path.exists(BIN):
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "vertice-register"], cwd=ROOT, check=True)
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def http(method, url, body=None, timeout=5.0, headers=None):
+    """Returns (status, parsed JSON or text, headers); status None on a
+    connection failure or timeout."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, _parse(raw), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, _parse(e.read()), dict(e.headers)
+    except (urllib.error.URLError, OSError) as e:
+        return None, str(e), {}
+
+
+def _parse(raw):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+class Cluster:
+    def __init__(self, n=3, extra_args=()):
+        ensure_binary()
+        self.dir = tempfile.mkdtemp(prefix="vr-chaos-")
+        self.ids = list(range(1, n + 1))
+        self.ports = dict(zip(self.ids, free_ports(n)))
+        self.extra = list(extra_args)
+        self.procs = {}
+        self.others = []
+        self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in self.ports.items())
+
+    def __enter__(self):
+        for i in self.ids:
+            self.spawn(i)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def url(self, i):
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def urls(self):
+        return ",".join(self.url(i) for i in self.ids)
+
+    def spawn(self, i):
+        log = open(os.path.join(self.dir, f"node{i}.log"), "ab")
+        args = [BIN, "node", "--id", str(i), "--addr", f"127.0.0.1:{self.ports[i]}",
+                "--data-dir", os.path.join(self.dir, f"n{i}"), "--peers", self.peers,
+                "--cluster-secret", SECRET] + self.extra
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
+
+    def start_other(self, args, name):
+        """Starts another process (gateway, demo service); killed on close."""
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        p = subprocess.Popen([BIN] + args, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        self.others.append(p)
+        return p
+
+    def running(self):
+        return [i for i, p in self.procs.items() if p is not None and p.poll() is None]
+
+    def kill9(self, i):
+        p = self.procs.get(i)
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        self.procs[i] = None
+
+    def pause(self, i):
+        os.kill(self.procs[i].pid, signal.SIGSTOP)
+
+    def resume(self, i):
+        os.kill(self.procs[i].pid, signal.SIGCONT)
+
+    def health(self, i, timeout=1.0):
+        status, body, _ = http("GET", self.url(i) + "/health", timeout=timeout)
+        return body if isinstance(body, dict) else None
+
+    def leader(self, among=None, timeout=30.0):
+        """The leader id once every node in `among` (default: running) names
+        the same one, and it is among them."""
+        among = among or self.running()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            seen = [self.health(i) for i in among]
+            ids = {h.get("leader_id") for h in seen if h}
+            if len(ids) == 1 and all(seen):
+                (l,) = ids
+                if l in among:
+                    return l
+            time.sleep(0.05)
+        raise TimeoutError(f"no agreed leader among {among} within {timeout}s")
+
+    def register(self, i, name, port=80, ttl=None, timeout=5.0):
+        body = {"service_name": name, "port": port, "host": "10.0.0.1"}
+        if ttl:
+            body["ttl_seconds"] = ttl
+        return http("POST", self.url(i) + "/register", body, timeout=timeout)
+
+    def services(self, i, consistent=False, timeout=10.0):
+        q = "?consistent=true" if consistent else ""
+        return http("GET", self.url(i) + "/services" + q, timeout=timeout)
+
+    def close(self):
+        for p in self.others:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for i in list(self.procs):
+            p = self.procs[i]
+            if p is not None and p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except OSError:
+                    pass
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Writer(threading.Thread):
+    """A steady write load: registers svc-N through every running node in
+    turn, remembering what was acknowledged and when."""
+
+    def __init__(self, cluster, prefix="w", pause=0.01):
+        super().__init__(daemon=True)
+        self.c, self.prefix, self.pause = cluster, prefix, pause
+        self.acked = []  # (time, name)
+        self.errors = {}
+        self.stop_flag = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self.stop_flag.is_set():
+            running = self.c.running()
+            if not running:
+                time.sleep(0.05)
+                continue
+            node = running[n % len(running)]
+            name = f"{self.prefix}-{n}"
+            status, body, _ = self.c.register(node, name, timeout=6.0)
+            if status == 200:
+                self.acked.append((time.time(), name))
+                n += 1
+            else:
+                key = str(status)
+                self.errors[key] = self.errors.get(key, 0) + 1
+                n += 1
+            time.sleep(self.pause)
+
+    def first_ack_after(self, t, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for at, _ in reversed(self.acked):
+                if at > t:
+                    # the earliest after t
+                    return min(a for a, _ in self.acked if a > t)
+            time.sleep(0.005)
+        return None
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join(timeout=10)
+
+
+class Verdict:
+    def __init__(self, name):
+        self.name = name
+        self.failures = []
+        self.started = time.time()
+
+    def say(self, msg):
+        print(f"[{self.name}] {msg}", flush=True)
+
+    def check(self, cond, msg):
+        if cond:
+            self.say(f"ok: {msg}")
+        else:
+            self.say(f"FAILED: {msg}")
+            self.failures.append(msg)
+        return cond
+
+    def finish(self):
+        took = time.time() - self.started
+        if self.failures:
+            print(f"[{self.name}] FAIL ({len(self.failures)} failed checks, {took:.1f}s)", flush=True)
+            sys.exit(1)
+        print(f"[{self.name}] PASS ({took:.1f}s)", flush=True)
+        sys.exit(0)
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * p))]
+
+
+def all_present(c, names, nodes=None, timeout=30.0):
+    """Checks, with a consistent read on each node, that every name is there.
+    Returns {node: [missing names]}."""
+    missing = {}
+    for i in nodes or c.running():
+        deadline = time.time() + timeout
+        while True:
+            status, body, _ = c.services(i, consistent=True)
+            if status == 200:
+                have = set(body)
+                missing[i] = [n for n in names if n not in have]
+                break
+            if time.time() > deadline:
+                missing[i] = list(names)
+                break
+            time.sleep(0.1)
+    return missing
