@@ -270,7 +270,7 @@ async fn auto_register_registers_again_after_a_404() {
         },
     )
     .await;
-    assert_eq!(again, [first.instance_id.clone()]);
+    assert_eq!(again, [first.instance_id]);
     assert!(auto.wait_registered(Duration::from_secs(10)).await);
 
     auto.shutdown().await;
