@@ -448,3 +448,155 @@ async fn demo_service_serves_registers_and_leaves() {
 
     c.shutdown().await;
 }
+
+/// A stub node: `/services` answers 503 (Retry-After: 0) `fail` times, then
+/// 200; `/services/locked` always answers 401. Returns its URL and a hit counter.
+async fn stub_node(
+    fail: usize,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::http::header::RETRY_AFTER;
+    use axum::response::IntoResponse;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h1 = hits.clone();
+    let h2 = hits.clone();
+    let app = axum::Router::new()
+        .route(
+            "/services",
+            axum::routing::get(move || {
+                let hits = h1.clone();
+                async move {
+                    if hits.fetch_add(1, Ordering::SeqCst) < fail {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(RETRY_AFTER, "0")],
+                            axum::Json(serde_json::json!({"error": "unavailable", "message": "no leader yet"})),
+                        )
+                            .into_response()
+                    } else {
+                        axum::Json(serde_json::json!(["x"])).into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/services/locked",
+            axum::routing::get(move || {
+                let hits = h2.clone();
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        axum::Json(serde_json::json!({"error": "unauthorized", "message": "token needed"})),
+                    )
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(l, app).await.unwrap();
+    });
+    (url, hits, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_503_within_the_budget_and_not_other_4xx() {
+    use std::sync::atomic::Ordering;
+
+    let (url, hits, task) = stub_node(3).await;
+    let client = RegistryClient::new([url.clone()]).unwrap();
+    assert_eq!(client.services().await.unwrap(), ["x"]);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        4,
+        "three 503s, then the answer"
+    );
+
+    hits.store(0, Ordering::SeqCst);
+    match client.service("locked").await {
+        Err(ClientError::Rejected { status, message }) => {
+            assert_eq!(status, 401);
+            assert_eq!(message, "token needed");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "a 401 is not retried");
+
+    // Always 503: Unavailable once the budget is spent, with the server's message.
+    let (always, _, task2) = stub_node(usize::MAX).await;
+    let short_always = RegistryClient::with_options(
+        [always],
+        ClientOptions {
+            request_timeout: Duration::from_secs(2),
+            retry_budget: Duration::from_millis(300),
+            token: None,
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    match short_always.services().await {
+        Err(ClientError::Unavailable(m)) => assert!(m.contains("no leader yet"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    task.abort();
+    task2.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_run_from_cli_deregisters_on_shutdown() {
+    use vertice_register::config::DemoArgs;
+
+    let c = TestCluster::start(3).await;
+    c.wait_for_leader().await;
+    let client = RegistryClient::new(urls(&c)).unwrap();
+    // Reserve a port (a small race with other processes, acceptable here).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let args = DemoArgs {
+        name: "cli-demo".into(),
+        port,
+        host: "127.0.0.1".into(),
+        registry: urls(&c),
+        ttl_seconds: 5,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(vertice_register::demo::run_from_cli(args, async {
+        let _ = stopped.await;
+    }));
+    let id = format!("127.0.0.1:{port}");
+    wait_for("cli-demo registered", Duration::from_secs(30), || async {
+        (instance_ids(&client, "cli-demo").await == [id.clone()]).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .expect("run_from_cli returns after shutdown")
+        .unwrap()
+        .unwrap();
+    assert!(instance_ids(&client, "cli-demo").await.is_empty());
+
+    // Bad registry URLs are an error at start, not a silent standalone run.
+    let bad = DemoArgs {
+        name: "x".into(),
+        port: 0,
+        host: "127.0.0.1".into(),
+        registry: vec!["not-a-url".into()],
+        ttl_seconds: 5,
+    };
+    assert!(vertice_register::demo::run_from_cli(bad, async {})
+        .await
+        .is_err());
+    c.shutdown().await;
+}
