@@ -450,7 +450,8 @@ async fn demo_service_serves_registers_and_leaves() {
 }
 
 /// A stub node: `/services` answers 503 (Retry-After: 0) `fail` times, then
-/// 200; `/services/locked` always answers 401. Returns its URL and a hit counter.
+/// 200; `/services/locked` always answers 401; `/services/same` answers at
+/// once, always the same view and index. Returns its URL and a hit counter.
 async fn stub_node(
     fail: usize,
 ) -> (
@@ -498,6 +499,20 @@ async fn stub_node(
                 }
             }),
         );
+    let h3 = hits.clone();
+    let app = app.route(
+        "/services/same",
+        axum::routing::get(move || {
+            let hits = h3.clone();
+            async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                (
+                    [("x-registry-index", "7")],
+                    axum::Json(serde_json::json!({"service_name": "same", "instances": []})),
+                )
+            }
+        }),
+    );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let task = tokio::spawn(async move {
@@ -599,4 +614,23 @@ async fn demo_run_from_cli_deregisters_on_shutdown() {
         .await
         .is_err());
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_does_not_busy_loop_on_a_server_that_answers_at_once() {
+    use std::sync::atomic::Ordering;
+
+    let (url, hits, task) = stub_node(0).await;
+    let client = RegistryClient::new([url]).unwrap();
+    let mut watch = Box::pin(client.watch_service("same"));
+    let first = next_item(&mut watch).await.unwrap().unwrap();
+    assert!(first.instances.is_empty());
+    // Nothing changes: no item, and at most about one query a second.
+    let start = hits.load(Ordering::SeqCst);
+    let quiet = tokio::time::timeout(Duration::from_secs(3), watch.next()).await;
+    assert!(quiet.is_err(), "an unchanged view is not yielded again");
+    let queries = hits.load(Ordering::SeqCst) - start;
+    assert!(queries <= 5, "{queries} queries in 3 s");
+    drop(watch);
+    task.abort();
 }

@@ -165,6 +165,7 @@ struct Answer {
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const RETRY_AFTER_FLOOR: Duration = Duration::from_millis(10);
 
 /// A full-jitter delay: uniform in `[0, ceiling]`.
 pub(crate) fn jitter(ceiling: Duration) -> Duration {
@@ -432,7 +433,8 @@ impl RegistryClient {
             }
             let remaining = deadline - now;
             let delay = match retry_after {
-                Some(ra) if ra < remaining => ra,
+                // Floored, so a `Retry-After: 0` cannot make this a busy loop.
+                Some(ra) if ra < remaining => ra.max(RETRY_AFTER_FLOOR),
                 _ => jitter(ceiling),
             };
             ceiling = (ceiling * 2).min(BACKOFF_MAX);
