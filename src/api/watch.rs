@@ -52,7 +52,8 @@ impl AppState {
         wait: Duration,
         view: impl Fn(&ViewIndex) -> u64,
     ) -> Result<(), ApiError> {
-        if view(&self.replica.read().views) > after {
+        // Index 0 means "I have seen nothing yet": answer at once.
+        if after == 0 || view(&self.replica.read().views) > after {
             return Ok(());
         }
         let _slot = self.watchers.clone().try_acquire_owned().map_err(|_| {
