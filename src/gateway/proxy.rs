@@ -34,8 +34,8 @@ const HOP_BY_HOP: [&str; 8] = [
 /// Splits `/v2/{service}/{rest}` into the service and the upstream path
 /// (`/` + rest, exactly as received: no decoding, no normalizing).
 ///
-/// A `..` segment (also percent-encoded, or after a backslash, which URL
-/// parsers treat as a slash) is rejected: the URL parser on the way to the
+/// A `..` segment (also percent-encoded, or next to a backslash, which URL
+/// parsers treat as a slash, or next to an encoded separator) is rejected: the URL parser on the way to the
 /// upstream would resolve it and could leave the path the caller named.
 pub fn split_path(raw: &str) -> Result<(&str, String), String> {
     let after = raw
@@ -46,9 +46,13 @@ pub fn split_path(raw: &str) -> Result<(&str, String), String> {
         None => (after, ""),
     };
     validate::service_name(service, "service").map_err(|e| e.message)?;
-    let dot_dot = rest
-        .split(['/', '\\'])
-        .any(|seg| seg.to_ascii_lowercase().replace("%2e", ".") == "..");
+    // Upstreams may decode %2F and %5C into separators: check that view too.
+    let decoded = rest
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/");
+    let dot_dot = decoded.split(['/', '\\']).any(|seg| seg == "..");
     if dot_dot {
         return Err("'..' path segments are not allowed".into());
     }
@@ -340,6 +344,8 @@ mod tests {
             "/v2/svc/%2e%2E/x",
             "/v2/svc/.%2e",
             "/v2/svc/x\\..\\y",
+            "/v2/svc/a/..%5c..",
+            "/v2/svc/a/..%2Fb",
             "/v2/bad name/x",
             "/v2//x",
             "/v2/",
