@@ -403,6 +403,16 @@ async fn proxies_requests_bodies_headers_and_errors() {
     ] {
         assert!(m.contains(name), "{name} missing from:\n{m}");
     }
+    // The registry ignores index/wait today: the watch must not spin.
+    let lookups: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_registry_lookups_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        lookups < 100.0,
+        "{lookups} registry lookups: the watch spins"
+    );
 
     // An upstream slower than the timeout: 504.
     let mut cfg = config(&c);

@@ -19,9 +19,14 @@ use super::routes::{Instance, Route, Source};
 use super::{error_response, Shared};
 use crate::registry::validate;
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// plus the legacy `Proxy-Connection` and `Expect` (the gateway's own server
+/// already answered `100-continue`; the client towards the upstream does not
+/// wait for one).
+const HOP_BY_HOP: [&str; 10] = [
     "connection",
+    "proxy-connection",
+    "expect",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
@@ -278,11 +283,15 @@ async fn forward(
                     tracing::debug!(service, instance = %inst.url, "connect failed; trying another instance");
                     continue;
                 }
-                tracing::warn!(service, instance = %inst.url, error = %e, "upstream request failed");
+                tracing::warn!(service, instance = %inst.url, error = %error_chain(&e), "upstream request failed");
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     "bad_gateway",
-                    &format!("instance {} of service '{service}' failed: {e}", inst.url),
+                    &format!(
+                        "instance {} of service '{service}' failed: {}",
+                        inst.url,
+                        error_chain(&e)
+                    ),
                 );
             }
             Ok(Ok(resp)) => resp,
@@ -296,6 +305,18 @@ async fn forward(
         );
         return upstream_response(resp, &route, &inst);
     }
+}
+
+/// An error and its causes: reqwest's own message rarely says what failed.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn timeout_response(service: &str, ms: u128) -> Response {
