@@ -414,6 +414,27 @@ async fn proxies_requests_bodies_headers_and_errors() {
         "{lookups} registry lookups: the watch spins"
     );
 
+    // 503 answers count against the instance's breaker and reach the caller.
+    for _ in 0..2 {
+        let (code, headers, _) =
+            get_json(&http, &format!("{base}/v2/echo-svc/status?code=503")).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("x-gateway-instance"));
+    }
+    let s = status(&http, &gw).await;
+    assert_eq!(
+        breaker_of(&s, "echo-svc", &up.url()),
+        Some(("open".to_string(), 2))
+    );
+    // Every instance open: the one whose cooldown ends first still gets the
+    // request as its trial, and its success closes the breaker.
+    assert_eq!(echo_instance(&http, &gw, "echo-svc").await, "a");
+    let s = status(&http, &gw).await;
+    assert_eq!(
+        breaker_of(&s, "echo-svc", &up.url()),
+        Some(("closed".to_string(), 0))
+    );
+
     // An upstream slower than the timeout: 504.
     let mut cfg = config(&c);
     cfg.timeout = Duration::from_millis(300);
@@ -424,8 +445,15 @@ async fn proxies_requests_bodies_headers_and_errors() {
     assert_eq!(body["error"], "gateway_timeout");
 
     quick.shutdown().await;
-    gw.shutdown().await;
+
+    // The only instance is gone: 502.
     up.kill().await;
+    let (code, _, body) = get_json(&http, &format!("{base}/v2/echo-svc/echo")).await;
+    assert_eq!(code, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "bad_gateway");
+    assert!(body["message"].is_string());
+
+    gw.shutdown().await;
     legacy.kill().await;
     c.shutdown().await;
 }
