@@ -1,14 +1,304 @@
-//! The API gateway. (Being written.)
+//! The API gateway: `ANY /v2/{service}/{path}` is proxied to an instance of
+//! `{service}` found through the registry.
+//!
+//! Resolution, as in the seed: the local route cache → the registry (any
+//! node; the next one on failure) → the environment variable
+//! `SERVICE_<NAME>_URL` → `503`. Each cached registry route is kept fresh by
+//! a watch task running Consul-style blocking queries
+//! (`GET /services/{name}?index=N&wait=30s`); a registry that ignores them
+//! (answers at once with the same `X-Registry-Index`) is asked at most once
+//! a second. A request also refreshes a route older than `cache_ttl`.
+//!
+//! Routes are dropped only when the registry answers 404 for the service (or
+//! nobody asked for it for `watch_idle`): while every registry node is down
+//! the last-known instances keep serving, and `X-Gateway-Route-Age` on each
+//! proxied response (and `age_seconds` in `/gateway/status`) says how many
+//! seconds ago the registry last confirmed them.
+//!
+//! Each instance has a circuit breaker (see [`breaker`]); requests go round
+//! robin over instances whose breaker lets them through. When every breaker
+//! is open the instance whose cooldown ends first still gets the request
+//! (as its trial): refusing without trying would only turn a possible
+//! recovery into a certain 503. A request without a body whose connection
+//! fails is sent once more to another instance.
+//!
+//! Bodies are streamed both ways, never buffered. Paths are passed through
+//! exactly as received after `/v2/{service}`; a `..` segment is refused with
+//! 400 (URL parsers would resolve it and leave the upstream's path).
+//!
+//! Module map: [`breaker`] (pure breaker state), `routes` (cache, registry
+//! lookups, watches, status), `proxy` (forwarding and header hygiene),
+//! `metrics` (Prometheus).
+//!
+//! Known limitations: HTTP/1.1 upgrades (WebSocket) are not proxied; the
+//! per-request timeout bounds the wait for response headers and each read
+//! of the body, not a whole long download; a 404 from a lagging registry
+//! follower drops a route until the next lookup.
 
+pub mod breaker;
+mod metrics;
+mod proxy;
+mod routes;
+
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header::{HeaderValue, CONTENT_TYPE};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::config::GatewayArgs;
+use metrics::GatewayMetrics;
+use routes::Routes;
+
+pub use proxy::split_path;
+pub use routes::env_var_name;
+
+/// Looks up an environment variable: `std::env::var` in the binary, a map
+/// in tests.
+pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("gateway I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("gateway configuration: {0}")]
+    Config(String),
+}
+
+/// Everything the gateway needs; [`GatewayConfig::new`] gives the CLI's
+/// defaults.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// Registry node base URLs (`http://host:port`).
+    pub registry: Vec<String>,
+    /// Per-request timeout towards an upstream (response headers, and each
+    /// read of the body).
+    pub timeout: Duration,
+    /// A route older than this is looked up again on the next request.
+    pub cache_ttl: Duration,
+    /// Consecutive failures that open a breaker (instances and registry).
+    pub breaker_threshold: u32,
+    /// How long an open breaker waits before one trial request.
+    pub breaker_cooldown: Duration,
+    /// Timeout of one plain registry request (and connect timeout of all).
+    pub registry_timeout: Duration,
+    /// `wait` of the watch's blocking queries.
+    pub watch_wait: Duration,
+    /// A service nobody asked for this long is no longer watched or cached.
+    pub watch_idle: Duration,
+    /// Most services cached (and watched) at once; the least recently used
+    /// is forgotten first.
+    pub max_services: usize,
+    /// Where `SERVICE_<NAME>_URL` is read from.
+    pub env: EnvLookup,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("registry", &self.registry)
+            .field("timeout", &self.timeout)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("registry_timeout", &self.registry_timeout)
+            .field("watch_wait", &self.watch_wait)
+            .field("watch_idle", &self.watch_idle)
+            .field("max_services", &self.max_services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayConfig {
+    /// The CLI's defaults, reading the process environment for fallbacks.
+    pub fn new(registry: Vec<String>) -> Self {
+        Self {
+            registry,
+            timeout: Duration::from_millis(30_000),
+            cache_ttl: Duration::from_secs(5),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_millis(5_000),
+            registry_timeout: Duration::from_secs(2),
+            watch_wait: Duration::from_secs(30),
+            watch_idle: Duration::from_secs(300),
+            max_services: 10_000,
+            env: Arc::new(|k: &str| std::env::var(k).ok()),
+        }
+    }
+
+    pub fn from_args(args: &GatewayArgs) -> Self {
+        Self {
+            timeout: Duration::from_millis(args.timeout_ms),
+            cache_ttl: Duration::from_secs(args.cache_ttl_secs),
+            breaker_threshold: args.breaker_threshold,
+            breaker_cooldown: Duration::from_millis(args.breaker_cooldown_ms),
+            ..Self::new(args.registry.clone())
+        }
+    }
+
+    /// Reads fallbacks from `vars` instead of the process environment.
+    pub fn with_env_map(mut self, vars: HashMap<String, String>) -> Self {
+        self.env = Arc::new(move |k: &str| vars.get(k).cloned());
+        self
+    }
+
+    fn check(&self) -> Result<(), GatewayError> {
+        if self.registry.is_empty() {
+            return Err(GatewayError::Config("no registry node given".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(GatewayError::Config("the timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the handlers.
+pub(crate) struct Shared {
+    cfg: Arc<GatewayConfig>,
+    routes: Arc<Routes>,
+    client: reqwest::Client,
+    metrics: Arc<GatewayMetrics>,
+}
+
+/// `{"error","message"}` with a status.
+pub(crate) fn error_response(status: StatusCode, error: &str, message: &str) -> Response {
+    (status, Json(json!({"error": error, "message": message}))).into_response()
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(json!({"status": "healthy"})) }),
+        )
+        .route("/gateway/status", get(status))
+        .route("/gateway/metrics", get(metrics_text))
+        .route("/v2/{service}", any(proxy::proxy))
+        .route("/v2/{service}/", any(proxy::proxy))
+        .route("/v2/{service}/{*path}", any(proxy::proxy))
+        .fallback(|| async {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; proxy through /v2/{service}/{path}",
+            )
+        })
+        .with_state(shared)
+}
+
+async fn status(axum::extract::State(gw): axum::extract::State<Arc<Shared>>) -> Response {
+    Json(gw.routes.status()).into_response()
+}
+
+async fn metrics_text(axum::extract::State(gw): axum::extract::State<Arc<Shared>>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops watching and
+/// waits for open requests to finish.
+pub async fn serve(
+    listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    config.check()?;
+    let cfg = Arc::new(config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(GatewayMetrics::new());
+    let routes = Arc::new(Routes::new(cfg.clone(), metrics.clone(), stop_rx));
+    let client = reqwest::Client::builder()
+        .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+        .read_timeout(cfg.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| GatewayError::Config(format!("HTTP client: {e}")))?;
+    let shared = Arc::new(Shared {
+        cfg,
+        routes: routes.clone(),
+        client,
+        metrics,
+    });
+    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    routes.stop_watching();
+    result.map_err(GatewayError::Io)
+}
+
+/// A running gateway, for tests and embedding.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), GatewayError>>,
+}
+
+/// Starts serving on `listener` in a task.
+pub async fn start(listener: TcpListener, config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    config.check()?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, config, async move {
+        let _ = rx.await;
+    }));
+    Ok(Gateway {
+        addr,
+        stop: Some(tx),
+        server,
+    })
+}
+
+impl Gateway {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving; connections still open after 3 s are cut.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(3), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
+    }
+}
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run_from_cli(
     args: GatewayArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = (args, shutdown);
-    Err("the gateway is not built yet".into())
+    let config = GatewayConfig::from_args(&args);
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    serve(listener, config, shutdown).await?;
+    Ok(())
 }

@@ -1,0 +1,611 @@
+//! The gateway against an in-process three-node cluster and real upstream
+//! HTTP servers on 127.0.0.1:0. Waits poll with deadlines.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use common::{wait_for, TestCluster};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vertice_register::gateway::{self, Gateway, GatewayConfig};
+
+const MB20: usize = 20 * 1024 * 1024;
+
+/// A small upstream service: `/bytes?n=N` streams N bytes, `/slow?ms=N`
+/// answers after N ms, `/status?code=N` answers N, anything else echoes.
+struct Upstream {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start(name: &'static str) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, l)
+    }
+
+    /// Starts again on an old address (the old socket closes asynchronously).
+    async fn start_on(name: &'static str, addr: SocketAddr) -> Self {
+        let l = wait_for("the upstream port", Duration::from_secs(10), || async {
+            TcpListener::bind(addr).await.ok()
+        })
+        .await;
+        Self::serve(name, l)
+    }
+
+    fn serve(name: &'static str, l: TcpListener) -> Self {
+        let addr = l.local_addr().unwrap();
+        let app = Router::new()
+            .route("/bytes", get(bytes_handler))
+            .route("/slow", get(slow_handler))
+            .route("/status", get(status_handler))
+            .fallback(move |req: Request| echo(name, req));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Self {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops listening and closes its connections.
+    async fn kill(mut self) -> SocketAddr {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+        self.addr
+    }
+}
+
+async fn echo(name: &'static str, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let mut headers = BTreeMap::<String, String>::new();
+    for (k, v) in &parts.headers {
+        let v = v.to_str().unwrap_or("?").to_string();
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|old| *old = format!("{old}, {v}"))
+            .or_insert(v);
+    }
+    let mut len = 0usize;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => len += c.len(),
+            Err(_) => break,
+        }
+    }
+    let mut resp = Json(json!({
+        "instance": name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body_len": len,
+    }))
+    .into_response();
+    let h = resp.headers_mut();
+    h.insert("connection", HeaderValue::from_static("x-resp-hop"));
+    h.insert("x-resp-hop", HeaderValue::from_static("1"));
+    h.insert("proxy-authenticate", HeaderValue::from_static("Basic"));
+    h.insert("x-resp-kept", HeaderValue::from_static("1"));
+    resp
+}
+
+async fn bytes_handler(Query(q): Query<HashMap<String, usize>>) -> Response {
+    let n = q.get("n").copied().unwrap_or(0);
+    const CHUNK: usize = 64 * 1024;
+    let chunks = (0..n.div_ceil(CHUNK)).map(move |i| {
+        let size = CHUNK.min(n - i * CHUNK);
+        Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; size]))
+    });
+    Body::from_stream(futures::stream::iter(chunks)).into_response()
+}
+
+async fn slow_handler(Query(q): Query<HashMap<String, u64>>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(q.get("ms").copied().unwrap_or(0))).await;
+    "late"
+}
+
+async fn status_handler(Query(q): Query<HashMap<String, u16>>) -> StatusCode {
+    StatusCode::from_u16(q.get("code").copied().unwrap_or(200)).unwrap()
+}
+
+fn config(c: &TestCluster) -> GatewayConfig {
+    let mut cfg = GatewayConfig::new(c.running().iter().map(|id| c.url(*id)).collect());
+    cfg.timeout = Duration::from_secs(10);
+    cfg.cache_ttl = Duration::from_secs(1);
+    cfg.breaker_threshold = 2;
+    cfg.breaker_cooldown = Duration::from_millis(300);
+    cfg.registry_timeout = Duration::from_secs(1);
+    cfg.with_env_map(HashMap::new())
+}
+
+async fn start_gateway(cfg: GatewayConfig) -> Gateway {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    gateway::start(l, cfg).await.unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Registers an upstream through node 1 with a raw `POST /register`.
+async fn register(c: &TestCluster, service: &str, u: &Upstream) {
+    let (status, body) = c
+        .post(
+            1,
+            "/register",
+            &json!({"service_name": service, "host": "127.0.0.1", "port": u.addr.port(), "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Waits until every running node serves exactly `n` instances of `service`.
+async fn wait_for_instances(c: &TestCluster, service: &str, n: usize) {
+    for id in c.running() {
+        wait_for(
+            &format!("{n} instances of {service} on node {id}"),
+            Duration::from_secs(15),
+            || async move {
+                let (status, _, body) = c.get(id, &format!("/services/{service}")).await;
+                let count = body["instances"].as_array().map_or(0, Vec::len);
+                (status == StatusCode::OK && count == n).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// A GET sent byte for byte, path untouched: (status, body).
+async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> (StatusCode, HeaderMap, Value) {
+    let r = http.get(url).send().await.unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The instance that answered `/v2/{service}/echo`, asserting a 200.
+async fn echo_instance(http: &reqwest::Client, gw: &Gateway, service: &str) -> String {
+    let (status, _, body) = get_json(http, &format!("{}/v2/{service}/echo", gw.url())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["instance"].as_str().unwrap().to_string()
+}
+
+async fn status(http: &reqwest::Client, gw: &Gateway) -> Value {
+    let (code, _, body) = get_json(http, &format!("{}/gateway/status", gw.url())).await;
+    assert_eq!(code, StatusCode::OK);
+    body
+}
+
+fn breaker_of(status: &Value, service: &str, url: &str) -> Option<(String, u64)> {
+    status["routes"][service]["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["url"] == url)
+        .map(|i| {
+            (
+                i["breaker"].as_str().unwrap().to_string(),
+                i["failures"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_requests_bodies_headers_and_errors() {
+    let c = TestCluster::start(3).await;
+    c.wait_for_leader().await;
+    let up = Upstream::start("a").await;
+    let legacy = Upstream::start("legacy").await;
+    register(&c, "echo-svc", &up).await;
+    wait_for_instances(&c, "echo-svc", 1).await;
+
+    let env = HashMap::from([("SERVICE_LEGACY_APP_V1_URL".to_string(), legacy.url())]);
+    let gw = start_gateway(config(&c).with_env_map(env)).await;
+    let http = client();
+    let base = gw.url();
+
+    // GET with a query string; the path is passed as given.
+    let (code, headers, body) =
+        get_json(&http, &format!("{base}/v2/echo-svc/a/b%20c?x=1&y=two")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["method"], "GET");
+    assert_eq!(body["path"], "/a/b%20c");
+    assert_eq!(body["query"], "x=1&y=two");
+    assert!(headers.contains_key("x-gateway-route-age"));
+    let (_, _, body) = get_json(&http, &format!("{base}/v2/echo-svc")).await;
+    assert_eq!(body["path"], "/");
+
+    // POST with a body.
+    let r = http
+        .post(format!("{base}/v2/echo-svc/submit?k=v"))
+        .body("hello world")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["query"], "k=v");
+    assert_eq!(body["body_len"], 11);
+
+    // 20 MB up, as a chunked stream, and 20 MB down.
+    let chunks = (0..MB20 / 65536).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 65536])));
+    let r = http
+        .put(format!("{base}/v2/echo-svc/upload"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["body_len"], MB20);
+    assert_eq!(body["method"], "PUT");
+    let r = http
+        .get(format!("{base}/v2/echo-svc/bytes?n={MB20}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut got = 0usize;
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        got += chunk.unwrap().len();
+    }
+    assert_eq!(got, MB20);
+
+    // Hop-by-hop headers are dropped both ways; X-Forwarded-* are added.
+    let r = http
+        .get(format!("{base}/v2/echo-svc/headers"))
+        .header("connection", "keep-alive, x-hop-custom")
+        .header("x-hop-custom", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic abc")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "10.9.8.7")
+        .header("x-end", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    for h in ["x-resp-hop", "proxy-authenticate"] {
+        assert!(!r.headers().contains_key(h), "response header {h} leaked");
+    }
+    assert_eq!(r.headers()["x-resp-kept"], "1");
+    let body: Value = r.json().await.unwrap();
+    let seen = &body["headers"];
+    for h in ["x-hop-custom", "keep-alive", "proxy-authorization", "te"] {
+        assert!(seen.get(h).is_none(), "request header {h} leaked: {seen}");
+    }
+    if let Some(conn) = seen.get("connection") {
+        assert!(!conn.as_str().unwrap().contains("x-hop-custom"), "{conn}");
+    }
+    assert_eq!(seen["x-end"], "kept");
+    assert_eq!(seen["x-forwarded-for"], "10.9.8.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], gw.addr.to_string());
+    assert_eq!(seen["host"], up.addr.to_string());
+
+    // The environment fallback, through the override map.
+    let (code, headers, body) = get_json(&http, &format!("{base}/v2/legacy.app-v1/x?q=1")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["instance"], "legacy");
+    assert_eq!(body["path"], "/x");
+    assert!(!headers.contains_key("x-gateway-route-age"));
+
+    // Unknown service, bad name, path tricks, unknown route.
+    let (code, headers, body) = get_json(&http, &format!("{base}/v2/no-such-service/x")).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "service_unavailable", "{body}");
+    assert!(body["message"].is_string());
+    assert!(headers.contains_key("retry-after"));
+    // Sent raw: an HTTP client would resolve the dots itself.
+    for bad in [
+        "/v2/bad%20name/x",
+        "/v2/echo-svc/../x",
+        "/v2/echo-svc/a/%2e%2e/x",
+        "/v2/echo-svc/a/..%5c..",
+    ] {
+        let (code, body) = raw_get(gw.addr, bad).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"], "bad_request");
+    }
+    let long = "a".repeat(129);
+    let (code, _, _) = get_json(&http, &format!("{base}/v2/{long}/x")).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, _, body) = get_json(&http, &format!("{base}/nope")).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not_found");
+
+    // Status, health and metrics.
+    let (code, _, _) = get_json(&http, &format!("{base}/health")).await;
+    assert_eq!(code, StatusCode::OK);
+    let s = status(&http, &gw).await;
+    assert_eq!(s["gateway"], "operational");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s["circuit_breaker"]["open"], false);
+    assert_eq!(s["circuit_breaker"]["threshold"], 2);
+    assert_eq!(s["cache"]["ttl"], 1);
+    let services = s["cache"]["services"].as_array().unwrap();
+    assert!(services.contains(&json!("echo-svc")), "{s}");
+    assert_eq!(s["routes"]["echo-svc"]["source"], "registry");
+    assert_eq!(s["routes"]["legacy.app-v1"]["source"], "environment");
+    assert_eq!(
+        breaker_of(&s, "echo-svc", &up.url()),
+        Some(("closed".to_string(), 0))
+    );
+    let m = http
+        .get(format!("{base}/gateway/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "gateway_requests_total{service=\"echo-svc\",status=\"2xx\"}",
+        "gateway_upstream_duration_seconds_bucket",
+        "gateway_registry_lookups_total",
+        "gateway_route_cache_size",
+    ] {
+        assert!(m.contains(name), "{name} missing from:\n{m}");
+    }
+    // The registry ignores index/wait today: the watch must not spin.
+    let lookups: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("gateway_registry_lookups_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        lookups < 100.0,
+        "{lookups} registry lookups: the watch spins"
+    );
+
+    // 503 answers count against the instance's breaker and reach the caller.
+    for _ in 0..2 {
+        let (code, headers, _) =
+            get_json(&http, &format!("{base}/v2/echo-svc/status?code=503")).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("x-gateway-instance"));
+    }
+    let s = status(&http, &gw).await;
+    assert_eq!(
+        breaker_of(&s, "echo-svc", &up.url()),
+        Some(("open".to_string(), 2))
+    );
+    // Every instance open: the one whose cooldown ends first still gets the
+    // request as its trial, and its success closes the breaker.
+    assert_eq!(echo_instance(&http, &gw, "echo-svc").await, "a");
+    let s = status(&http, &gw).await;
+    assert_eq!(
+        breaker_of(&s, "echo-svc", &up.url()),
+        Some(("closed".to_string(), 0))
+    );
+
+    // An upstream slower than the timeout: 504.
+    let mut cfg = config(&c);
+    cfg.timeout = Duration::from_millis(300);
+    let quick = start_gateway(cfg).await;
+    let (code, _, body) =
+        get_json(&http, &format!("{}/v2/echo-svc/slow?ms=3000", quick.url())).await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"], "gateway_timeout");
+
+    quick.shutdown().await;
+
+    // The only instance is gone: 502.
+    up.kill().await;
+    let (code, _, body) = get_json(&http, &format!("{base}/v2/echo-svc/echo")).await;
+    assert_eq!(code, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"], "bad_gateway");
+    assert!(body["message"].is_string());
+
+    gw.shutdown().await;
+    legacy.kill().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_and_a_breaker_that_opens_and_closes_again() {
+    let c = TestCluster::start(3).await;
+    c.wait_for_leader().await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let d = Upstream::start("d").await;
+    for u in [&a, &b, &d] {
+        register(&c, "rr", u).await;
+    }
+    wait_for_instances(&c, "rr", 3).await;
+    let gw = start_gateway(config(&c)).await;
+    let http = client();
+
+    let mut counts = BTreeMap::<String, usize>::new();
+    for _ in 0..30 {
+        *counts
+            .entry(echo_instance(&http, &gw, "rr").await)
+            .or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|n| (8..=12).contains(n)), "{counts:?}");
+
+    // Kill b: requests keep succeeding (a bodiless request is retried on
+    // another instance) and b's breaker opens.
+    let b_url = b.url();
+    let b_addr = b.kill().await;
+    let s = wait_for("b's breaker to open", Duration::from_secs(15), || async {
+        echo_instance(&http, &gw, "rr").await;
+        let s = status(&http, &gw).await;
+        let (state, failures) = breaker_of(&s, "rr", &b_url)?;
+        (state != "closed" && failures >= 2).then_some(s)
+    })
+    .await;
+    assert_eq!(s["routes"]["rr"]["instances"].as_array().unwrap().len(), 3);
+    for _ in 0..20 {
+        assert_ne!(echo_instance(&http, &gw, "rr").await, "b");
+    }
+
+    // b comes back on the same port: after a cooldown its trial succeeds.
+    let b = Upstream::start_on("b", b_addr).await;
+    wait_for("b to be used again", Duration::from_secs(15), || async {
+        (echo_instance(&http, &gw, "rr").await == "b").then_some(())
+    })
+    .await;
+    let s = status(&http, &gw).await;
+    assert_eq!(
+        breaker_of(&s, "rr", &b_url),
+        Some(("closed".to_string(), 0))
+    );
+    let m = http
+        .get(format!("{}/gateway/metrics", gw.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("gateway_breaker_opens_total{service=\"rr\"}"),
+        "{m}"
+    );
+
+    gw.shutdown().await;
+    for u in [a, b, d] {
+        u.kill().await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistration_and_a_dead_registry() {
+    let mut c = TestCluster::start(3).await;
+    c.wait_for_leader().await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    register(&c, "dr", &a).await;
+    register(&c, "dr", &b).await;
+    wait_for_instances(&c, "dr", 2).await;
+    let gw = start_gateway(config(&c)).await;
+    let http = client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        seen.insert(echo_instance(&http, &gw, "dr").await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // Deregister b: the watch (or the TTL refresh) drops it.
+    let (code, body) = c
+        .delete(
+            1,
+            &format!("/deregister/dr?instance_id=127.0.0.1:{}", b.addr.port()),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let b_url = b.url();
+    wait_for(
+        "the gateway to forget b",
+        Duration::from_secs(10),
+        || async {
+            let s = status(&http, &gw).await;
+            breaker_of(&s, "dr", &b_url).is_none().then_some(())
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        assert_eq!(echo_instance(&http, &gw, "dr").await, "a");
+    }
+
+    // Every registry node down: the last-known route keeps serving, and says
+    // how old it is.
+    for id in c.running() {
+        c.stop(id).await;
+    }
+    let age = wait_for("the route to age", Duration::from_secs(20), || async {
+        let r = http
+            .get(format!("{}/v2/dr/echo", gw.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let age: u64 = r.headers()["x-gateway-route-age"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["instance"], "a");
+        (age >= 2).then_some(age)
+    })
+    .await;
+    let s = wait_for(
+        "the registry breaker to open",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&http, &gw).await;
+            (s["circuit_breaker"]["open"] == true).then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        s["routes"]["dr"]["age_seconds"].as_u64().unwrap() >= age,
+        "{s}"
+    );
+    assert_eq!(s["routes"]["dr"]["source"], "registry");
+
+    gw.shutdown().await;
+    a.kill().await;
+    b.kill().await;
+    c.shutdown().await;
+}
