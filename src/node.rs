@@ -119,6 +119,7 @@ impl RunningNode {
             leader_wait: args.leader_wait(),
             live_bound: Duration::from_millis(config.election_timeout_max * 2),
             watchers: Arc::new(tokio::sync::Semaphore::new(args.max_watchers)),
+            stopping: stop_rx.clone(),
         });
 
         let app = api::router(state.clone());

@@ -88,6 +88,8 @@ pub struct AppState {
     pub live_bound: Duration,
     /// Slots for blocking queries; a request that finds none gets `429`.
     pub watchers: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the node stops: blocking queries answer at once.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What this node knows about the leader, read from Raft's metrics.

@@ -71,14 +71,19 @@ impl AppState {
         };
         let deadline = Instant::now() + wait + Duration::from_millis(jitter);
         let mut applied = self.replica.subscribe();
+        let mut stopping = self.stopping.clone();
         loop {
             if view(&self.replica.read().views) > after {
                 return Ok(());
             }
-            match tokio::time::timeout_at(deadline, applied.changed()).await {
-                Ok(Ok(())) => continue,
-                // Time is up, or the node is stopping: answer with what we have.
-                Ok(Err(_)) | Err(_) => return Ok(()),
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, applied.changed()) => match changed {
+                    Ok(Ok(())) => continue,
+                    // Time is up: answer with what we have.
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                },
+                // The node is stopping: answer now so the stop is not held up.
+                _ = stopping.wait_for(|s| *s) => return Ok(()),
             }
         }
     }
