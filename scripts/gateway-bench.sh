@@ -21,13 +21,13 @@ trap cleanup EXIT
 for id in 1 2 3; do
   RUST_LOG=warn "$BIN" node --id "$id" --addr "127.0.0.1:1890$id" --data-dir "$WORK/n$id" \
     --peers "$PEERS" --cluster-secret bench >>"$WORK/n$id.log" 2>&1 &
-  PIDS+=($!)
+  PIDS+=($!); disown "$!"
 done
 until curl -sf -o /dev/null http://127.0.0.1:18901/health; do sleep 0.05; done
 RUST_LOG=warn "$BIN" demo-service --name demo --port 18910 --registry "$REGISTRY" >>"$WORK/demo.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); disown "$!"
 RUST_LOG=warn "$BIN" gateway --listen 127.0.0.1:18920 --registry "$REGISTRY" >>"$WORK/gateway.log" 2>&1 &
-PIDS+=($!)
+PIDS+=($!); disown "$!"
 until curl -sf -o /dev/null http://127.0.0.1:18920/v2/demo/health; do sleep 0.1; done
 echo "== GET /echo, $CLIENTS clients, ${SECS}s each"
 echo -n "direct   "; "$LOADGEN" http://127.0.0.1:18910/echo get "$CLIENTS" "$SECS"

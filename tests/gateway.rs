@@ -166,16 +166,19 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Registers an upstream through node 1 with a raw `POST /register`.
+/// Registers an upstream through the client library, as services do.
 async fn register(c: &TestCluster, service: &str, u: &Upstream) {
-    let (status, body) = c
-        .post(
-            1,
-            "/register",
-            &json!({"service_name": service, "host": "127.0.0.1", "port": u.addr.port(), "ttl_seconds": 60}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let client =
+        vertice_register::client::RegistryClient::new(c.running().into_iter().map(|id| c.url(id)))
+            .unwrap();
+    let reg = vertice_register::client::Registration {
+        service_name: service.into(),
+        host: Some("127.0.0.1".into()),
+        port: u.addr.port(),
+        ttl_seconds: Some(60),
+        ..Default::default()
+    };
+    client.register(&reg).await.unwrap();
 }
 
 /// Waits until every running node serves exactly `n` instances of `service`.
