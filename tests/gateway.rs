@@ -548,7 +548,8 @@ async fn deregistration_and_a_dead_registry() {
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 
-    // Deregister b: the watch (or the TTL refresh) drops it.
+    // Deregister b: the watch drops it within a second (the cache TTL is 5 s).
+    let deregistered = std::time::Instant::now();
     let (code, body) = c
         .delete(
             1,
@@ -566,6 +567,12 @@ async fn deregistration_and_a_dead_registry() {
         },
     )
     .await;
+    let forgot = deregistered.elapsed();
+    eprintln!("the gateway stopped routing to b {forgot:?} after its deregistration");
+    assert!(
+        forgot < Duration::from_secs(1),
+        "took {forgot:?}: not by watch"
+    );
     for _ in 0..10 {
         assert_eq!(echo_instance(&http, &gw, "dr").await, "a");
     }
