@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin vertice-register || exit 1
 failed=()
 started=$(date +%s)
-for script in scripts/chaos/kill_nodes.py scripts/chaos/kill_leader.py scripts/chaos/pause_leader.py scripts/chaos/ttl_expiry.py; do
+for script in scripts/chaos/kill_nodes.py scripts/chaos/kill_leader.py scripts/chaos/pause_leader.py scripts/chaos/partition.py scripts/chaos/ttl_expiry.py; do
   echo "== $script"
   if ! python3 "$script"; then
     failed+=("$script")

@@ -181,6 +181,11 @@ pub struct NodeArgs {
     /// Expirations within this many seconds count towards the share.
     #[arg(long, env = "REGISTRY_EXPIRY_WINDOW_SECS", default_value_t = 60)]
     pub expiry_window_secs: u64,
+    /// Local IP address for connections to other nodes (default: the
+    /// kernel's choice). For multi-homed hosts, and for chaos tests that
+    /// cut nodes apart with firewall rules on one machine.
+    #[arg(long, env = "REGISTRY_SOURCE_ADDR")]
+    pub source_addr: Option<std::net::IpAddr>,
     /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
     pub max_watchers: usize,

@@ -63,15 +63,20 @@ def _parse(raw):
 
 
 class Cluster:
-    def __init__(self, n=3, extra_args=()):
+    def __init__(self, n=3, extra_args=(), own_addresses=False):
+        """own_addresses: every node listens on, and connects from, its own
+        loopback address (127.0.0.11, .12, ...), so that firewall rules can
+        cut nodes apart on one machine."""
         ensure_binary()
         self.dir = tempfile.mkdtemp(prefix="vr-chaos-")
         self.ids = list(range(1, n + 1))
         self.ports = dict(zip(self.ids, free_ports(n)))
+        self.hosts = {i: (f"127.0.0.{10 + i}" if own_addresses else "127.0.0.1") for i in self.ids}
+        self.own_addresses = own_addresses
         self.extra = list(extra_args)
         self.procs = {}
         self.others = []
-        self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in self.ports.items())
+        self.peers = ",".join(f"{i}={self.hosts[i]}:{p}" for i, p in self.ports.items())
 
     def __enter__(self):
         for i in self.ids:
@@ -82,16 +87,18 @@ class Cluster:
         self.close()
 
     def url(self, i):
-        return f"http://127.0.0.1:{self.ports[i]}"
+        return f"http://{self.hosts[i]}:{self.ports[i]}"
 
     def urls(self):
         return ",".join(self.url(i) for i in self.ids)
 
     def spawn(self, i):
         log = open(os.path.join(self.dir, f"node{i}.log"), "ab")
-        args = [BIN, "node", "--id", str(i), "--addr", f"127.0.0.1:{self.ports[i]}",
+        args = [BIN, "node", "--id", str(i), "--addr", f"{self.hosts[i]}:{self.ports[i]}",
                 "--data-dir", os.path.join(self.dir, f"n{i}"), "--peers", self.peers,
                 "--cluster-secret", SECRET] + self.extra
+        if self.own_addresses:
+            args += ["--source-addr", self.hosts[i]]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
         self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
 

@@ -55,11 +55,14 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(secret: Option<String>, faults: Arc<Faults>) -> Self {
+    /// `source`: the local address outgoing connections use (the kernel
+    /// picks one when `None`).
+    pub fn new(secret: Option<String>, faults: Arc<Faults>, source: Option<std::net::IpAddr>) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
+            .local_address(source)
             .build()
             .expect("the HTTP client builds with static settings");
         Self {

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Partition: cut the leader off from both followers (iptables rules on the
+loopback interface; every node has its own 127.0.0.x address), under a
+steady write load; then heal. The followers elect a new leader and take
+writes; the old leader commits nothing and answers consistent reads with
+503; after healing it steps down, and every acknowledged write is on every
+node. Needs root and iptables.
+
+    scripts/chaos/partition.py [SECONDS=4]"""
+
+import os
+import subprocess
+import sys
+import time
+
+from chaoslib import Cluster, Verdict, Writer, all_present, http
+
+hold = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
+v = Verdict("partition")
+CHAIN = f"VR_CHAOS_{os.getpid()}"
+
+
+def iptables(*args, check=True):
+    return subprocess.run(["iptables", "-w", *args], check=check, capture_output=True, text=True)
+
+
+def cut(pairs):
+    iptables("-N", CHAIN)
+    iptables("-I", "INPUT", "-i", "lo", "-j", CHAIN)
+    for a, b in pairs:
+        iptables("-A", CHAIN, "-s", a, "-d", b, "-j", "DROP")
+        iptables("-A", CHAIN, "-s", b, "-d", a, "-j", "DROP")
+
+
+def heal():
+    iptables("-D", "INPUT", "-i", "lo", "-j", CHAIN, check=False)
+    iptables("-F", CHAIN, check=False)
+    iptables("-X", CHAIN, check=False)
+
+
+try:
+    iptables("-L", "INPUT", "-n")
+except (OSError, subprocess.CalledProcessError) as e:
+    v.check(False, f"iptables is usable here (root, iptables installed): {e}")
+    v.finish()
+
+try:
+    with Cluster(3, own_addresses=True) as c:
+        old = c.leader()
+        followers = [i for i in c.ids if i != old]
+        w = Writer(c)
+        w.start()
+        time.sleep(0.5)
+        cut([(c.hosts[old], c.hosts[f]) for f in followers])
+        t0 = time.time()
+        v.say(f"cut leader {old} ({c.hosts[old]}) off from {followers}")
+        new = c.leader(among=followers, timeout=15)
+        v.check(new != old, f"the followers elected node {new} {1000 * (time.time() - t0):.0f} ms after the cut")
+        after = w.first_ack_after(t0, timeout=15)
+        v.check(after is not None, "writes through the majority side go on")
+        s, body, _ = c.services(old, consistent=True, timeout=15)
+        v.check(s == 503, f"a consistent read on the cut-off old leader gets 503 (got {s})")
+        s, body, _ = c.register(old, "minority-write", timeout=15)
+        v.check(s == 503, f"a write on the cut-off old leader gets 503, not an acknowledgement (got {s})")
+        time.sleep(max(0.0, hold - (time.time() - t0)))
+        heal()
+        v.say("healed")
+        deadline = time.time() + 15
+        follows = False
+        while time.time() < deadline:
+            h = c.health(old)
+            if h and h.get("role") == "follower" and h.get("leader_id") in followers:
+                follows = True
+                break
+            time.sleep(0.05)
+        v.check(follows, f"the old leader {old} steps down and follows the new one")
+        time.sleep(0.5)
+        w.stop()
+        names = [n for _, n in w.acked]
+        v.say(f"{len(names)} writes acknowledged, {sum(w.errors.values())} refused or timed out ({w.errors})")
+        for node, gone in all_present(c, names).items():
+            v.check(not gone, f"node {node} has all {len(names)} acknowledged writes (missing {gone[:5]})")
+        s, body, _ = c.services(new, consistent=True)
+        v.check(s == 200 and "minority-write" not in body, "the write refused on the minority side was never applied")
+finally:
+    heal()
+v.finish()
