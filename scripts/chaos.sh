@@ -3,10 +3,15 @@
 # and exits non-zero if any fails. Each script prints what it did and
 # measured, and PASS or FAIL.
 #
-#   scripts/chaos.sh
+#   scripts/chaos.sh            # process mode
+#   scripts/chaos.sh --docker   # against the compose cluster (cluster/), local image
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin vertice-register || exit 1
+if [ "${1:-}" = "--docker" ]; then
+  export VR_CHAOS_MODE=docker
+  bash scripts/docker-image.sh || exit 1
+fi
 failed=()
 started=$(date +%s)
 for script in scripts/chaos/kill_nodes.py scripts/chaos/kill_leader.py scripts/chaos/pause_leader.py scripts/chaos/partition.py scripts/chaos/ttl_expiry.py; do

@@ -77,6 +77,12 @@ class Cluster:
         self.procs = {}
         self.others = []
         self.peers = ",".join(f"{i}={self.hosts[i]}:{p}" for i, p in self.ports.items())
+        self.leader_wait = 5.0
+        for k, a in enumerate(self.extra):
+            if a == "--leader-wait-ms":
+                self.leader_wait = int(self.extra[k + 1]) / 1000
+        self.chain = f"VR_CHAOS_{os.getpid()}"
+        self.cut_active = False
 
     def __enter__(self):
         for i in self.ids:
@@ -112,6 +118,46 @@ class Cluster:
 
     def running(self):
         return [i for i, p in self.procs.items() if p is not None and p.poll() is None]
+
+    def registry_urls_inside(self):
+        """Registry URLs as a process started by start_other sees them."""
+        return self.urls()
+
+    def cut(self, node, others):
+        """Cuts `node` off from `others` (iptables on loopback; needs
+        own_addresses=True, root and iptables)."""
+        def ipt(*args):
+            subprocess.run(["iptables", "-w", *args], check=True, capture_output=True, text=True)
+        ipt("-N", self.chain)
+        self.cut_active = True
+        ipt("-I", "INPUT", "-i", "lo", "-j", self.chain)
+        for o in others:
+            a, b = self.hosts[node], self.hosts[o]
+            ipt("-A", self.chain, "-s", a, "-d", b, "-j", "DROP")
+            ipt("-A", self.chain, "-s", b, "-d", a, "-j", "DROP")
+
+    def heal(self):
+        if not self.cut_active:
+            return
+        for args in (["-D", "INPUT", "-i", "lo", "-j", self.chain], ["-F", self.chain], ["-X", self.chain]):
+            subprocess.run(["iptables", "-w", *args], capture_output=True)
+        self.cut_active = False
+
+    def start_gateway(self):
+        port = free_ports(1)[0]
+        self.start_other(["gateway", "--listen", f"127.0.0.1:{port}", "--registry", self.urls()], "gateway")
+        return f"http://127.0.0.1:{port}"
+
+    def start_demo(self, name, ttl):
+        """Starts a demo service; returns a function that kills it (-9)."""
+        port = free_ports(1)[0]
+        p = self.start_other(["demo-service", "--name", name, "--port", str(port), "--registry", self.urls(),
+                              "--ttl-seconds", str(ttl)], f"demo-{name}")
+
+        def kill():
+            p.kill()
+            p.wait()
+        return kill
 
     def kill9(self, i):
         p = self.procs.get(i)
@@ -156,6 +202,7 @@ class Cluster:
         return http("GET", self.url(i) + "/services" + q, timeout=timeout)
 
     def close(self):
+        self.heal()
         for p in self.others:
             if p.poll() is None:
                 p.kill()
@@ -170,6 +217,124 @@ class Cluster:
                 p.kill()
                 p.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DockerCluster:
+    """The same interface as Cluster, over the compose project of
+    cluster/docker-compose.yml (scripts/compose.sh): nodes are the
+    registry-N containers, published on 127.0.0.1:8881-8883; faults are
+    `docker kill`, `docker pause` and `docker network disconnect`. Each use
+    starts from empty volumes and removes everything afterwards."""
+
+    PROJECT = "vertice"
+    NETWORK = "vertice_default"
+
+    def __init__(self, n=3, extra_args=(), own_addresses=False):
+        self.ids = [1, 2, 3]
+        self.hosts = {i: "127.0.0.1" for i in self.ids}
+        self.ports = {i: 8880 + i for i in self.ids}
+        self.leader_wait = 5.0
+        self.down = set()
+        self.cut_off = []
+        self.others = []
+
+    def compose(self, *args, check=True):
+        return subprocess.run(["bash", os.path.join(ROOT, "scripts", "compose.sh"), *args],
+                              check=check, capture_output=True, text=True)
+
+    def container(self, i):
+        return self.container_of(f"registry-{i}")
+
+    def container_of(self, service):
+        out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.PROJECT}",
+                              "--filter", f"label=com.docker.compose.service={service}"],
+                             capture_output=True, text=True).stdout.split()
+        return out[0] if out else None
+
+    def __enter__(self):
+        self.compose("down", "-v", check=False)
+        r = self.compose("up")
+        print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "compose up", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def url(self, i):
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def urls(self):
+        return ",".join(self.url(i) for i in self.ids)
+
+    def registry_urls_inside(self):
+        return ",".join(f"http://registry-{i}:8888" for i in self.ids)
+
+    def docker(self, *args):
+        return subprocess.run(["docker", *args], check=True, capture_output=True, text=True)
+
+    def spawn(self, i):
+        self.docker("start", self.container(i))
+        self.docker("update", "--restart", "unless-stopped", self.container(i))
+        self.down.discard(i)
+
+    def kill9(self, i):
+        # No restart by the daemon: this is a crash the script controls.
+        self.docker("update", "--restart", "no", self.container(i))
+        self.docker("kill", "-s", "KILL", self.container(i))
+        self.down.add(i)
+
+    def pause(self, i):
+        self.docker("pause", self.container(i))
+
+    def resume(self, i):
+        self.docker("unpause", self.container(i))
+
+    def running(self):
+        return [i for i in self.ids if i not in self.down]
+
+    def cut(self, node, others):
+        """Disconnects the node's container from the compose network: cut
+        off from every other node (and from the host's published port)."""
+        self.docker("network", "disconnect", self.NETWORK, self.container(node))
+        self.cut_off.append(node)
+
+    def heal(self):
+        for node in self.cut_off:
+            subprocess.run(["docker", "network", "connect", "--alias", f"registry-{node}", self.NETWORK,
+                            self.container(node)], capture_output=True)
+        self.cut_off = []
+
+    def start_gateway(self):
+        return "http://127.0.0.1:8000"
+
+    def start_demo(self, name, ttl):
+        image = os.environ.get("REGISTRY_IMAGE", "vertice-register:local")
+        cname = f"vertice-chaos-{name}-{os.getpid()}"
+        self.docker("run", "-d", "--name", cname, "--network", self.NETWORK, image, "demo-service", "--name", name,
+                    "--port", "9000", "--host", "0.0.0.0", "--registry", self.registry_urls_inside(),
+                    "--ttl-seconds", str(ttl))
+        self.others.append(cname)
+
+        def kill():
+            subprocess.run(["docker", "kill", "-s", "KILL", cname], capture_output=True)
+        return kill
+
+    health = Cluster.health
+    leader = Cluster.leader
+    register = Cluster.register
+    services = Cluster.services
+
+    def close(self):
+        self.heal()
+        for i in self.ids:
+            subprocess.run(["docker", "unpause", self.container(i) or "none"], capture_output=True)
+        for cname in self.others:
+            subprocess.run(["docker", "rm", "-f", cname], capture_output=True)
+        self.compose("down", "-v", check=False)
+
+
+if os.environ.get("VR_CHAOS_MODE") == "docker":
+    Cluster = DockerCluster  # noqa: F811 -- every script then runs against Docker
 
 
 class Writer(threading.Thread):

@@ -10,33 +10,26 @@ its last-known routes.
 import sys
 import time
 
-from chaoslib import Cluster, Verdict, free_ports, http
+from chaoslib import Cluster, Verdict, http
 
 ttl = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 v = Verdict("ttl-expiry")
 with Cluster(3) as c:
     c.leader()
-    gw_port, crash_port, live_port = free_ports(3)
-    gw = f"http://127.0.0.1:{gw_port}"
-    c.start_other(["gateway", "--listen", f"127.0.0.1:{gw_port}", "--registry", c.urls()], "gateway")
-    crash = c.start_other(
-        ["demo-service", "--name", "osint_service", "--port", str(crash_port), "--registry", c.urls(),
-         "--ttl-seconds", str(ttl)], "demo-osint")
-    c.start_other(
-        ["demo-service", "--name", "nmap_service", "--port", str(live_port), "--registry", c.urls(),
-         "--ttl-seconds", str(ttl)], "demo-nmap")
+    gw = c.start_gateway()
+    crash = c.start_demo("osint_service", ttl)
+    c.start_demo("nmap_service", ttl)
 
     def routed(name):
         s, _, _ = http("GET", f"{gw}/v2/{name}/health", timeout=3)
         return s
 
-    deadline = time.time() + 20
+    deadline = time.time() + 40
     while time.time() < deadline and not (routed("osint_service") == 200 and routed("nmap_service") == 200):
         time.sleep(0.1)
     v.check(routed("osint_service") == 200, "the gateway routes /v2/osint_service/health to the demo service")
 
-    crash.kill()
-    crash.wait()
+    crash()
     t0 = time.time()
     v.say(f"kill -9 of the osint_service demo (ttl {ttl} s)")
     gone_at = None
