@@ -344,7 +344,8 @@ class Writer(threading.Thread):
     def __init__(self, cluster, prefix="w", pause=0.01):
         super().__init__(daemon=True)
         self.c, self.prefix, self.pause = cluster, prefix, pause
-        self.acked = []  # (time, name)
+        self.acked = []  # (acknowledged at, name)
+        self.started_acked = []  # (sent at, acknowledged at)
         self.errors = {}
         self.stop_flag = threading.Event()
 
@@ -357,9 +358,11 @@ class Writer(threading.Thread):
                 continue
             node = running[n % len(running)]
             name = f"{self.prefix}-{n}"
+            sent = time.time()
             status, body, _ = self.c.register(node, name, timeout=6.0)
             if status == 200:
                 self.acked.append((time.time(), name))
+                self.started_acked.append((sent, time.time()))
                 n += 1
             else:
                 key = str(status)
@@ -368,12 +371,13 @@ class Writer(threading.Thread):
             time.sleep(self.pause)
 
     def first_ack_after(self, t, timeout=30.0):
+        """When the first write sent after `t` was acknowledged (a write in
+        flight at `t` does not count)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            for at, _ in reversed(self.acked):
-                if at > t:
-                    # the earliest after t
-                    return min(a for a, _ in self.acked if a > t)
+            after = [a for s, a in self.started_acked if s >= t]
+            if after:
+                return min(after)
             time.sleep(0.005)
         return None
 
