@@ -91,7 +91,11 @@ impl RunningNode {
         let log = LogStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
-        let net = Network::new(args.cluster_secret.clone(), faults.clone(), args.source_addr);
+        let net = Network::new(
+            args.cluster_secret.clone(),
+            faults.clone(),
+            args.source_addr,
+        );
 
         let raft = Raft::new(args.id, config.clone(), net.clone(), log.clone(), sm)
             .await

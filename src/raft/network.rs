@@ -57,7 +57,11 @@ pub struct Network {
 impl Network {
     /// `source`: the local address outgoing connections use (the kernel
     /// picks one when `None`).
-    pub fn new(secret: Option<String>, faults: Arc<Faults>, source: Option<std::net::IpAddr>) -> Self {
+    pub fn new(
+        secret: Option<String>,
+        faults: Arc<Faults>,
+        source: Option<std::net::IpAddr>,
+    ) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
