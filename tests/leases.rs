@@ -229,15 +229,7 @@ async fn p3_heartbeats_do_not_append_an_entry_each() {
         grown <= (N / 10) as u64,
         "{N} heartbeats appended {grown} entries"
     );
-    let metrics = c
-        .http
-        .get(format!("{}/metrics", c.url(leader)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics(leader).await;
     assert!(
         metrics.contains("registry_renewals_total{mode=\"lease\"}"),
         "{metrics}"
@@ -304,15 +296,7 @@ async fn p6_mass_silence_pauses_expiry_until_renewals_return() {
     .await;
     let (_, _, h) = c.get(leader, "/health").await;
     assert!(h["expiry"]["share"].as_f64().unwrap() > 0.5, "{h}");
-    let metrics = c
-        .http
-        .get(format!("{}/metrics", c.url(leader)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.metrics(leader).await;
     assert!(metrics.contains("registry_expiry_paused 1"), "{metrics}");
     // Hold it a little: nothing is removed while paused.
     for _ in 0..4 {

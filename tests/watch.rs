@@ -137,15 +137,7 @@ async fn a_blocking_query_answers_when_its_view_changes_and_not_for_heartbeats()
 }
 
 async fn watchers(c: &TestCluster, id: u64) -> i64 {
-    let text = c
-        .http
-        .get(format!("{}/metrics", c.url(id)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = c.metrics(id).await;
     text.lines()
         .find_map(|l| l.strip_prefix("registry_watchers "))
         .and_then(|v| v.trim().parse().ok())

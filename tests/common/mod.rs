@@ -261,6 +261,17 @@ impl TestCluster {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Node `id`'s `/metrics` text.
+    pub async fn metrics(&self, id: u64) -> String {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.url(id)))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    }
+
     /// Registers `name` on node `id` and asserts success.
     pub async fn register(&self, id: u64, name: &str, port: u16) -> Value {
         let (status, body) = self
