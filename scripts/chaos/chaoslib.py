@@ -436,3 +436,26 @@ def all_present(c, names, nodes=None, timeout=30.0):
                 break
             time.sleep(0.1)
     return missing
+
+
+def wait_steps_down(c, old, timeout=15.0):
+    """True once node `old` reports itself a follower of another node."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = c.health(old)
+        if h and h.get("role") == "follower" and h.get("leader_id") not in (None, old):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop_and_check_nothing_lost(v, c, w):
+    """Stops the writer and checks, with a consistent read on every node,
+    that every acknowledged write is there. Returns the acknowledged names."""
+    time.sleep(0.5)
+    w.stop()
+    names = [n for _, n in w.acked]
+    v.say(f"{len(names)} writes acknowledged, {sum(w.errors.values())} refused or timed out ({w.errors})")
+    for node, gone in all_present(c, names).items():
+        v.check(not gone, f"node {node} has all {len(names)} acknowledged writes (missing {gone[:5]})")
+    return names

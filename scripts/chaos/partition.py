@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from chaoslib import Cluster, Verdict, Writer, all_present, http
+from chaoslib import Cluster, Verdict, Writer, stop_and_check_nothing_lost, wait_steps_down
 
 hold = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
 v = Verdict("partition")
@@ -50,21 +50,8 @@ if True:
         time.sleep(max(0.0, hold - (time.time() - t0)))
         c.heal()
         v.say("healed")
-        deadline = time.time() + 15
-        follows = False
-        while time.time() < deadline:
-            h = c.health(old)
-            if h and h.get("role") == "follower" and h.get("leader_id") in followers:
-                follows = True
-                break
-            time.sleep(0.05)
-        v.check(follows, f"the old leader {old} steps down and follows the new one")
-        time.sleep(0.5)
-        w.stop()
-        names = [n for _, n in w.acked]
-        v.say(f"{len(names)} writes acknowledged, {sum(w.errors.values())} refused or timed out ({w.errors})")
-        for node, gone in all_present(c, names).items():
-            v.check(not gone, f"node {node} has all {len(names)} acknowledged writes (missing {gone[:5]})")
+        v.check(wait_steps_down(c, old), f"the old leader {old} steps down and follows the new one")
+        stop_and_check_nothing_lost(v, c, w)
         s, body, _ = c.services(new, consistent=True)
         v.check(s == 200 and "minority-write" not in body, "the write refused on the minority side was never applied")
 v.finish()

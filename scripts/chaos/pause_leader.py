@@ -8,7 +8,7 @@ and nothing acknowledged is lost.
 import sys
 import time
 
-from chaoslib import Cluster, Verdict, Writer, all_present
+from chaoslib import Cluster, Verdict, Writer, stop_and_check_nothing_lost, wait_steps_down
 
 pause = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
 v = Verdict("pause-leader")
@@ -28,19 +28,6 @@ with Cluster(3) as c:
     time.sleep(max(0.0, pause - (time.time() - t0)))
     c.resume(old)
     v.say(f"SIGCONT {old}")
-    deadline = time.time() + 15
-    stepped_down = False
-    while time.time() < deadline:
-        h = c.health(old)
-        if h and h.get("role") == "follower" and h.get("leader_id") != old:
-            stepped_down = True
-            break
-        time.sleep(0.05)
-    v.check(stepped_down, f"the old leader {old} stepped down and follows {c.health(old) and c.health(old).get('leader_id')}")
-    time.sleep(0.5)
-    w.stop()
-    names = [n for _, n in w.acked]
-    v.say(f"{len(names)} writes acknowledged, errors {w.errors}")
-    for node, gone in all_present(c, names).items():
-        v.check(not gone, f"node {node} has all {len(names)} acknowledged writes (missing {gone[:5]})")
+    v.check(wait_steps_down(c, old), f"the old leader {old} stepped down and follows the new leader")
+    stop_and_check_nothing_lost(v, c, w)
 v.finish()
