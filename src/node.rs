@@ -279,15 +279,11 @@ async fn join(state: Arc<AppState>, url: String, advertise: String) {
     let body = serde_json::json!({"id": state.id, "addr": advertise});
     let mut attempt: u32 = 0;
     loop {
-        let mut req = state
+        let req = state
             .net
-            .client
             .post(&url)
             .json(&body)
             .timeout(Duration::from_secs(90));
-        if let Some(s) = &state.net.secret {
-            req = req.header(crate::raft::network::SECRET_HEADER, s.as_ref());
-        }
         match req.send().await {
             Ok(r) if r.status().is_success() => {
                 tracing::info!(%url, "joined the cluster");

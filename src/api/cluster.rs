@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 
 use super::handlers::JsonBody;
 use super::{ApiError, AppState};
-use crate::raft::network::SECRET_HEADER;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 
 /// Marks a request one node passed on to the leader, so it is not passed on again.
@@ -50,13 +49,9 @@ impl AppState {
                 (Some(_), Some(addr)) => {
                     let mut req = self
                         .net
-                        .client
                         .request(method.clone(), format!("http://{addr}{path}"))
                         .header(FORWARDED, "1")
                         .timeout(CATCH_UP + Duration::from_secs(10));
-                    if let Some(s) = &self.net.secret {
-                        req = req.header(SECRET_HEADER, s.as_ref());
-                    }
                     if let Some(b) = body {
                         req = req.json(b);
                     }
@@ -148,14 +143,12 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
                     Some(json!({"role": state.leader_view().role, "last_contact_ms": 0})),
                 );
             }
-            let mut req = state
+            // `/health` is public: no secret needed.
+            let req = state
                 .net
                 .client
                 .get(format!("http://{addr}/health"))
                 .timeout(PING);
-            if let Some(s) = &state.net.secret {
-                req = req.header(SECRET_HEADER, s.as_ref());
-            }
             let health = match req.send().await {
                 Ok(r) => r.json::<Value>().await.ok(),
                 Err(_) => None,

@@ -76,13 +76,22 @@ impl Network {
         }
     }
 
-    /// A POST to another node with the cluster secret attached.
-    pub fn post(&self, url: String) -> reqwest::RequestBuilder {
-        let req = self.client.post(url);
+    /// A request to another node with the cluster secret attached.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        url: impl reqwest::IntoUrl,
+    ) -> reqwest::RequestBuilder {
+        let req = self.client.request(method, url);
         match &self.secret {
             Some(s) => req.header(SECRET_HEADER, s.as_ref()),
             None => req,
         }
+    }
+
+    /// A POST to another node with the cluster secret attached.
+    pub fn post(&self, url: impl reqwest::IntoUrl) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, url)
     }
 
     async fn rpc<Req, Resp, E>(
