@@ -192,6 +192,12 @@ pub struct NodeArgs {
     /// Longest pause, in seconds, before expiry resumes anyway.
     #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
     pub expiry_pause_max_secs: u64,
+    /// TEST ONLY, UNSAFE: `?consistent=true` skips the read index and answers
+    /// from the local replica like a default read. Exists so that the
+    /// linearizability harness (`scripts/jepsen.sh --stale-reads`) can prove
+    /// that its checker catches stale reads. Never set it in production.
+    #[arg(long, hide = true)]
+    pub test_stale_reads: bool,
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

@@ -23,10 +23,11 @@ use openraft::ServerState;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::WriteReply;
+use crate::api::{ReadIndexReply, WriteReply};
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::raft::{Raft, Replica};
+use crate::read_index::ReadIndex;
 use crate::registry::lease::{can_ack, Protection};
 use crate::registry::{Command, CommandResult, HeartbeatRequest, Millis, Renewal};
 
@@ -71,6 +72,7 @@ struct BatchItem {
 
 pub struct Leases {
     raft: Raft,
+    read_index: Arc<ReadIndex>,
     replica: Arc<Replica>,
     metrics: Arc<Metrics>,
     config: ExpiryConfig,
@@ -85,6 +87,7 @@ impl Leases {
     /// expiry), which stop when `stop` turns true.
     pub fn start(
         raft: Raft,
+        read_index: Arc<ReadIndex>,
         replica: Arc<Replica>,
         metrics: Arc<Metrics>,
         config: ExpiryConfig,
@@ -93,6 +96,7 @@ impl Leases {
         let (tx, rx) = mpsc::unbounded_channel();
         let leases = Arc::new(Self {
             raft,
+            read_index,
             replica,
             metrics,
             config,
@@ -123,8 +127,30 @@ impl Leases {
     /// Serves a heartbeat on the leader: `NotFound` for an unknown service or
     /// instance (the client registers again), else every matching instance
     /// is renewed and the count returned.
+    ///
+    /// The answer is linearizable: before it looks at its replica, the
+    /// leader confirms with a quorum that it still leads and waits until it
+    /// has applied everything committed before the heartbeat arrived (a
+    /// shared read-index round). Without that, a deposed leader that has not
+    /// noticed yet would answer from an old state.
     pub async fn heartbeat(&self, req: &HeartbeatRequest, remaining: Duration) -> WriteReply {
         let deadline = Instant::now() + remaining;
+        let index = match self.read_index.get(remaining).await {
+            ReadIndexReply::Index(i) => i,
+            ReadIndexReply::NotLeader(l) => return WriteReply::NotLeader(l),
+            ReadIndexReply::Unavailable(m) => return WriteReply::Unavailable(m),
+        };
+        let mut applied = self.replica.subscribe();
+        let caught_up =
+            tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
+                applied.wait_for(|&a| a >= index).await.is_ok()
+            })
+            .await;
+        if caught_up != Ok(true) {
+            return WriteReply::Unavailable(format!(
+                "the leader did not apply index {index} in time; retry shortly"
+            ));
+        }
         let mut committed_once = false;
         loop {
             let now = now_ms();

@@ -25,4 +25,5 @@ pub mod leases;
 pub mod metrics;
 pub mod node;
 pub mod raft;
+pub mod read_index;
 pub mod registry;

@@ -79,6 +79,11 @@ impl RunningNode {
             .map_err(|e| StartError::Config(format!("listener has no address: {e}")))?;
         let peers = initial_members(&args)?;
         let config = Arc::new(raft_config(&args)?);
+        if args.test_stale_reads {
+            tracing::warn!(
+                "--test-stale-reads is set: consistent reads are NOT linearizable on this node (test only)"
+            );
+        }
 
         std::fs::create_dir_all(&args.data_dir).map_err(|e| StartError::Storage {
             dir: args.data_dir.display().to_string(),
@@ -103,8 +108,10 @@ impl RunningNode {
 
         let metrics = Arc::new(Metrics::new());
         let (stop, stop_rx) = watch::channel(false);
+        let read_index = crate::read_index::ReadIndex::new(raft.clone(), args.leader_wait());
         let (leases, mut tasks) = Leases::start(
             raft.clone(),
+            read_index.clone(),
             replica.clone(),
             metrics.clone(),
             args.expiry(),
@@ -124,6 +131,8 @@ impl RunningNode {
             live_bound: Duration::from_millis(config.election_timeout_max * 2),
             watchers: Arc::new(tokio::sync::Semaphore::new(args.max_watchers)),
             stopping: stop_rx.clone(),
+            read_index,
+            test_stale_reads: args.test_stale_reads,
         });
 
         let app = api::router(state.clone());

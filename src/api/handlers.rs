@@ -266,6 +266,8 @@ pub async fn get_service(
     query: Result<Query<ReadParams>, QueryRejection>,
 ) -> Response {
     let started = Instant::now();
+    // The index a `404` was decided at, so its header matches the answer.
+    let mut not_found_at = None;
     let result = async {
         let service = service_name_from_path(path)?;
         let Query(q) = query?;
@@ -284,6 +286,7 @@ pub async fn get_service(
             let index = applied.applied_index();
             let Some(instances) = applied.registry.service(&service) else {
                 drop(applied);
+                not_found_at = Some(index);
                 return Err(ApiError::NotFound(format!(
                     "service '{service}' is not registered"
                 )));
@@ -309,7 +312,10 @@ pub async fn get_service(
         Ok((state.read_headers(index), Json(body)).into_response())
     }
     .await;
-    let resp = state.finish("get", started, result);
+    let mut resp = state.finish("get", started, result);
+    if let Some(index) = not_found_at {
+        resp.headers_mut().extend(state.read_headers(index));
+    }
     state.with_read_headers(resp)
 }
 

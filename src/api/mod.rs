@@ -21,7 +21,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 pub use error::ApiError;
-pub use forward::{WriteReply, WriteRequest};
+pub use forward::{ReadIndexReply, WriteReply, WriteRequest};
 
 use crate::leases::Leases;
 use crate::metrics::Metrics;
@@ -90,6 +90,10 @@ pub struct AppState {
     pub watchers: Arc<tokio::sync::Semaphore>,
     /// Turns true when the node stops: blocking queries answer at once.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Shared leadership confirmations (read index) for consistent reads.
+    pub read_index: Arc<crate::read_index::ReadIndex>,
+    /// Test only (`--test-stale-reads`): consistent reads skip the read index.
+    pub test_stale_reads: bool,
 }
 
 /// What this node knows about the leader, read from Raft's metrics.

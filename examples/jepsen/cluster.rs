@@ -1,0 +1,463 @@
+//! A cluster of real `vertice-register` processes on this machine, and the
+//! faults the nemesis can inflict on it.
+//!
+//! Every node listens on, and connects from, its own loopback address
+//! (`127.0.0.{10+id}`), so iptables rules can cut nodes apart while the
+//! harness (on 127.0.0.1) still reaches all of them.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub const SECRET: &str = "jepsen-secret";
+
+/// What clients see of the cluster: the nodes they may send requests to,
+/// and each node's incarnation (bumped on every start).
+#[derive(Default)]
+pub struct Targets {
+    pub nodes: RwLock<Vec<(u64, String)>>,
+    pub incarnations: RwLock<BTreeMap<u64, Arc<AtomicU64>>>,
+}
+
+impl Targets {
+    pub fn incarnation(&self, id: u64) -> u64 {
+        self.incarnations
+            .read()
+            .unwrap()
+            .get(&id)
+            .map_or(0, |a| a.load(Ordering::SeqCst))
+    }
+}
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+pub struct Cluster {
+    bin: PathBuf,
+    pub root: PathBuf,
+    extra: Vec<String>,
+    nodes: BTreeMap<u64, Node>,
+    /// Current voters, as far as the harness changed them.
+    pub members: Vec<u64>,
+    next_id: u64,
+    pub targets: Arc<Targets>,
+    http: reqwest::blocking::Client,
+    chain: String,
+    cut_active: bool,
+}
+
+pub fn host(id: u64) -> String {
+    format!("127.0.0.{}", 10 + id)
+}
+
+fn free_port(id: u64) -> Result<u16> {
+    let l = TcpListener::bind((host(id).as_str(), 0)).context("binding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+impl Cluster {
+    pub fn new(bin: PathBuf, root: PathBuf, extra: Vec<String>, n: u64) -> Result<Self> {
+        fs::create_dir_all(&root)?;
+        let mut c = Cluster {
+            bin,
+            root,
+            extra,
+            nodes: BTreeMap::new(),
+            members: (1..=n).collect(),
+            next_id: n + 1,
+            targets: Arc::new(Targets::default()),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()?,
+            chain: format!("VR_JEPSEN_{}", std::process::id()),
+            cut_active: false,
+        };
+        for id in 1..=n {
+            c.add_node_record(id)?;
+        }
+        let peers: Vec<String> = (1..=n)
+            .map(|id| format!("{id}={}:{}", host(id), c.nodes[&id].port))
+            .collect();
+        let peers = peers.join(",");
+        for id in 1..=n {
+            c.spawn(id, &["--peers", &peers])?;
+        }
+        c.publish();
+        Ok(c)
+    }
+
+    fn add_node_record(&mut self, id: u64) -> Result<()> {
+        let node = Node {
+            port: free_port(id)?,
+            dir: self.root.join(format!("n{id}")),
+            child: None,
+            paused: false,
+        };
+        self.nodes.insert(id, node);
+        self.targets
+            .incarnations
+            .write()
+            .unwrap()
+            .insert(id, Arc::new(AtomicU64::new(0)));
+        Ok(())
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        format!("http://{}:{}", host(id), self.nodes[&id].port)
+    }
+
+    /// Tells clients which nodes to use.
+    fn publish(&self) {
+        *self.targets.nodes.write().unwrap() =
+            self.members.iter().map(|&id| (id, self.url(id))).collect();
+    }
+
+    fn spawn(&mut self, id: u64, more: &[&str]) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.root.join(format!("node{id}.log")))?;
+        let node = self.nodes.get_mut(&id).context("unknown node")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .args(["--id", &id.to_string()])
+            .args(["--addr", &format!("{}:{}", host(id), node.port)])
+            .arg("--data-dir")
+            .arg(&node.dir)
+            .args(["--source-addr", &host(id)])
+            .args(["--cluster-secret", SECRET])
+            .args(more)
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        node.child = Some(cmd.spawn().context("starting a node")?);
+        node.paused = false;
+        if let Some(inc) = self.targets.incarnations.read().unwrap().get(&id) {
+            inc.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    pub fn running(&mut self, id: u64) -> bool {
+        match self.nodes.get_mut(&id).and_then(|n| n.child.as_mut()) {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Restarts a stopped member (keeps its data).
+    pub fn start(&mut self, id: u64) -> Result<()> {
+        if !self.running(id) {
+            self.spawn(id, &[])?;
+        }
+        Ok(())
+    }
+
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            n.paused = false;
+        }
+    }
+
+    /// SIGTERM, waiting up to 10 s for a clean exit (then SIGKILL).
+    pub fn terminate(&mut self, id: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let Some(mut c) = n.child.take() else {
+            return;
+        };
+        if n.paused {
+            signal(c.id(), "-CONT");
+            n.paused = false;
+        }
+        signal(c.id(), "-TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    pub fn pause(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(c) = &n.child {
+                signal(c.id(), "-STOP");
+                n.paused = true;
+            }
+        }
+    }
+
+    pub fn resume(&mut self, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let (Some(c), true) = (&n.child, n.paused) {
+                signal(c.id(), "-CONT");
+                n.paused = false;
+            }
+        }
+    }
+
+    fn health(&self, id: u64) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}/health", self.url(id)))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .ok()?;
+        r.json().ok()
+    }
+
+    /// The leader as the members see it: a member whose /health says it
+    /// leads and that a quorum acknowledged recently.
+    pub fn leader(&self) -> Option<u64> {
+        self.members.iter().copied().find(|&id| {
+            self.nodes.get(&id).is_some_and(|n| !n.paused)
+                && self
+                    .health(id)
+                    .is_some_and(|h| h["role"] == "leader" && h["status"] == "healthy")
+        })
+    }
+
+    pub fn wait_for_leader(&self, within: Duration) -> Option<u64> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader() {
+                return Some(l);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `(applied index, committed index)` of a node, from /health.
+    pub fn indexes(&self, id: u64) -> Option<(u64, u64)> {
+        let h = self.health(id)?;
+        Some((h["last_applied"].as_u64()?, h["committed"].as_u64()?))
+    }
+
+    pub fn iptables_available() -> bool {
+        Command::new("iptables")
+            .args(["-w", "-L", "-n"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn ipt(args: &[&str]) -> Result<()> {
+        let out = Command::new("iptables").arg("-w").args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "iptables {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops packets from `from` to `to` (pairs of node ids).
+    pub fn drop_packets(&mut self, pairs: &[(u64, u64)]) -> Result<()> {
+        if !self.cut_active {
+            Self::ipt(&["-N", &self.chain])?;
+            Self::ipt(&["-I", "INPUT", "-i", "lo", "-j", &self.chain])?;
+            self.cut_active = true;
+        }
+        for &(a, b) in pairs {
+            Self::ipt(&[
+                "-A",
+                &self.chain,
+                "-s",
+                &host(a),
+                "-d",
+                &host(b),
+                "-j",
+                "DROP",
+            ])?;
+        }
+        Ok(())
+    }
+
+    pub fn heal(&mut self) {
+        if !self.cut_active {
+            return;
+        }
+        let chain = self.chain.clone();
+        let _ = Self::ipt(&["-D", "INPUT", "-i", "lo", "-j", &chain]);
+        let _ = Self::ipt(&["-F", &chain]);
+        let _ = Self::ipt(&["-X", &chain]);
+        self.cut_active = false;
+    }
+
+    fn cluster_request(
+        &self,
+        method: reqwest::Method,
+        via: u64,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url(via)))
+            .header("X-Cluster-Secret", SECRET)
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send()?;
+        let status = r.status();
+        let v: Value = r.json().unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// Removes `victim` from the voters (through another member), stops it
+    /// and wipes its data. Returns an error if the cluster refused.
+    pub fn remove_member(&mut self, victim: u64) -> Result<()> {
+        let via = *self
+            .members
+            .iter()
+            .find(|&&m| m != victim)
+            .context("no other member")?;
+        self.cluster_request(
+            reqwest::Method::DELETE,
+            via,
+            &format!("/cluster/nodes/{victim}"),
+            None,
+        )?;
+        self.members.retain(|&m| m != victim);
+        self.publish();
+        self.kill9(victim);
+        let _ = fs::remove_dir_all(&self.nodes[&victim].dir);
+        Ok(())
+    }
+
+    /// Starts a fresh node that joins through a member, and waits (up to
+    /// `within`) until the cluster lists it as a voter.
+    pub fn add_member(&mut self, within: Duration) -> Result<u64> {
+        let id = self.next_id;
+        if id > 200 {
+            bail!("out of loopback addresses for new nodes");
+        }
+        self.next_id += 1;
+        self.add_node_record(id)?;
+        let via = self.url(*self.members.first().context("no members")?);
+        self.spawn(id, &["--join", &via])?;
+        let deadline = Instant::now() + within;
+        loop {
+            let members = self.members.clone();
+            for m in members {
+                if let Ok(v) =
+                    self.cluster_request(reqwest::Method::GET, m, "/cluster/status", None)
+                {
+                    let voter = v["members"].as_array().is_some_and(|ms| {
+                        ms.iter()
+                            .any(|x| x["id"].as_u64() == Some(id) && x["voter"] == true)
+                    });
+                    if voter {
+                        self.members.push(id);
+                        self.publish();
+                        return Ok(id);
+                    }
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not become a voter within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Ends every fault: heals partitions, resumes paused nodes, restarts
+    /// stopped members.
+    pub fn heal_all(&mut self) -> Result<()> {
+        self.heal();
+        let ids: Vec<u64> = self.members.clone();
+        for id in ids {
+            self.resume(id);
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every member has applied at least what the leader had
+    /// committed when the wait began. Returns that index.
+    pub fn wait_converged(&self, within: Duration) -> Result<u64> {
+        let deadline = Instant::now() + within;
+        let leader = self
+            .wait_for_leader(within)
+            .context("no leader after healing")?;
+        let target = loop {
+            if let Some((_, c)) = self.indexes(leader) {
+                break c;
+            }
+            if Instant::now() > deadline {
+                bail!("the leader does not answer /health");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for &id in &self.members {
+            loop {
+                if self.indexes(id).is_some_and(|(a, _)| a >= target) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("node {id} did not apply index {target} in time");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(target)
+    }
+
+    pub fn stop_all(&mut self) {
+        self.heal();
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.resume(id);
+            self.kill9(id);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
