@@ -128,29 +128,18 @@ impl Leases {
     /// instance (the client registers again), else every matching instance
     /// is renewed and the count returned.
     ///
-    /// The answer is linearizable: before it looks at its replica, the
-    /// leader confirms with a quorum that it still leads and waits until it
-    /// has applied everything committed before the heartbeat arrived (a
-    /// shared read-index round). Without that, a deposed leader that has not
-    /// noticed yet would answer from an old state.
+    /// The answer is linearizable. An answer decided from the replica alone
+    /// (`NotFound`, or an ack without a write) waits for a shared read-index
+    /// round first: the leader confirms with a quorum that it still leads
+    /// and waits until it has applied everything committed before the
+    /// heartbeat arrived, then looks again. Without that, a deposed leader
+    /// that has not noticed yet would answer from an old state (the harness
+    /// in `examples/jepsen` caught a cut-off old leader answering `404`).
+    /// A renewal that goes through a `Renew` entry needs no extra round:
+    /// its commit, proposed after the heartbeat arrived, confirms as much.
     pub async fn heartbeat(&self, req: &HeartbeatRequest, remaining: Duration) -> WriteReply {
         let deadline = Instant::now() + remaining;
-        let index = match self.read_index.get(remaining).await {
-            ReadIndexReply::Index(i) => i,
-            ReadIndexReply::NotLeader(l) => return WriteReply::NotLeader(l),
-            ReadIndexReply::Unavailable(m) => return WriteReply::Unavailable(m),
-        };
-        let mut applied = self.replica.subscribe();
-        let caught_up =
-            tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
-                applied.wait_for(|&a| a >= index).await.is_ok()
-            })
-            .await;
-        if caught_up != Ok(true) {
-            return WriteReply::Unavailable(format!(
-                "the leader did not apply index {index} in time; retry shortly"
-            ));
-        }
+        let mut confirmed = false;
         let mut committed_once = false;
         loop {
             let now = now_ms();
@@ -172,7 +161,14 @@ impl Leases {
                 matching.unwrap_or_default()
             };
             if targets.is_empty() {
-                return WriteReply::Done(CommandResult::NotFound);
+                if confirmed {
+                    return WriteReply::Done(CommandResult::NotFound);
+                }
+                if let Err(reply) = self.confirm(deadline).await {
+                    return reply;
+                }
+                confirmed = true;
+                continue;
             }
             let stale: Vec<Renewal> = targets
                 .iter()
@@ -184,6 +180,13 @@ impl Leases {
                 })
                 .collect();
             if stale.is_empty() {
+                if !confirmed {
+                    if let Err(reply) = self.confirm(deadline).await {
+                        return reply;
+                    }
+                    confirmed = true;
+                    continue;
+                }
                 if !committed_once {
                     let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                     for (id, _) in &targets {
@@ -213,10 +216,34 @@ impl Leases {
                         .inc_by(n);
                     // Check again against the new committed value.
                     committed_once = true;
+                    confirmed = true;
                 }
                 Ok(other) => return other,
             }
         }
+    }
+
+    /// Confirms leadership (a shared read-index round) and waits until the
+    /// replica has applied the read index.
+    async fn confirm(&self, deadline: Instant) -> Result<(), WriteReply> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let index = match self.read_index.get(remaining).await {
+            ReadIndexReply::Index(i) => i,
+            ReadIndexReply::NotLeader(l) => return Err(WriteReply::NotLeader(l)),
+            ReadIndexReply::Unavailable(m) => return Err(WriteReply::Unavailable(m)),
+        };
+        let mut applied = self.replica.subscribe();
+        let caught_up =
+            tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), async {
+                applied.wait_for(|&a| a >= index).await.is_ok()
+            })
+            .await;
+        if caught_up != Ok(true) {
+            return Err(WriteReply::Unavailable(format!(
+                "the leader did not apply index {index} in time; retry shortly"
+            )));
+        }
+        Ok(())
     }
 
     /// Commits renewals in the next `Renew` entry and waits for it.
