@@ -533,8 +533,24 @@ fn run(args: &Args) -> Result<usize> {
         let _ = writeln!(s, "anomalies: none");
     } else {
         let _ = writeln!(s, "anomalies: {anomalies}");
-        for a in &report.anomalies {
-            let _ = writeln!(s, "  {}: {}", a.check, a.detail.trim_end());
+        // The first few in full; all of them in anomalies.txt.
+        let mut full = String::new();
+        for (k, a) in report.anomalies.iter().enumerate() {
+            let _ = writeln!(full, "{}: {}", a.check, a.detail.trim_end());
+            if k < 3 {
+                let _ = writeln!(s, "  {}: {}", a.check, a.detail.trim_end());
+            } else {
+                let first = a.detail.lines().next().unwrap_or("");
+                let _ = writeln!(s, "  {}: {first} ...", a.check);
+            }
+        }
+        std::fs::write(out.join("anomalies.txt"), full)?;
+        if report.anomalies.len() > 3 {
+            let _ = writeln!(
+                s,
+                "  (every anomaly in full: {})",
+                out.join("anomalies.txt").display()
+            );
         }
         for l in &liveness {
             let _ = writeln!(s, "  liveness: {l}");
