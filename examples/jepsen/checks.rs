@@ -465,3 +465,213 @@ pub fn check(records: &[Record], finals: &[Record], budget: u64) -> Report {
     early_expiry(records, finals, &mut report);
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn rec(
+        id: usize,
+        kind: Kind,
+        service: &str,
+        inst: Option<&str>,
+        call: u64,
+        ret: u64,
+        result: Res,
+    ) -> Record {
+        Record {
+            id,
+            client: id,
+            kind,
+            service: service.into(),
+            instance: inst.map(Into::into),
+            value: None,
+            node: 1,
+            incarnation: Some(1),
+            call,
+            ret,
+            result,
+            index: None,
+            status: None,
+        }
+    }
+
+    fn saw(pairs: &[(&str, u64)]) -> Res {
+        Res::Saw(pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+    }
+
+    fn register(id: usize, service: &str, inst: &str, v: u64, call: u64, ret: u64) -> Record {
+        let mut r = rec(id, Kind::Register, service, Some(inst), call, ret, Res::Ok);
+        r.value = Some(v);
+        r
+    }
+
+    fn read(
+        id: usize,
+        kind: Kind,
+        service: &str,
+        call: u64,
+        ret: u64,
+        index: u64,
+        res: Res,
+    ) -> Record {
+        let mut r = rec(id, kind, service, None, call, ret, res);
+        r.index = Some(index);
+        r
+    }
+
+    fn checks_named(report: &Report, name: &str) -> usize {
+        report
+            .anomalies
+            .iter()
+            .filter(|a| a.check.contains(name))
+            .count()
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        let records = vec![
+            register(0, "jk0", "i0", 1, 0, S),
+            read(
+                1,
+                Kind::ConsistentRead,
+                "jk0",
+                2 * S,
+                3 * S,
+                5,
+                saw(&[("i0", 1)]),
+            ),
+            read(2, Kind::Read, "jk0", 4 * S, 5 * S, 5, saw(&[("i0", 1)])),
+        ];
+        let finals = vec![read(
+            3,
+            Kind::FinalRead,
+            "jk0",
+            9 * S,
+            10 * S,
+            7,
+            saw(&[("i0", 1)]),
+        )];
+        let report = check(&records, &finals, 1_000_000);
+        assert!(
+            report.anomalies.is_empty(),
+            "{:?}",
+            report
+                .anomalies
+                .iter()
+                .map(|a| &a.detail)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_lost_acknowledged_write_is_reported() {
+        let records = vec![register(0, "jk0", "i0", 1, 0, S)];
+        let finals = vec![read(1, Kind::FinalRead, "jk0", 9 * S, 10 * S, 7, saw(&[]))];
+        let report = check(&records, &finals, 1_000_000);
+        assert_eq!(checks_named(&report, "lost"), 1);
+        assert!(checks_named(&report, "linearizability") >= 1);
+    }
+
+    #[test]
+    fn a_stale_consistent_read_is_reported() {
+        let mut second = register(1, "jk0", "i0", 2, 2 * S, 3 * S);
+        second.value = Some(2);
+        let records = vec![
+            register(0, "jk0", "i0", 1, 0, S),
+            second,
+            read(
+                2,
+                Kind::ConsistentRead,
+                "jk0",
+                4 * S,
+                5 * S,
+                3,
+                saw(&[("i0", 1)]),
+            ),
+        ];
+        let report = check(&records, &[], 1_000_000);
+        assert_eq!(checks_named(&report, "linearizability"), 1);
+    }
+
+    #[test]
+    fn an_index_going_back_on_one_node_is_reported() {
+        let records = vec![
+            register(0, "jk0", "i0", 1, 0, S),
+            read(1, Kind::Read, "jk0", 2 * S, 3 * S, 9, saw(&[("i0", 1)])),
+            read(2, Kind::Read, "jk0", 4 * S, 5 * S, 8, saw(&[("i0", 1)])),
+        ];
+        let report = check(&records, &[], 1_000_000);
+        assert_eq!(checks_named(&report, "index went back"), 1);
+        // Across a restart (another incarnation) the index may start lower.
+        let mut records = records;
+        records[2].incarnation = Some(2);
+        assert_eq!(
+            checks_named(&check(&records, &[], 1_000_000), "index went back"),
+            0
+        );
+    }
+
+    #[test]
+    fn two_states_at_one_index_and_phantoms_are_reported() {
+        let records = vec![
+            register(0, "jk0", "i0", 1, 0, S),
+            read(1, Kind::Read, "jk0", 2 * S, 3 * S, 9, saw(&[("i0", 1)])),
+            read(2, Kind::Read, "jk0", 2 * S, 3 * S, 9, saw(&[])),
+            read(3, Kind::Read, "jk0", 4 * S, 5 * S, 10, saw(&[("i0", 77)])),
+        ];
+        let report = check(&records, &[], 1_000_000);
+        assert_eq!(checks_named(&report, "same index"), 1);
+        assert_eq!(checks_named(&report, "phantom"), 1);
+    }
+
+    #[test]
+    fn early_expiry_is_reported_and_late_expiry_is_not() {
+        let ttl = workload::HB_TTL_SECS * S;
+        let records = vec![
+            register(0, "jh0", "i0", 1, 0, S),
+            rec(
+                1,
+                Kind::Heartbeat,
+                "jh0",
+                Some("i0"),
+                10 * S,
+                11 * S,
+                Res::Ok,
+            ),
+            // Gone 2 s after the heartbeat: too early.
+            read(
+                2,
+                Kind::ConsistentRead,
+                "jh0",
+                12 * S,
+                12 * S + 1,
+                5,
+                saw(&[]),
+            ),
+            // Gone a TTL after it: fine.
+            read(
+                3,
+                Kind::ConsistentRead,
+                "jh0",
+                10 * S + ttl + 1,
+                10 * S + ttl + 2,
+                6,
+                saw(&[]),
+            ),
+        ];
+        let report = check(&records, &[], 1_000_000);
+        assert_eq!(
+            checks_named(&report, "early expiry"),
+            1,
+            "{:?}",
+            report
+                .anomalies
+                .iter()
+                .map(|a| &a.detail)
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -298,7 +298,11 @@ fn run(args: &Args) -> Result<usize> {
     }
     println!("jepsen: output in {}", out.display());
 
-    let mut c = Cluster::new(bin, out.clone(), extra, 3)?;
+    // Run a copy, so that a rebuild during a long run changes nothing.
+    std::fs::create_dir_all(&out)?;
+    let copy = out.join("vertice-register");
+    std::fs::copy(&bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+    let mut c = Cluster::new(copy, out.clone(), extra, 3)?;
     c.wait_for_leader(Duration::from_secs(30))
         .context("the cluster elected no leader")?;
     log(start, "cluster up");
