@@ -194,3 +194,44 @@ async fn waiters_are_capped_and_a_cancelled_one_frees_its_slot_at_once() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_query_never_answers_from_before_its_index() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_for_leader().await;
+    let follower = c.follower_of(leader);
+    c.register(leader, "web", 80).await;
+    c.wait_for_service(follower, "web").await;
+
+    // The follower is cut off; the cluster moves on without it.
+    c.isolate(follower, true);
+    c.register(leader, "web", 81).await;
+    let (_, headers, _) = c.get(leader, "/services/web").await;
+    let index = index_of(&headers);
+
+    // A watcher that saw `index` on the leader moves to the cut-off node:
+    // it must not be handed the older state there.
+    let (status, answered_at, _, took) = timed_get(
+        &c.http,
+        format!("{}/services/web?index={index}&wait=1s", c.url(follower)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answered_at < index, "{answered_at} >= {index}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+
+    // Healed, the same query is answered (from index on) as usual.
+    c.isolate(follower, false);
+    let (status, answered_at, body, _) = timed_get(
+        &c.http,
+        format!(
+            "{}/services/web?index={}&wait=5s",
+            c.url(follower),
+            index - 1
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answered_at >= index);
+    assert_eq!(body["instances"].as_array().unwrap().len(), 2);
+}

@@ -284,8 +284,10 @@ fn default_reads(records: &[Record], report: &mut Report) {
     let reads: Vec<&Record> = records
         .iter()
         .filter(|r| {
-            matches!(r.kind, Kind::Read | Kind::ConsistentRead | Kind::FinalRead)
-                && matches!(r.result, Res::Saw(_))
+            matches!(
+                r.kind,
+                Kind::Read | Kind::ConsistentRead | Kind::FinalRead | Kind::Watch
+            ) && matches!(r.result, Res::Saw(_))
                 && r.index.is_some()
         })
         .collect();
@@ -322,6 +324,22 @@ fn default_reads(records: &[Record], report: &mut Report) {
                     });
                     break;
                 }
+            }
+        }
+    }
+
+    // c4: a blocking query never answers with a state older than the
+    // index it was given (a watch must not go back in time).
+    for r in reads.iter().filter(|r| r.kind == Kind::Watch) {
+        if let (Some(after), Some(index)) = (r.after, r.index) {
+            if index < after {
+                report.anomalies.push(Anomaly {
+                    check: "(c) watch went back",
+                    detail: format!(
+                        "a blocking query with index={after} answered a state at index {index}:\n    {}",
+                        show(r)
+                    ),
+                });
             }
         }
     }
@@ -495,6 +513,7 @@ mod tests {
             result,
             index: None,
             status: None,
+            after: None,
         }
     }
 

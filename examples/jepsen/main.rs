@@ -30,6 +30,9 @@ use rand::{Rng, SeedableRng};
 use cluster::Cluster;
 use workload::{Kind, Record, Res, Shared};
 
+/// Clients that watch a service with blocking queries.
+const WATCHERS: usize = 2;
+
 const FAULTS: &[&str] = &[
     "kill-leader",
     "kill-follower",
@@ -278,10 +281,11 @@ fn run(args: &Args) -> Result<usize> {
     }
     let run_for = Duration::from_secs_f64(args.minutes * 60.0);
     println!(
-        "jepsen: seed {}, {:.1} min, {} clients + {} heartbeaters, faults: {}",
+        "jepsen: seed {}, {:.1} min, {} clients + {} watchers + {} heartbeaters, faults: {}",
         args.seed,
         args.minutes,
         args.clients,
+        WATCHERS,
         workload::HB_SERVICES * workload::HB_INSTANCES,
         faults.join(",")
     );
@@ -330,6 +334,15 @@ fn run(args: &Args) -> Result<usize> {
         )));
     }
     let mut client = args.clients;
+    for s in 0..WATCHERS {
+        handles.push(rt.spawn(workload::watcher(
+            shared.clone(),
+            client,
+            s % workload::SERVICES,
+            args.seed.wrapping_mul(1000).wrapping_add(client as u64),
+        )));
+        client += 1;
+    }
     for s in 0..workload::HB_SERVICES {
         for i in 0..workload::HB_INSTANCES {
             handles.push(rt.spawn(workload::heartbeater(
@@ -421,6 +434,7 @@ fn run(args: &Args) -> Result<usize> {
             for s in &services {
                 let op = workload::Op {
                     kind: Kind::FinalRead,
+                    after: None,
                     service: s.clone(),
                     instance: None,
                     value: None,

@@ -45,6 +45,8 @@ pub enum Kind {
     ConsistentRead,
     /// After the run, healed and converged: a default read on every member.
     FinalRead,
+    /// A blocking query (`?index=N&wait=..`), N from the previous answer.
+    Watch,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -81,6 +83,8 @@ pub struct Record {
     pub index: Option<u64>,
     /// HTTP status, if one came back.
     pub status: Option<u16>,
+    /// The `index` a blocking query was given.
+    pub after: Option<u64>,
 }
 
 pub struct Shared {
@@ -182,6 +186,8 @@ fn read_result(c: &Call) -> Res {
 
 pub struct Op {
     pub kind: Kind,
+    /// For a watch: the index to wait past.
+    pub after: Option<u64>,
     pub service: String,
     pub instance: Option<String>,
     pub value: Option<u64>,
@@ -233,6 +239,17 @@ pub async fn run_op(shared: &Shared, client: usize, node: (u64, &str), op: Op) -
             )
             .await
         }
+        Kind::Watch => {
+            send(
+                shared,
+                shared.http.get(format!(
+                    "{url}/services/{}?index={}&wait=1s",
+                    op.service,
+                    op.after.unwrap_or(0)
+                )),
+            )
+            .await
+        }
         Kind::ConsistentRead => {
             send(
                 shared,
@@ -263,6 +280,7 @@ pub async fn run_op(shared: &Shared, client: usize, node: (u64, &str), op: Op) -
         result,
         index: c.index,
         status: c.status,
+        after: op.after,
     }
 }
 
@@ -299,6 +317,7 @@ pub async fn worker(shared: Arc<Shared>, client: usize, seed: u64) -> Vec<Record
             matches!(kind, Kind::Register | Kind::Deregister | Kind::Heartbeat).then_some(i);
         let op = Op {
             kind,
+            after: None,
             service: s,
             instance,
             value,
@@ -338,6 +357,7 @@ pub async fn heartbeater(
         };
         let op = Op {
             kind,
+            after: None,
             service: hb_service(s),
             instance: Some(instance(i)),
             value,
@@ -355,6 +375,7 @@ pub async fn heartbeater(
         };
         let op = Op {
             kind: Kind::ConsistentRead,
+            after: None,
             service: hb_service(s),
             instance: None,
             value: None,
@@ -370,6 +391,36 @@ pub async fn heartbeater(
             rng.gen_range(700..1000)
         };
         tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    out
+}
+
+/// Watches one service the way the gateway and the client library do:
+/// a blocking query at a random node with the index of the last answer.
+pub async fn watcher(shared: Arc<Shared>, client: usize, s: usize, seed: u64) -> Vec<Record> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    let mut last = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Some((id, url)) = pick_node(&shared, &mut rng) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let op = Op {
+            kind: Kind::Watch,
+            after: Some(last),
+            service: service(s),
+            instance: None,
+            value: None,
+            ttl: 0,
+        };
+        let r = run_op(&shared, client, (id, &url), op).await;
+        if let (Res::Saw(_), Some(i)) = (&r.result, r.index) {
+            last = last.max(i);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        out.push(r);
     }
     out
 }

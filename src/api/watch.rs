@@ -80,12 +80,28 @@ impl AppState {
                 changed = tokio::time::timeout_at(deadline, applied.changed()) => match changed {
                     Ok(Ok(())) => continue,
                     // Time is up: answer with what we have.
-                    Ok(Err(_)) | Err(_) => return Ok(()),
+                    Ok(Err(_)) | Err(_) => return self.not_behind(after),
                 },
                 // The node is stopping: answer now so the stop is not held up.
-                _ = stopping.wait_for(|s| *s) => return Ok(()),
+                _ = stopping.wait_for(|s| *s) => return self.not_behind(after),
             }
         }
+    }
+
+    /// A blocking query never answers with a state older than the index it
+    /// was given: a node that has not applied that far yet (it lags, is cut
+    /// off, or restarted) says so with `503` instead of sending the client
+    /// back in time. (The harness in `examples/jepsen` caught a watcher
+    /// moving to a lagging node and being answered from before its index.)
+    fn not_behind(&self, after: u64) -> Result<(), ApiError> {
+        let applied = self.replica.read().applied_index();
+        if applied < after {
+            return Err(ApiError::Unavailable(format!(
+                "this node has applied up to index {applied}, behind the index {after} you \
+                 asked to wait past; retry shortly or ask another node"
+            )));
+        }
+        Ok(())
     }
 }
 
