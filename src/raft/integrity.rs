@@ -248,6 +248,19 @@ mod tests {
         (dir, db)
     }
 
+    /// Opens a directory again, once sled's threads let go of its lock.
+    fn reopen(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match open_checked(dir) {
+                Err(DataDirError::Open(e)) if e.contains("lock") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn corrupt(db: &sled::Db) -> String {
         match check(db) {
             Err(DataDirError::Corrupt(why)) => why,
@@ -280,17 +293,8 @@ mod tests {
             let meta = db.open_tree(META_TREE).unwrap();
             assert_eq!(read_format(&meta).unwrap(), Some(FORMAT_VERSION));
         }
-        // Opening again is fine, once sled's threads let go of the lock.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match open_checked(dir.path()) {
-                Err(DataDirError::Open(e)) if Instant::now() < deadline => {
-                    assert!(e.contains("lock"), "{e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                other => break drop(other.unwrap()),
-            }
-        }
+        // Opening again is fine.
+        drop(reopen(dir.path()).unwrap());
 
         // An older release: data, but no marker.
         let old = tempfile::tempdir().unwrap();
@@ -302,7 +306,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        match open_checked(old.path()) {
+        match reopen(old.path()) {
             Err(DataDirError::Format(why)) => assert!(why.contains("older release"), "{why}"),
             other => panic!("expected a format error, got {:?}", other.map(|r| r.1)),
         }
@@ -317,7 +321,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        match open_checked(newer.path()) {
+        match reopen(newer.path()) {
             Err(DataDirError::Format(why)) => assert!(why.contains("format 2"), "{why}"),
             other => panic!("expected a format error, got {:?}", other.map(|r| r.1)),
         }
