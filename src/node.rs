@@ -19,15 +19,27 @@ use crate::api::{self, AppState};
 use crate::config::NodeArgs;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
-use crate::raft::{self, Faults, LogStore, Network, NodeId, Raft, StateMachineStore};
+use crate::raft::{self, DataDirError, Faults, LogStore, Network, NodeId, Raft, StateMachineStore};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot open the data directory {dir}: {source}")]
-    Storage { dir: String, source: sled::Error },
+    #[error("cannot open the data directory {dir}: {reason}")]
+    Storage { dir: String, reason: String },
+    #[error(
+        "data directory {dir} is corrupt: {reason}; refusing to start. Remove the directory \
+         and add the node back to the cluster: start it with --join http://<a running node> \
+         (it will copy a snapshot from the leader)."
+    )]
+    Corrupt { dir: String, reason: String },
+    #[error(
+        "data directory {dir} {reason}; refusing to start. Run the release that wrote it, or \
+         remove the directory and add the node back to the cluster: start it with \
+         --join http://<a running node> (it will copy a snapshot from the leader)."
+    )]
+    Format { dir: String, reason: String },
     #[error("cannot load stored state: {0}")]
     Load(String),
     #[error("raft failed to start: {0}")]
@@ -41,6 +53,7 @@ pub struct RunningNode {
     pub raft: Raft,
     pub state: Arc<AppState>,
     pub faults: Arc<Faults>,
+    data_dir: std::path::PathBuf,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -85,14 +98,24 @@ impl RunningNode {
             );
         }
 
+        let dir = args.data_dir.display().to_string();
         std::fs::create_dir_all(&args.data_dir).map_err(|e| StartError::Storage {
-            dir: args.data_dir.display().to_string(),
-            source: e.into(),
+            dir: dir.clone(),
+            reason: e.to_string(),
         })?;
-        let db = raft::open_db(&args.data_dir).map_err(|source| StartError::Storage {
-            dir: args.data_dir.display().to_string(),
-            source,
+        // Before anything is served: a damaged directory is refused here.
+        let (db, check) = raft::open_checked(&args.data_dir).map_err(|e| match e {
+            DataDirError::Corrupt(reason) => StartError::Corrupt { dir, reason },
+            DataDirError::Format(reason) => StartError::Format { dir, reason },
+            DataDirError::Open(reason) => StartError::Storage { dir, reason },
         })?;
+        tracing::info!(
+            log_entries = check.log.entries,
+            instances = check.state_machine.instances,
+            snapshot_bytes = check.state_machine.snapshot.map_or(0, |s| s.1),
+            elapsed_ms = check.elapsed.as_secs_f64() * 1000.0,
+            "data directory verified"
+        );
         let log = LogStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
@@ -181,6 +204,7 @@ impl RunningNode {
             raft,
             state,
             faults,
+            data_dir: args.data_dir.clone(),
             stop,
             server,
             tasks,
@@ -208,8 +232,14 @@ impl RunningNode {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Err(e) = self.state.db.flush_async().await {
-            tracing::error!(error = %e, "final flush failed");
+        match self.state.db.flush_async().await {
+            Err(e) => tracing::error!(error = %e, "final flush failed"),
+            // Lets the next start tell whether sled gave back all of it.
+            Ok(_) => {
+                if let Err(e) = raft::integrity::record_clean_stop(&self.data_dir, &self.state.db) {
+                    tracing::warn!(error = %e, "cannot record the clean stop");
+                }
+            }
         }
         tracing::info!(id = self.id, "node stopped");
     }

@@ -4,6 +4,10 @@
 //! and a vote saved, only after `sled::Db::flush_async` returns. Appends are
 //! written as one batch and flushed once, so a batch of entries costs one
 //! fsync (group commit). It does not know what the entries mean.
+//!
+//! Every value is sealed with a CRC32 (see [`super::codec`]); a value that
+//! fails it is a storage error naming the entry, never a panic. [`check`]
+//! verifies the whole store at start-up.
 
 use std::fmt::Debug;
 use std::io;
@@ -14,11 +18,19 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 
+use super::codec::{describe_sled, seal, show_key, unseal, Corruption};
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
+pub(crate) const LOG_TREE: &str = "log";
+pub(crate) const META_TREE: &str = "raft";
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
+/// The storage format marker: its absence in a data directory that holds
+/// anything means an older format (values without checksums).
+pub(crate) const FORMAT: &[u8] = b"format";
+/// The format this build writes and reads: 1 = CRC32-sealed bincode values.
+pub const FORMAT_VERSION: u32 = 1;
 
 /// The sled-backed Raft log. Cheap to clone: clones share the same trees.
 #[derive(Clone)]
@@ -29,20 +41,157 @@ pub struct LogStore {
     committed_index: Arc<AtomicU64>,
 }
 
-fn key(index: u64) -> [u8; 8] {
+pub(crate) fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
-    bincode::deserialize(bytes)
+/// What a metadata key holds, for messages.
+fn meta_name(k: &[u8]) -> &'static str {
+    match k {
+        VOTE => "vote",
+        COMMITTED => "committed log id",
+        LAST_PURGED => "last purged log id",
+        FORMAT => "format marker",
+        _ => "raft metadata",
+    }
+}
+
+/// Decodes one stored log entry, checking its checksum and that it is the
+/// entry its key says.
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<Entry, Corruption> {
+    let index = match <[u8; 8]>::try_from(k) {
+        Ok(b) => u64::from_be_bytes(b),
+        Err(_) => {
+            return Err(Corruption::new(
+                "log",
+                format!("malformed key {}", show_key(k)),
+            ))
+        }
+    };
+    let entry: Entry =
+        unseal(v).map_err(|why| Corruption::new(format!("log entry {index}"), why))?;
+    if entry.log_id.index != index {
+        return Err(Corruption::new(
+            format!("log entry {index}"),
+            format!("holds the entry of index {}", entry.log_id.index),
+        ));
+    }
+    Ok(entry)
+}
+
+/// Reads the format marker: `Ok(None)` when there is none.
+pub(crate) fn read_format(meta: &sled::Tree) -> Result<Option<u32>, Corruption> {
+    match meta
+        .get(FORMAT)
+        .map_err(|e| Corruption::new("format marker", describe_sled(&e)))?
+    {
+        None => Ok(None),
+        Some(v) => unseal(&v)
+            .map(Some)
+            .map_err(|why| Corruption::new("format marker", why)),
+    }
+}
+
+/// Writes this build's format marker (into a new, empty data directory).
+pub(crate) fn write_format(meta: &sled::Tree) -> Result<(), io::Error> {
+    meta.insert(FORMAT, seal(&FORMAT_VERSION).map_err(io::Error::other)?)?;
+    Ok(())
+}
+
+/// What the start-up check read from the log store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogCheck {
+    pub entries: u64,
+    pub last_purged: Option<LogId>,
+    pub last: Option<LogId>,
+}
+
+/// Verifies the whole log store: every metadata value, and every log entry
+/// (checksum, index equal to its key, indexes contiguous from the purge
+/// point to the last, terms never going down). Entries at or below the
+/// purge point may remain after a crash during a purge; they are verified
+/// but not required to be contiguous.
+pub fn check(db: &sled::Db) -> Result<LogCheck, Corruption> {
+    let sled_err = |what: &str, e: sled::Error| Corruption::new(what, describe_sled(&e));
+    let meta = db
+        .open_tree(META_TREE)
+        .map_err(|e| sled_err("raft metadata", e))?;
+    let mut last_purged: Option<LogId> = None;
+    for item in meta.iter() {
+        let (k, v) = item.map_err(|e| sled_err("raft metadata", e))?;
+        let bad = |why| Corruption::new(meta_name(&k), why);
+        match k.as_ref() {
+            FORMAT => {
+                unseal::<u32>(&v).map_err(bad)?;
+            }
+            VOTE => {
+                unseal::<Vote<NodeId>>(&v).map_err(bad)?;
+            }
+            COMMITTED => {
+                unseal::<Option<LogId>>(&v).map_err(bad)?;
+            }
+            LAST_PURGED => last_purged = unseal::<Option<LogId>>(&v).map_err(bad)?,
+            other => {
+                return Err(Corruption::new(
+                    "raft metadata",
+                    format!("unexpected key {}", show_key(other)),
+                ))
+            }
+        }
+    }
+
+    let log = db.open_tree(LOG_TREE).map_err(|e| sled_err("log", e))?;
+    let mut found = LogCheck {
+        last_purged,
+        ..LogCheck::default()
+    };
+    // openraft reads a log with no purge point from index 0.
+    let mut expected = last_purged.map_or(0, |p| p.index + 1);
+    let mut prev = last_purged;
+    for item in log.iter() {
+        let (k, v) = item.map_err(|e| {
+            let after = found
+                .last
+                .map_or("the start".into(), |l| format!("entry {}", l.index));
+            sled_err(&format!("log (after {after})"), e)
+        })?;
+        let entry = decode_entry(&k, &v)?;
+        found.entries += 1;
+        let id = entry.log_id;
+        if last_purged.is_some_and(|p| id.index <= p.index) {
+            continue;
+        }
+        if id.index != expected {
+            return Err(Corruption::new(
+                format!("log entry {expected}"),
+                format!("missing (the next stored entry is {})", id.index),
+            ));
+        }
+        if let Some(p) = prev {
+            if id.leader_id.get_term() < p.leader_id.get_term() {
+                return Err(Corruption::new(
+                    format!("log entry {}", id.index),
+                    format!(
+                        "term {} is lower than the term {} before it",
+                        id.leader_id.get_term(),
+                        p.leader_id.get_term()
+                    ),
+                ));
+            }
+        }
+        prev = Some(id);
+        found.last = Some(id);
+        expected = id.index + 1;
+    }
+    Ok(found)
 }
 
 impl LogStore {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let store = Self {
             db: db.clone(),
-            log: db.open_tree("log")?,
-            meta: db.open_tree("raft")?,
+            log: db.open_tree(LOG_TREE)?,
+            meta: db.open_tree(META_TREE)?,
             committed_index: Arc::new(AtomicU64::new(0)),
         };
         if let Ok(Some(c)) = store.read_meta::<Option<LogId>>(COMMITTED) {
@@ -64,13 +213,14 @@ impl LogStore {
     ) -> Result<Option<T>, StorageError> {
         match self.meta.get(k).map_err(|e| StorageIOError::read(&e))? {
             None => Ok(None),
-            Some(v) => Ok(Some(decode(&v).map_err(|e| StorageIOError::read(&e))?)),
+            Some(v) => Ok(Some(unseal(&v).map_err(|why| {
+                StorageIOError::read(&Corruption::new(meta_name(k), why))
+            })?)),
         }
     }
 
-    fn write_meta<T: serde::Serialize>(&self, k: &[u8], v: &T) -> Result<(), sled::Error> {
-        let bytes = bincode::serialize(v).expect("raft metadata always serializes");
-        self.meta.insert(k, bytes)?;
+    fn write_meta<T: serde::Serialize>(&self, k: &[u8], v: &T) -> Result<(), io::Error> {
+        self.meta.insert(k, seal(v).map_err(io::Error::other)?)?;
         Ok(())
     }
 
@@ -100,8 +250,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         for item in self.log.range::<[u8; 8], _>((start, end)) {
-            let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
-            out.push(decode::<Entry>(&v).map_err(|e| StorageIOError::read_logs(&e))?);
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(decode_entry(&k, &v).map_err(|e| StorageIOError::read_logs(&e))?);
         }
         Ok(out)
     }
@@ -114,8 +264,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.read_meta(LAST_PURGED)?.flatten();
         let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
             None => None,
-            Some((_, v)) => Some(
-                decode::<Entry>(&v)
+            Some((k, v)) => Some(
+                decode_entry(&k, &v)
                     .map_err(|e| StorageIOError::read_logs(&e))?
                     .log_id,
             ),
@@ -168,7 +318,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = bincode::serialize(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            let bytes = seal(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             batch.insert(&key(entry.log_id.index), bytes);
         }
         self.log

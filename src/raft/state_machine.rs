@@ -4,6 +4,9 @@
 //! The live registry sits in memory behind a [`Replica`] that the HTTP layer
 //! reads; sled holds the same data (tree `sm`) so a restart does not replay
 //! the whole log. Apply never reads the clock: times come inside commands.
+//!
+//! Every value is sealed with a CRC32 (see [`super::codec`]); [`check`]
+//! verifies every record and the current snapshot at start-up.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -17,14 +20,17 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::codec::{describe_sled, seal, show_key, unseal, Corruption};
 use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 use crate::registry::{Change, Command, CommandResult, Instance, Registry};
 
-const APPLIED: &[u8] = b"m/applied";
+pub(crate) const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const EXPIRY_PAUSED: &[u8] = b"m/expiry_paused";
 const INSTANCE_PREFIX: &[u8] = b"i/";
 const CURRENT_SNAPSHOT: &[u8] = b"current";
+pub(crate) const SM_TREE: &str = "sm";
+pub(crate) const SNAPSHOT_TREE: &str = "snapshot";
 
 /// What a node has applied: the registry and the Raft position it reflects.
 #[derive(Debug, Default)]
@@ -146,7 +152,113 @@ fn instance_key(service: &str, id: &str) -> Vec<u8> {
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serialize(v).expect("in-memory values always serialize")
+    seal(v).expect("in-memory values always serialize")
+}
+
+/// One record of the `sm` tree, decoded.
+enum Record {
+    Applied(Option<LogId>),
+    Membership(StoredMembership<NodeId, Node>),
+    ExpiryPaused(bool),
+    Instance(Instance),
+}
+
+/// What a record's key names, for messages: `instance a/10.0.0.1:80`.
+fn record_name(k: &[u8]) -> String {
+    match k {
+        APPLIED => "state machine applied log id".into(),
+        MEMBERSHIP => "state machine membership".into(),
+        EXPIRY_PAUSED => "state machine expiry flag".into(),
+        _ => match k.strip_prefix(INSTANCE_PREFIX) {
+            Some(rest) => {
+                let name = String::from_utf8_lossy(rest).replacen('\0', "/", 1);
+                format!("state machine instance {name}")
+            }
+            None => format!("state machine record {}", show_key(k)),
+        },
+    }
+}
+
+/// Decodes one record of the `sm` tree, checking its checksum and that it
+/// belongs under its key.
+fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, Corruption> {
+    let bad = |why| Corruption::new(record_name(k), why);
+    Ok(match k {
+        APPLIED => Record::Applied(unseal(v).map_err(bad)?),
+        MEMBERSHIP => Record::Membership(unseal(v).map_err(bad)?),
+        EXPIRY_PAUSED => Record::ExpiryPaused(unseal(v).map_err(bad)?),
+        _ if k.starts_with(INSTANCE_PREFIX) => {
+            let inst: Instance = unseal(v).map_err(bad)?;
+            if instance_key(&inst.service_name, &inst.instance_id) != k {
+                return Err(Corruption::new(
+                    record_name(k),
+                    format!("holds instance {}/{}", inst.service_name, inst.instance_id),
+                ));
+            }
+            Record::Instance(inst)
+        }
+        _ => {
+            return Err(Corruption::new(
+                "state machine",
+                format!("unexpected key {}", show_key(k)),
+            ))
+        }
+    })
+}
+
+/// Decodes the stored snapshot, and the registry inside it.
+fn decode_snapshot(v: &[u8]) -> Result<(StoredSnapshot, SnapshotData), Corruption> {
+    let snap: StoredSnapshot = unseal(v).map_err(|why| Corruption::new("current snapshot", why))?;
+    let data = bincode::deserialize(&snap.data).map_err(|e| {
+        Corruption::new(
+            format!("snapshot {}", snap.meta.snapshot_id),
+            format!("its registry does not decode ({e})"),
+        )
+    })?;
+    Ok((snap, data))
+}
+
+/// What the start-up check read from the state machine.
+#[derive(Debug, Clone, Default)]
+pub struct StateMachineCheck {
+    pub instances: u64,
+    pub applied: Option<LogId>,
+    /// The current snapshot's last log id and size, if there is one.
+    pub snapshot: Option<(Option<LogId>, usize)>,
+}
+
+/// Verifies every record of the state machine (checksum, and that each
+/// instance is stored under its own key) and the current snapshot
+/// (checksum, and that its registry decodes).
+pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
+    let sled_err = |what: &str, e: sled::Error| Corruption::new(what, describe_sled(&e));
+    let sm = db
+        .open_tree(SM_TREE)
+        .map_err(|e| sled_err("state machine", e))?;
+    let mut found = StateMachineCheck::default();
+    for item in sm.iter() {
+        let (k, v) = item.map_err(|e| sled_err("state machine", e))?;
+        match decode_record(&k, &v)? {
+            Record::Applied(a) => found.applied = a,
+            Record::Instance(_) => found.instances += 1,
+            Record::Membership(_) | Record::ExpiryPaused(_) => {}
+        }
+    }
+    let snapshots = db
+        .open_tree(SNAPSHOT_TREE)
+        .map_err(|e| sled_err("snapshot", e))?;
+    for item in snapshots.iter() {
+        let (k, v) = item.map_err(|e| sled_err("snapshot", e))?;
+        if k.as_ref() != CURRENT_SNAPSHOT {
+            return Err(Corruption::new(
+                "snapshot",
+                format!("unexpected key {}", show_key(&k)),
+            ));
+        }
+        let (snap, _) = decode_snapshot(&v)?;
+        found.snapshot = Some((snap.meta.last_log_id, snap.data.len()));
+    }
+    Ok(found)
 }
 
 /// The sled-backed state machine. Clones share everything.
@@ -166,26 +278,20 @@ impl StateMachineStore {
             replica: Arc::new(Replica::default()),
             db: db.clone(),
             sm: db
-                .open_tree("sm")
+                .open_tree(SM_TREE)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?,
             snapshots: db
-                .open_tree("snapshot")
+                .open_tree(SNAPSHOT_TREE)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?,
         };
         let mut applied = Applied::default();
-        let read_err = |e: &dyn std::error::Error| StorageIOError::read_state_machine(&to_io(e));
         for item in store.sm.iter() {
-            let (k, v) = item.map_err(|e| read_err(&e))?;
-            if k.as_ref() == APPLIED {
-                applied.last_applied = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
-            } else if k.as_ref() == MEMBERSHIP {
-                applied.membership = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
-            } else if k.as_ref() == EXPIRY_PAUSED {
-                let paused = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
-                applied.registry.restore_expiry_paused(paused);
-            } else if k.starts_with(INSTANCE_PREFIX) {
-                let inst: Instance = bincode::deserialize(&v).map_err(|e| read_err(&*e))?;
-                applied.registry.restore(inst);
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            match decode_record(&k, &v).map_err(|e| StorageIOError::read_state_machine(&e))? {
+                Record::Applied(a) => applied.last_applied = a,
+                Record::Membership(m) => applied.membership = m,
+                Record::ExpiryPaused(p) => applied.registry.restore_expiry_paused(p),
+                Record::Instance(inst) => applied.registry.restore(inst),
             }
         }
         let floor = applied.applied_index();
@@ -213,7 +319,9 @@ impl StateMachineStore {
         {
             None => Ok(None),
             Some(v) => Ok(Some(
-                bincode::deserialize(&v).map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+                unseal(&v)
+                    .map_err(|why| Corruption::new("current snapshot", why))
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
             )),
         }
     }
@@ -268,11 +376,6 @@ impl StateMachineStore {
     }
 }
 
-/// Copies a borrowed error into one openraft's `AnyError` can take.
-fn to_io(e: &dyn std::error::Error) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (data, last_log_id, last_membership) = {
@@ -286,7 +389,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 applied.membership.clone(),
             )
         };
-        let data = encode(&data);
+        // Plain bincode: this travels to followers as is. At rest the whole
+        // stored snapshot is sealed.
+        let data =
+            bincode::serialize(&data).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // The id only has to be unique; the wall clock is fine here because
         // building a snapshot is not part of apply.
         let nanos = std::time::SystemTime::now()
