@@ -527,7 +527,7 @@ fn run(args: &Args) -> Result<usize> {
     let _ = writeln!(s, "checks:");
     let _ = writeln!(
         s,
-        "  (a) {} acknowledged registrations checked on {} nodes after kill/heal/converge",
+        "  (a) {} keys with an acknowledged registration, checked on all {} nodes after healing and converging",
         report.acked_registrations_a,
         nodes.len()
     );
