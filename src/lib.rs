@@ -8,6 +8,8 @@
 //! - [`clock`]: the leader's clock, for stamping commands.
 //! - [`leases`]: the leader's side of TTL leases: renewals, checkpoints, expiry.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`auth`]: API tokens, roles and service prefixes.
+//! - [`audit`]: the audit log (JSON lines, non-blocking writer, rotation).
 //! - [`config`]: the command line.
 //! - [`admin`]: the `cluster` subcommand (membership requests, tables).
 //! - [`client`]: the async Rust client: failover, retries, auto-registration, watch.
@@ -16,6 +18,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub expiry_paused: IntGauge,
     pub watchers: IntGauge,
     pub watch_rejected: IntCounter,
+    pub auth_refused: IntCounterVec,
+    pub audit_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -125,6 +127,19 @@ impl Metrics {
                 "Blocking queries refused because every watcher slot was taken",
             )
             .unwrap(),
+            auth_refused: IntCounterVec::new(
+                Opts::new(
+                    "registry_auth_refused_total",
+                    "Requests refused by the token or cluster-secret checks, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            audit_dropped: IntCounter::new(
+                "registry_audit_dropped_total",
+                "Audit events dropped (writer queue full or write failed)",
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -137,6 +152,8 @@ impl Metrics {
         r.register(Box::new(m.renewals.clone())).unwrap();
         r.register(Box::new(m.checkpoints.clone())).unwrap();
         r.register(Box::new(m.watch_rejected.clone())).unwrap();
+        r.register(Box::new(m.auth_refused.clone())).unwrap();
+        r.register(Box::new(m.audit_dropped.clone())).unwrap();
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,
