@@ -43,7 +43,10 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
             format!("{}{path}", base.trim_end_matches('/')),
         );
         if let Some(s) = &args.cluster_secret {
-            req = req.header(SECRET_HEADER, s);
+            req = req.header(SECRET_HEADER, s.expose());
+        }
+        if let Some(t) = &args.token {
+            req = req.bearer_auth(t.expose());
         }
         if let Some(b) = &body {
             req = req.json(b);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::Secret;
 use crate::raft::NodeId;
 
 #[derive(Debug, Parser)]
@@ -20,6 +21,8 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// Parsed once at start: the size of the node's flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a registry node.
@@ -52,7 +55,11 @@ pub struct ClusterArgs {
         hide_env_values = true,
         global = true
     )]
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
+    /// An admin API token (header Authorization: Bearer), accepted on
+    /// /cluster/* in place of the cluster secret when the nodes have --tokens.
+    #[arg(long, env = "REGISTRY_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -99,6 +106,10 @@ pub struct GatewayArgs {
     /// How long an open breaker waits before letting one request through.
     #[arg(long, env = "GATEWAY_BREAKER_COOLDOWN_MS", default_value_t = 5_000)]
     pub breaker_cooldown_ms: u64,
+    /// API token for the registry lookups (a read token is enough), sent as
+    /// Authorization: Bearer.
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -123,6 +134,10 @@ pub struct DemoArgs {
     /// TTL to register with, in seconds.
     #[arg(long, env = "DEMO_TTL_SECS", default_value_t = 60)]
     pub ttl_seconds: u32,
+    /// API token (a write token for this service's name), sent as
+    /// Authorization: Bearer.
+    #[arg(long, env = "DEMO_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -149,7 +164,7 @@ pub struct NodeArgs {
     pub join: Option<String>,
     /// Shared secret required on /raft/* and /cluster/* (header X-Cluster-Secret).
     #[arg(long, env = "REGISTRY_CLUSTER_SECRET", hide_env_values = true)]
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
     /// Allow more than one voter without a cluster secret.
     #[arg(long, env = "REGISTRY_INSECURE")]
     pub insecure: bool,
@@ -189,6 +204,23 @@ pub struct NodeArgs {
     /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
     pub max_watchers: usize,
+    /// API tokens (JSON file, see README "Security"). With it, every request
+    /// but GET /health and --public-routes needs Authorization: Bearer.
+    #[arg(long, env = "REGISTRY_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Routes reachable without a token when --tokens is set, comma-separated:
+    /// /metrics, /services, /services/* (GET /health always is).
+    #[arg(long, env = "REGISTRY_PUBLIC_ROUTES", value_delimiter = ',')]
+    pub public_routes: Vec<String>,
+    /// Append one JSON line per mutation and per refused request to this file.
+    #[arg(long, env = "REGISTRY_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log when it would grow past this many bytes.
+    #[arg(long, env = "REGISTRY_AUDIT_LOG_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit logs to keep (FILE.1 .. FILE.N).
+    #[arg(long, env = "REGISTRY_AUDIT_LOG_MAX_FILES", default_value_t = 5)]
+    pub audit_log_max_files: usize,
     /// Longest pause, in seconds, before expiry resumes anyway.
     #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
     pub expiry_pause_max_secs: u64,

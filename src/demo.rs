@@ -270,7 +270,11 @@ pub async fn run_from_cli(
     args: DemoArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let client = RegistryClient::new(args.registry.clone())?;
+    let opts = crate::client::ClientOptions {
+        token: args.token.as_ref().map(|t| t.expose().to_string()),
+        ..Default::default()
+    };
+    let client = RegistryClient::with_options(args.registry.clone(), opts)?;
     let bind = if args.host.contains(':') && !args.host.starts_with('[') {
         format!("[{}]:{}", args.host, args.port)
     } else {

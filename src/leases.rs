@@ -80,6 +80,7 @@ pub struct Leases {
     pending: Mutex<HashMap<InstanceKey, Millis>>,
     batches: mpsc::UnboundedSender<BatchItem>,
     status: Mutex<Option<ExpiryStatus>>,
+    audit: crate::audit::AuditLog,
 }
 
 impl Leases {
@@ -91,6 +92,7 @@ impl Leases {
         replica: Arc<Replica>,
         metrics: Arc<Metrics>,
         config: ExpiryConfig,
+        audit: crate::audit::AuditLog,
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -103,6 +105,7 @@ impl Leases {
             pending: Mutex::new(HashMap::new()),
             batches: tx,
             status: Mutex::new(None),
+            audit,
         });
         let tasks = vec![
             tokio::spawn(leases.clone().batcher(rx, stop.clone())),
@@ -444,6 +447,16 @@ impl Leases {
                                 self.metrics.expired.inc_by(n as u64);
                                 recent.push_back((Instant::now(), n));
                                 tracing::info!(expired = n, "expired instances whose TTL ran out");
+                                // The round's candidates: apply skips any renewed meanwhile.
+                                let targets: Vec<String> =
+                                    chunk.iter().map(|(s, i)| format!("{s}/{i}")).collect();
+                                self.audit.record(
+                                    None,
+                                    "expire",
+                                    serde_json::json!(targets),
+                                    crate::audit::Outcome::Ok,
+                                    Some(serde_json::json!({ "count": n })),
+                                );
                             }
                         }
                     }

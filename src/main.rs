@@ -52,6 +52,24 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.addr))?;
     let node = RunningNode::start(args, listener).await?;
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads the --tokens file; a bad file keeps the old tokens.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hup.recv() => match node.reload_tokens() {
+                    Ok(n) => tracing::info!(tokens = n, "SIGHUP: token file reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: token file not reloaded; the old tokens stay"),
+                },
+            }
+        }
+    }
+    #[cfg(not(unix))]
     shutdown_signal().await;
     tracing::info!("stopping: signal received");
     node.shutdown().await;

@@ -98,6 +98,28 @@ impl RunningNode {
             );
         }
 
+        // Flags that need no storage are checked before it is opened.
+        let auth = Arc::new(
+            crate::auth::Auth::load(args.tokens.as_deref(), &args.public_routes)
+                .map_err(StartError::Config)?,
+        );
+        if let Some(tokens) = auth.tokens() {
+            tracing::info!(tokens = tokens.len(), path = ?args.tokens, "API tokens required");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let audit = match &args.audit_log {
+            Some(path) => crate::audit::AuditLog::open(
+                path,
+                args.id,
+                crate::audit::Rotation {
+                    max_bytes: args.audit_log_max_bytes,
+                    max_files: args.audit_log_max_files,
+                },
+                metrics.audit_dropped.clone(),
+            )
+            .map_err(StartError::Config)?,
+            None => crate::audit::AuditLog::disabled(),
+        };
         let dir = args.data_dir.display().to_string();
         std::fs::create_dir_all(&args.data_dir).map_err(|e| StartError::Storage {
             dir: dir.clone(),
@@ -120,7 +142,7 @@ impl RunningNode {
         let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
         let net = Network::new(
-            args.cluster_secret.clone(),
+            args.cluster_secret.as_ref().map(|s| s.expose().to_string()),
             faults.clone(),
             args.source_addr,
         );
@@ -129,7 +151,6 @@ impl RunningNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let metrics = Arc::new(Metrics::new());
         let (stop, stop_rx) = watch::channel(false);
         let read_index = crate::read_index::ReadIndex::new(raft.clone(), args.leader_wait());
         let (leases, mut tasks) = Leases::start(
@@ -138,6 +159,7 @@ impl RunningNode {
             replica.clone(),
             metrics.clone(),
             args.expiry(),
+            audit.clone(),
             stop_rx.clone(),
         );
         let state = Arc::new(AppState {
@@ -156,6 +178,8 @@ impl RunningNode {
             stopping: stop_rx.clone(),
             read_index,
             test_stale_reads: args.test_stale_reads,
+            auth,
+            audit,
         });
 
         let app = api::router(state.clone());
@@ -211,6 +235,12 @@ impl RunningNode {
         })
     }
 
+    /// Reads the `--tokens` file again (`SIGHUP`). On an error the old
+    /// tokens stay in force.
+    pub fn reload_tokens(&self) -> Result<usize, String> {
+        self.state.auth.reload()
+    }
+
     /// Stops gracefully: closes the listener, stops Raft and the background
     /// tasks, and flushes sled. Safe to call on a node that is partitioned.
     pub async fn shutdown(self) {
@@ -229,6 +259,8 @@ impl RunningNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }
+        let audit = self.state.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.sync(Duration::from_secs(2))).await;
         for t in self.tasks {
             let _ = t.await;
         }
@@ -251,6 +283,12 @@ fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartErr
         Some(p) => p.0.clone(),
         None => BTreeMap::from([(args.id, args.advertise().to_string())]),
     };
+    if args.tokens.is_some() && args.cluster_secret.is_none() && !args.insecure {
+        return Err(StartError::Config(
+            "--tokens needs --cluster-secret too: without one the node-to-node /raft/* routes are open, which bypasses the tokens (or pass --insecure)"
+                .into(),
+        ));
+    }
     if args.join.is_some() {
         // A joining node starts empty and is added by the running cluster.
         return Ok(BTreeMap::new());

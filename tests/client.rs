@@ -584,6 +584,7 @@ async fn demo_run_from_cli_deregisters_on_shutdown() {
         host: "127.0.0.1".into(),
         registry: urls(&c),
         ttl_seconds: 5,
+        token: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(vertice_register::demo::run_from_cli(args, async {
@@ -609,6 +610,7 @@ async fn demo_run_from_cli_deregisters_on_shutdown() {
         host: "127.0.0.1".into(),
         registry: vec!["not-a-url".into()],
         ttl_seconds: 5,
+        token: None,
     };
     assert!(vertice_register::demo::run_from_cli(bad, async {})
         .await

@@ -8,16 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::extract::{Extension, Path, State};
+use axum::http::{header::AUTHORIZATION, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use openraft::error::ChangeMembershipError;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde_json::{json, Value};
 
+use super::access::{CALLER_HEADER, VIA_HEADER};
 use super::handlers::JsonBody;
 use super::{ApiError, AppState};
+use crate::audit::Outcome;
+use crate::auth::Caller;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 
 /// Marks a request one node passed on to the leader, so it is not passed on again.
@@ -37,6 +40,7 @@ impl AppState {
         path: &str,
         body: Option<&Value>,
         headers: &HeaderMap,
+        caller: &Caller,
     ) -> Option<Response> {
         if headers.contains_key(FORWARDED) {
             return None;
@@ -51,7 +55,16 @@ impl AppState {
                         .net
                         .request(method.clone(), format!("http://{addr}{path}"))
                         .header(FORWARDED, "1")
+                        .header(VIA_HEADER, self.id.to_string())
                         .timeout(CATCH_UP + Duration::from_secs(10));
+                    if let Some(a) = &caller.addr {
+                        req = req.header(CALLER_HEADER, a);
+                    }
+                    // The leader checks an admin token itself (needed where
+                    // no cluster secret is set; names the caller in its audit).
+                    if let Some(auth) = headers.get(AUTHORIZATION) {
+                        req = req.header(AUTHORIZATION, auth.as_bytes());
+                    }
                     if let Some(b) = body {
                         req = req.json(b);
                     }
@@ -122,9 +135,13 @@ fn change_error(e: RaftError<ClientWriteError>) -> ApiError {
 }
 
 /// `GET /cluster/status`
-pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+) -> Response {
     if let Some(resp) = state
-        .to_leader(Method::GET, "/cluster/status", None, &headers)
+        .to_leader(Method::GET, "/cluster/status", None, &headers, &caller)
         .await
     {
         return resp;
@@ -197,6 +214,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
 /// until it has caught up, then make it a voter.
 pub async fn add(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
@@ -204,15 +222,37 @@ pub async fn add(
         Ok(JsonBody(b)) => b,
         Err(e) => return e.into_response(),
     };
-    if let Some(resp) = state
-        .to_leader(Method::POST, "/cluster/nodes", Some(&body), &headers)
+    let target = json!({"id": body["id"], "addr": body["addr"]});
+    let resp = match state
+        .to_leader(
+            Method::POST,
+            "/cluster/nodes",
+            Some(&body),
+            &headers,
+            &caller,
+        )
         .await
     {
-        return resp;
+        Some(resp) => resp,
+        None => add_here(&state, &body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+    };
+    state.audit_membership(&caller, "cluster.add", target, &resp);
+    resp
+}
+
+impl AppState {
+    /// Audits a membership change this node made or passed on.
+    fn audit_membership(&self, caller: &Caller, op: &str, target: Value, resp: &Response) {
+        let status = resp.status();
+        let outcome = if status.is_success() {
+            Outcome::Ok
+        } else {
+            Outcome::Status(status.as_u16())
+        };
+        self.audit.record(Some(caller), op, target, outcome, None);
     }
-    add_here(&state, &body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> {
@@ -276,9 +316,11 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
 /// `DELETE /cluster/nodes/{id}`: remove a node from the cluster.
 pub async fn remove(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Response {
+    let mut target = Value::Null;
     let result = async {
         let Path(raw) = path?;
         let id: NodeId = raw
@@ -286,12 +328,14 @@ pub async fn remove(
             .ok()
             .filter(|id| *id > 0)
             .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))?;
+        target = json!({ "id": id });
         if let Some(resp) = state
             .to_leader(
                 Method::DELETE,
                 &format!("/cluster/nodes/{id}"),
                 None,
                 &headers,
+                &caller,
             )
             .await
         {
@@ -319,5 +363,9 @@ pub async fn remove(
         Ok(Json(json!({"removed": id, "voters": voters})).into_response())
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
+    if !target.is_null() {
+        state.audit_membership(&caller, "cluster.remove", target, &resp);
+    }
+    resp
 }

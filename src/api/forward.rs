@@ -15,8 +15,11 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{ApiError, AppState};
+use crate::audit::Outcome;
+use crate::auth::Caller;
 use crate::clock::now_ms;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 use crate::registry::{
@@ -43,6 +46,85 @@ impl WriteRequest {
             Self::Heartbeat(_) => "heartbeat",
             Self::Deregister { .. } => "deregister",
         }
+    }
+
+    /// The service the write changes (what a token's prefixes limit).
+    pub fn service_name(&self) -> &str {
+        match self {
+            Self::Register(r) => &r.service_name,
+            Self::Heartbeat(h) => &h.service_name,
+            Self::Deregister { service_name, .. } => service_name,
+        }
+    }
+
+    /// `service/instance` (or `service` for a whole service), for the audit log.
+    pub fn target(&self) -> Value {
+        let instance = match self {
+            Self::Register(r) => Some(r.instance_id.clone().unwrap_or_else(|| {
+                format!("{}:{}", r.host.as_deref().unwrap_or("127.0.0.1"), r.port)
+            })),
+            Self::Heartbeat(h) => h.instance_id.clone(),
+            Self::Deregister { instance_id, .. } => instance_id.clone(),
+        };
+        match instance {
+            Some(i) => Value::from(format!("{}/{i}", self.service_name())),
+            None => Value::from(self.service_name()),
+        }
+    }
+
+    /// Heartbeats are too frequent for the audit log (their refusals are not).
+    pub fn audited(&self) -> bool {
+        !matches!(self, Self::Heartbeat(_))
+    }
+}
+
+/// A write one node passes to the leader: the request and who sent it, so
+/// that the leader checks the caller's token again.
+#[derive(Serialize)]
+struct ForwardedWriteOut<'a> {
+    write: &'a WriteRequest,
+    token: Option<&'a str>,
+    caller: Option<&'a str>,
+    via: NodeId,
+}
+
+/// What the leader's `/raft/write` accepts: the envelope, or a bare
+/// request from a node of an earlier release (no caller, no token).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IncomingWrite {
+    Forwarded(ForwardedWrite),
+    Bare(WriteRequest),
+}
+
+#[derive(Deserialize)]
+pub struct ForwardedWrite {
+    pub write: WriteRequest,
+    pub token: Option<String>,
+    pub caller: Option<String>,
+    pub via: Option<NodeId>,
+}
+
+impl std::fmt::Debug for ForwardedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardedWrite")
+            .field("write", &self.write)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("caller", &self.caller)
+            .field("via", &self.via)
+            .finish()
+    }
+}
+
+/// The audit outcome of a write's result.
+pub fn write_outcome(result: &Result<CommandResult, ApiError>) -> Outcome {
+    match result {
+        Ok(CommandResult::NotFound) => Outcome::Status(404),
+        Ok(_) => Outcome::Ok,
+        Err(e @ (ApiError::TokenRequired(_) | ApiError::Forbidden(_))) => {
+            Outcome::Refused(e.status().as_u16(), format!("{} by the leader", e.code()))
+        }
+        Err(e) => Outcome::Status(e.status().as_u16()),
     }
 }
 
@@ -76,6 +158,11 @@ pub enum WriteReply {
     NotLeader(Option<NodeId>),
     /// The outcome is unknown or the cluster cannot commit now.
     Unavailable(String),
+    /// The leader refused the caller (`401` or `403`); nothing changed.
+    Refused {
+        status: u16,
+        message: String,
+    },
 }
 
 impl WriteReply {
@@ -109,6 +196,15 @@ pub enum ReadIndexReply {
     Unavailable(String),
 }
 
+/// The error a leader's refusal stands for.
+fn refused(status: u16, message: String) -> ApiError {
+    if status == 401 {
+        ApiError::TokenRequired(message)
+    } else {
+        ApiError::Forbidden(message)
+    }
+}
+
 /// Why one attempt to reach the leader failed.
 enum Attempt<T> {
     Answered(T),
@@ -128,8 +224,32 @@ impl AppState {
         ))
     }
 
-    /// Commits a write through the leader, wherever it is.
-    pub async fn write(&self, req: WriteRequest) -> Result<CommandResult, ApiError> {
+    /// Checks that `caller` may make the write, commits it through the
+    /// leader, wherever it is, and audits it.
+    pub async fn write(
+        &self,
+        req: WriteRequest,
+        caller: &Caller,
+    ) -> Result<CommandResult, ApiError> {
+        self.authorize_write(caller, &req)?;
+        let result = self.write_via_leader(&req, caller).await;
+        if req.audited() {
+            self.audit.record(
+                Some(caller),
+                req.kind(),
+                req.target(),
+                write_outcome(&result),
+                None,
+            );
+        }
+        result
+    }
+
+    async fn write_via_leader(
+        &self,
+        req: &WriteRequest,
+        caller: &Caller,
+    ) -> Result<CommandResult, ApiError> {
         let deadline = Instant::now() + self.leader_wait;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -138,12 +258,20 @@ impl AppState {
             }
             let view = self.leader_view();
             let attempt = match (view.leader_id, view.leader_addr) {
-                (Some(id), _) if id == self.id => match self.write_local(&req, remaining).await {
+                (Some(id), _) if id == self.id => match self.write_local(req, remaining).await {
                     WriteReply::Done(r) => Attempt::Answered(r),
                     WriteReply::NotLeader(_) => Attempt::Retry,
                     WriteReply::Unavailable(m) => Attempt::Unknown(m),
+                    WriteReply::Refused { status, message } => {
+                        return Err(refused(status, message))
+                    }
                 },
-                (Some(_), Some(addr)) => self.forward_write(&addr, &req, remaining).await,
+                (Some(_), Some(addr)) => {
+                    match self.forward_write(&addr, req, caller, remaining).await {
+                        Ok(a) => a,
+                        Err(e) => return Err(e),
+                    }
+                }
                 _ => {
                     self.wait_for_leader(remaining).await;
                     continue;
@@ -181,22 +309,34 @@ impl AppState {
         &self,
         addr: &str,
         req: &WriteRequest,
+        caller: &Caller,
         remaining: Duration,
-    ) -> Attempt<CommandResult> {
+    ) -> Result<Attempt<CommandResult>, ApiError> {
         self.metrics
             .forwarded
             .with_label_values(&[req.kind()])
             .inc();
-        match self
-            .forward::<_, WriteReply>(addr, "write", req, remaining)
-            .await
-        {
-            Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
-            Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
-            Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => {
-                Attempt::Unknown(m)
-            }
-        }
+        let envelope = ForwardedWriteOut {
+            write: req,
+            token: caller.token.as_ref().map(|t| t.expose()),
+            caller: caller.addr.as_deref(),
+            via: self.id,
+        };
+        Ok(
+            match self
+                .forward::<_, WriteReply>(addr, "write", &envelope, remaining)
+                .await
+            {
+                Attempt::Answered(WriteReply::Refused { status, message }) => {
+                    return Err(refused(status, message))
+                }
+                Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
+                Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
+                Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => {
+                    Attempt::Unknown(m)
+                }
+            },
+        )
     }
 
     /// Posts JSON to another node's internal route and decodes its answer.

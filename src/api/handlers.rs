@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState, WriteRequest};
+use crate::auth::Caller;
 use crate::registry::{self, validate, CommandResult, Instance, Millis};
 
 /// A JSON body whose every rejection is one of our errors (400, 413, 415).
@@ -133,6 +134,7 @@ fn service_name_from_path(path: Result<Path<String>, PathRejection>) -> Result<S
 pub async fn register(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
     let started = Instant::now();
@@ -142,7 +144,7 @@ pub async fn register(
         if req.host.is_none() {
             req.host = Some(peer.ip().to_canonical().to_string());
         }
-        match state.write(WriteRequest::Register(req)).await? {
+        match state.write(WriteRequest::Register(req), &caller).await? {
             CommandResult::Registered(inst) => Ok(Json(instance_json(&inst)).into_response()),
             other => Err(ApiError::Internal(format!(
                 "unexpected result of register: {other:?}"
@@ -155,6 +157,7 @@ pub async fn register(
 
 pub async fn heartbeat(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
     let started = Instant::now();
@@ -162,7 +165,7 @@ pub async fn heartbeat(
         let JsonBody(body) = body?;
         let req = registry::parse_heartbeat(&body)?;
         let (service, instance) = (req.service_name.clone(), req.instance_id.clone());
-        match state.write(WriteRequest::Heartbeat(req)).await? {
+        match state.write(WriteRequest::Heartbeat(req), &caller).await? {
             CommandResult::Touched(n) => Ok(Json(json!({
                 "status": "ok",
                 "service_name": service,
@@ -193,6 +196,7 @@ fn not_registered(service: &str, instance: Option<&str>) -> ApiError {
 
 pub async fn deregister(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<DeregisterParams>, QueryRejection>,
 ) -> Response {
@@ -207,7 +211,7 @@ pub async fn deregister(
             service_name: service.clone(),
             instance_id: q.instance_id.clone(),
         };
-        match state.write(req).await? {
+        match state.write(req, &caller).await? {
             CommandResult::Touched(n) => Ok(Json(json!({
                 "status": "deregistered",
                 "service_name": service,

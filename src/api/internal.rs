@@ -6,18 +6,19 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::forward::{ReadIndexReply, WriteReply, WriteRequest};
-use super::{ApiError, AppState, MAX_RAFT_BODY};
-use crate::raft::network::SECRET_HEADER;
+use super::forward::{write_outcome, IncomingWrite, ReadIndexReply, WriteReply};
+use super::{AppState, MAX_RAFT_BODY};
+use crate::audit::Outcome;
+use crate::auth::{Caller, Secret};
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
@@ -30,7 +31,10 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/cluster/nodes", post(super::cluster::add))
         .route("/cluster/nodes/{id}", delete(super::cluster::remove))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
-        .layer(middleware::from_fn_with_state(state, guard))
+        .layer(middleware::from_fn_with_state(
+            state,
+            super::access::internal_guard,
+        ))
 }
 
 /// Compares secrets in time that does not depend on where they differ.
@@ -43,31 +47,6 @@ pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
         .zip(expected)
         .fold(0u8, |acc, (a, b)| acc | (a ^ b))
         == 0
-}
-
-/// Refuses requests without the cluster secret, and every request while the
-/// test fault switch cuts this node off.
-async fn guard(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if state.net.faults.is_isolated() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "isolated by the test fault switch",
-        )
-            .into_response();
-    }
-    if let Some(secret) = &state.net.secret {
-        let given = req
-            .headers()
-            .get(SECRET_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        if !secret_matches(given, secret.as_bytes()) {
-            tracing::warn!(path = %req.uri().path(), "refused a cluster request without the right secret");
-            return ApiError::Unauthorized("missing or wrong X-Cluster-Secret".into())
-                .into_response();
-        }
-    }
-    next.run(req).await
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {
@@ -123,15 +102,48 @@ async fn snapshot(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
 
 /// The leader's side of a forwarded write. Never forwards again: a node that
 /// is not the leader says so, and the sender looks for the leader itself.
+///
+/// The leader checks the caller's token again against its own token file
+/// (the receiving node checked it too): a write the caller may not make is
+/// refused here whatever the forwarding node said.
 async fn write(
     State(state): State<Arc<AppState>>,
-    Json(req): Json<WriteRequest>,
+    Json(incoming): Json<IncomingWrite>,
 ) -> Json<WriteReply> {
     let view = state.leader_view();
     if view.leader_id != Some(state.id) {
         return Json(WriteReply::NotLeader(view.leader_id));
     }
-    Json(state.write_local(&req, state.leader_wait).await)
+    let (req, caller) = match incoming {
+        IncomingWrite::Forwarded(f) => {
+            let caller = Caller {
+                identity: state.identify(f.token.as_deref()),
+                token: f.token.map(Secret::from),
+                addr: f.caller,
+                via: f.via,
+            };
+            (f.write, caller)
+        }
+        IncomingWrite::Bare(req) => (req, Caller::default()),
+    };
+    if let Err(e) = state.authorize_write(&caller, &req) {
+        return Json(WriteReply::Refused {
+            status: e.status().as_u16(),
+            message: e.to_string(),
+        });
+    }
+    let reply = state.write_local(&req, state.leader_wait).await;
+    if req.audited() {
+        let outcome = match &reply {
+            WriteReply::Done(r) => write_outcome(&Ok(r.clone())),
+            WriteReply::NotLeader(_) | WriteReply::Unavailable(_) => Outcome::Status(503),
+            WriteReply::Refused { status, .. } => Outcome::Status(*status),
+        };
+        state
+            .audit
+            .record(Some(&caller), req.kind(), req.target(), outcome, None);
+    }
+    Json(reply)
 }
 
 async fn read_index(State(state): State<Arc<AppState>>) -> Json<ReadIndexReply> {

@@ -2,6 +2,7 @@
 //! internal routes other nodes call. Handlers depend on [`AppState`] only;
 //! errors become status codes in `error.rs` and nowhere else.
 
+mod access;
 mod cluster;
 pub mod error;
 mod forward;
@@ -20,6 +21,7 @@ use openraft::ServerState;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
+pub use access::{CALLER_HEADER, VIA_HEADER};
 pub use error::ApiError;
 pub use forward::{ReadIndexReply, WriteReply, WriteRequest};
 
@@ -94,6 +96,10 @@ pub struct AppState {
     pub read_index: Arc<crate::read_index::ReadIndex>,
     /// Test only (`--test-stale-reads`): consistent reads skip the read index.
     pub test_stale_reads: bool,
+    /// API tokens (`--tokens`) and the routes open without one.
+    pub auth: Arc<crate::auth::Auth>,
+    /// The audit log (`--audit-log`), or a no-op.
+    pub audit: crate::audit::AuditLog,
 }
 
 /// What this node knows about the leader, read from Raft's metrics.
@@ -159,6 +165,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/services/{name}", get(handlers::get_service))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
+        // Only matched routes: an unknown path is a plain 404.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::public_guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     public
         .merge(internal::router(state.clone()))

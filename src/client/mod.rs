@@ -21,9 +21,10 @@
 //! Known limitations:
 //! - default reads are served from whichever replica the client is stuck
 //!   to, even when that node says (`X-Registry-Known-Leader: false`) that it
-//!   is cut off; use the `_consistent` calls when that matters;
-//! - `ClientOptions::token` is carried but not sent yet (the API has no
-//!   tokens yet).
+//!   is cut off; use the `_consistent` calls when that matters.
+//!
+//! [`ClientOptions::token`] is sent as `Authorization: Bearer` on every
+//! request; a `401` or `403` is [`ClientError::Rejected`] and not retried.
 
 mod auto;
 mod watch;
@@ -43,7 +44,7 @@ use serde_json::Value;
 pub use auto::{auto_register, AutoRegistration};
 
 /// Tuning of a [`RegistryClient`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     /// Timeout of one HTTP request to one node (a blocking query adds its
     /// `wait` to this).
@@ -51,8 +52,19 @@ pub struct ClientOptions {
     /// Total time one call may spend retrying `503`s and unreachable nodes
     /// before it answers [`ClientError::Unavailable`].
     pub retry_budget: Duration,
-    /// Reserved for API tokens; not sent yet.
+    /// API token, sent as `Authorization: Bearer` (needed when the nodes
+    /// run with `--tokens`).
     pub token: Option<String>,
+}
+
+impl fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_budget", &self.retry_budget)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -383,6 +395,9 @@ impl RegistryClient {
                 .request(method.clone(), &url)
                 .timeout(timeout)
                 .query(query);
+            if let Some(t) = &inner.opts.token {
+                req = req.bearer_auth(t);
+            }
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -551,6 +566,17 @@ mod tests {
         let c = RegistryClient::new(["http://a:1/", " https://b:2 "]).unwrap();
         assert_eq!(c.urls(), ["http://a:1", "https://b:2"]);
         assert_eq!(c.current_url(), "http://a:1");
+    }
+
+    #[test]
+    fn options_do_not_print_the_token() {
+        let o = ClientOptions {
+            token: Some("s3cret-token-value".into()),
+            ..Default::default()
+        };
+        let dbg = format!("{o:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert!(dbg.contains("redacted"));
     }
 
     #[test]

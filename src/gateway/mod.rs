@@ -101,6 +101,8 @@ pub struct GatewayConfig {
     pub max_services: usize,
     /// Where `SERVICE_<NAME>_URL` is read from.
     pub env: EnvLookup,
+    /// API token for registry lookups (`Authorization: Bearer`).
+    pub token: Option<crate::auth::Secret>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -115,6 +117,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("watch_wait", &self.watch_wait)
             .field("watch_idle", &self.watch_idle)
             .field("max_services", &self.max_services)
+            .field("token", &self.token)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +136,7 @@ impl GatewayConfig {
             watch_idle: Duration::from_secs(300),
             max_services: 10_000,
             env: Arc::new(|k: &str| std::env::var(k).ok()),
+            token: None,
         }
     }
 
@@ -142,6 +146,7 @@ impl GatewayConfig {
             cache_ttl: Duration::from_secs(args.cache_ttl_secs),
             breaker_threshold: args.breaker_threshold,
             breaker_cooldown: Duration::from_millis(args.breaker_cooldown_ms),
+            token: args.token.clone(),
             ..Self::new(args.registry.clone())
         }
     }

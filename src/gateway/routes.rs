@@ -274,6 +274,9 @@ impl Routes {
             let i = (start + k) % nodes.len();
             let base = nodes[i].trim_end_matches('/');
             let mut req = self.http.get(format!("{base}/services/{name}"));
+            if let Some(t) = &self.cfg.token {
+                req = req.bearer_auth(t.expose());
+            }
             req = match block {
                 Some((index, wait)) => req
                     .query(&[

@@ -39,12 +39,15 @@ where
     }
 }
 
+/// Adjusts a node's flags before it starts.
+pub type Tune = Arc<dyn Fn(&mut NodeArgs) + Send + Sync>;
+
 pub struct TestCluster {
     pub nodes: BTreeMap<u64, Option<RunningNode>>,
     pub addrs: BTreeMap<u64, SocketAddr>,
     pub faults: BTreeMap<u64, Arc<Faults>>,
     dirs: BTreeMap<u64, TempDir>,
-    tune: fn(&mut NodeArgs),
+    tune: Tune,
     pub http: reqwest::Client,
 }
 
@@ -55,6 +58,12 @@ impl TestCluster {
 
     /// Starts `n` voters; `tune` adjusts every node's flags.
     pub async fn start_with(n: u64, tune: fn(&mut NodeArgs)) -> Self {
+        Self::start_tuned(n, Arc::new(tune)).await
+    }
+
+    /// Like [`TestCluster::start_with`], with a closure (it may capture,
+    /// e.g. a token file's path).
+    pub async fn start_tuned(n: u64, tune: Tune) -> Self {
         let mut listeners = BTreeMap::new();
         let mut addrs = BTreeMap::new();
         for id in 1..=n {
