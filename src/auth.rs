@@ -414,15 +414,16 @@ impl Auth {
         self.path.is_some()
     }
 
-    /// Reads the token file again; on error the old tokens stay.
-    pub fn reload(&self) -> Result<usize, String> {
+    /// Reads the token file again and returns how many tokens it holds;
+    /// `None` without `--tokens`. On an error the old tokens stay.
+    pub fn reload(&self) -> Result<Option<usize>, String> {
         let Some(path) = &self.path else {
-            return Err("no --tokens file is configured".into());
+            return Ok(None);
         };
         let fresh = Tokens::load(path).map_err(|e| e.to_string())?;
         let n = fresh.len();
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(fresh));
-        Ok(n)
+        Ok(Some(n))
     }
 
     /// May `path` be reached without a token?
@@ -584,6 +585,38 @@ mod tests {
         );
         let missing = Tokens::load(Path::new("/nonexistent/tokens.json")).unwrap_err();
         assert!(missing.to_string().contains("cannot read it"), "{missing}");
+    }
+
+    #[test]
+    fn reload_swaps_tokens_and_keeps_them_on_a_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        std::fs::write(&path, GOOD).unwrap();
+        let auth = Auth::load(Some(&path), &[]).unwrap();
+        assert!(auth.enabled());
+        assert!(auth
+            .tokens()
+            .unwrap()
+            .verify("reader-token-0123456789")
+            .is_some());
+        std::fs::write(
+            &path,
+            r#"{"tokens":[{"id":"new","token":"new-token-0123456789","role":"read"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(auth.reload(), Ok(Some(1)));
+        let t = auth.tokens().unwrap();
+        assert!(t.verify("reader-token-0123456789").is_none());
+        assert_eq!(t.verify("new-token-0123456789").unwrap().id, "new");
+        std::fs::write(&path, "broken").unwrap();
+        assert!(auth.reload().is_err());
+        assert!(auth
+            .tokens()
+            .unwrap()
+            .verify("new-token-0123456789")
+            .is_some());
+        assert_eq!(Auth::open().reload(), Ok(None));
+        assert!(Auth::open().tokens().is_none());
     }
 
     #[test]

@@ -63,7 +63,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = hup.recv() => match node.reload_tokens() {
-                    Ok(n) => tracing::info!(tokens = n, "SIGHUP: token file reloaded"),
+                    Ok(Some(n)) => tracing::info!(tokens = n, "SIGHUP: token file reloaded"),
+                    Ok(None) => tracing::info!("SIGHUP: no --tokens file to reload"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: token file not reloaded; the old tokens stay"),
                 },
             }

@@ -235,9 +235,10 @@ impl RunningNode {
         })
     }
 
-    /// Reads the `--tokens` file again (`SIGHUP`). On an error the old
+    /// Reads the `--tokens` file again (`SIGHUP`) and returns how many
+    /// tokens it holds (`None` without `--tokens`). On an error the old
     /// tokens stay in force.
-    pub fn reload_tokens(&self) -> Result<usize, String> {
+    pub fn reload_tokens(&self) -> Result<Option<usize>, String> {
         self.state.auth.reload()
     }
 

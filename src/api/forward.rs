@@ -316,27 +316,32 @@ impl AppState {
             .forwarded
             .with_label_values(&[req.kind()])
             .inc();
-        let envelope = ForwardedWriteOut {
-            write: req,
-            token: caller.token.as_ref().map(|t| t.expose()),
-            caller: caller.addr.as_deref(),
-            via: self.id,
-        };
-        Ok(
-            match self
-                .forward::<_, WriteReply>(addr, "write", &envelope, remaining)
+        // A node with neither tokens nor an audit log sends the bare request,
+        // as earlier releases did, so that an open cluster can be upgraded
+        // one node at a time.
+        let attempt = if self.auth.enabled() || self.audit.enabled() {
+            let envelope = ForwardedWriteOut {
+                write: req,
+                token: caller.token.as_ref().map(|t| t.expose()),
+                caller: caller.addr.as_deref(),
+                via: self.id,
+            };
+            self.forward::<_, WriteReply>(addr, "write", &envelope, remaining)
                 .await
-            {
-                Attempt::Answered(WriteReply::Refused { status, message }) => {
-                    return Err(refused(status, message))
-                }
-                Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
-                Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
-                Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => {
-                    Attempt::Unknown(m)
-                }
-            },
-        )
+        } else {
+            self.forward::<_, WriteReply>(addr, "write", req, remaining)
+                .await
+        };
+        Ok(match attempt {
+            Attempt::Answered(WriteReply::Refused { status, message }) => {
+                return Err(refused(status, message))
+            }
+            Attempt::Answered(WriteReply::Done(r)) => Attempt::Answered(r),
+            Attempt::Answered(WriteReply::NotLeader(_)) | Attempt::Retry => Attempt::Retry,
+            Attempt::Answered(WriteReply::Unavailable(m)) | Attempt::Unknown(m) => {
+                Attempt::Unknown(m)
+            }
+        })
     }
 
     /// Posts JSON to another node's internal route and decodes its answer.
