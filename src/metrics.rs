@@ -29,6 +29,7 @@ pub struct Metrics {
     pub expiry_paused: IntGauge,
     pub watchers: IntGauge,
     pub watch_rejected: IntCounter,
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -125,6 +126,14 @@ impl Metrics {
                 "Blocking queries refused because every watcher slot was taken",
             )
             .unwrap(),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "registry_rate_limited_total",
+                    "Requests refused with 429 by a rate limit, by key: ip or token",
+                ),
+                &["by"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -137,6 +146,10 @@ impl Metrics {
         r.register(Box::new(m.renewals.clone())).unwrap();
         r.register(Box::new(m.checkpoints.clone())).unwrap();
         r.register(Box::new(m.watch_rejected.clone())).unwrap();
+        r.register(Box::new(m.rate_limited.clone())).unwrap();
+        for by in ["ip", "token"] {
+            m.rate_limited.with_label_values(&[by]);
+        }
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,

@@ -35,6 +35,8 @@ pub enum ApiError {
     #[error("{0}")]
     TooManyRequests(String),
     #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -49,6 +51,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +66,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Unavailable(_) => "unavailable",
             Self::TooManyRequests(_) => "too_many_requests",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::Internal(_) => "internal",
         }
     }
