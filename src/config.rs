@@ -195,9 +195,9 @@ pub struct NodeArgs {
     /// bursts of twice as many; beyond it `429`. 0 = no limit.
     #[arg(long, env = "REGISTRY_RATE_LIMIT_PER_TOKEN", default_value_t = 0)]
     pub rate_limit_per_token: u32,
-    /// A request's headers must arrive within this many milliseconds (which
-    /// also closes keep-alive connections idle that long), and then its body
-    /// within as many again; else the connection is closed or `408`.
+    /// A request's head must be complete within this many milliseconds of
+    /// its first byte (else the connection is closed), and then its body
+    /// within as many again (else `408`).
     #[arg(long, env = "REGISTRY_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub read_timeout_ms: u64,

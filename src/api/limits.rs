@@ -47,7 +47,8 @@ pub struct LimitConfig {
     pub per_ip: u32,
     /// Requests per second per `Authorization` value; 0 = no limit.
     pub per_token: u32,
-    /// A request's headers, and then its body, must each arrive within this.
+    /// A request's head (from its first byte), and then its body, must each
+    /// arrive within this.
     pub read_timeout: Duration,
 }
 
