@@ -201,6 +201,21 @@ pub struct NodeArgs {
     /// cut nodes apart with firewall rules on one machine.
     #[arg(long, env = "REGISTRY_SOURCE_ADDR")]
     pub source_addr: Option<std::net::IpAddr>,
+    /// Requests per second one client address may make to the public API
+    /// (bursts of twice as many; IPv6 clients count per /64); beyond it
+    /// `429`. 0 = no limit. `/health` and the internal routes are exempt.
+    #[arg(long, env = "REGISTRY_RATE_LIMIT_PER_IP", default_value_t = 0)]
+    pub rate_limit_per_ip: u32,
+    /// Requests per second per `Authorization` header value (kept hashed),
+    /// bursts of twice as many; beyond it `429`. 0 = no limit.
+    #[arg(long, env = "REGISTRY_RATE_LIMIT_PER_TOKEN", default_value_t = 0)]
+    pub rate_limit_per_token: u32,
+    /// A request's head must be complete within this many milliseconds of
+    /// its first byte (else the connection is closed), and then its body
+    /// within as many again (else `408`).
+    #[arg(long, env = "REGISTRY_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub read_timeout_ms: u64,
     /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
     pub max_watchers: usize,
@@ -262,6 +277,14 @@ impl NodeArgs {
 
     pub fn leader_wait(&self) -> Duration {
         Duration::from_millis(self.leader_wait_ms)
+    }
+
+    pub fn limits(&self) -> crate::api::LimitConfig {
+        crate::api::LimitConfig {
+            per_ip: self.rate_limit_per_ip,
+            per_token: self.rate_limit_per_token,
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+        }
     }
 
     pub fn expiry(&self) -> crate::leases::ExpiryConfig {

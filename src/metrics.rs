@@ -31,6 +31,7 @@ pub struct Metrics {
     pub watch_rejected: IntCounter,
     pub auth_refused: IntCounterVec,
     pub audit_dropped: IntCounter,
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -140,6 +141,14 @@ impl Metrics {
                 "Audit events dropped (writer queue full or write failed)",
             )
             .unwrap(),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "registry_rate_limited_total",
+                    "Requests refused with 429 by a rate limit, by key: ip or token",
+                ),
+                &["by"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -154,6 +163,10 @@ impl Metrics {
         r.register(Box::new(m.watch_rejected.clone())).unwrap();
         r.register(Box::new(m.auth_refused.clone())).unwrap();
         r.register(Box::new(m.audit_dropped.clone())).unwrap();
+        r.register(Box::new(m.rate_limited.clone())).unwrap();
+        for by in ["ip", "token"] {
+            m.rate_limited.with_label_values(&[by]);
+        }
         r.register(Box::new(m.forward_latency.clone())).unwrap();
         for gauge in [
             &m.active_services,

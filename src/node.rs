@@ -182,21 +182,14 @@ impl RunningNode {
             audit,
         });
 
-        let app = api::router(state.clone());
+        let limits = args.limits();
+        let app = api::router(state.clone(), &limits);
         let mut server_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
+            api::server::serve(listener, app, limits.read_timeout, shutdown).await;
         });
 
         if args.join.is_none() && !raft.is_initialized().await.unwrap_or(true) {

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,13 +20,21 @@ use crate::auth::Caller;
 use crate::registry::{self, validate, CommandResult, Instance, Millis};
 
 /// A JSON body whose every rejection is one of our errors (400, 413, 415).
+/// An object with a key given twice is refused: parsers disagree on which
+/// one counts, and a proxy in front may have checked the other.
 pub struct JsonBody(pub Value);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let Json(v) = Json::<Value>::from_request(req, state).await?;
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(JsonRejection::from)?;
+        let again = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
+        let Json(v) = Json::<Value>::from_request(again, state).await?;
+        validate::no_duplicate_keys(&bytes)?;
         Ok(Self(v))
     }
 }

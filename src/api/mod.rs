@@ -8,6 +8,8 @@ pub mod error;
 mod forward;
 mod handlers;
 mod internal;
+pub mod limits;
+pub mod server;
 mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +26,7 @@ use tracing::Level;
 pub use access::{CALLER_HEADER, VIA_HEADER};
 pub use error::ApiError;
 pub use forward::{ReadIndexReply, WriteReply, WriteRequest};
+pub use limits::LimitConfig;
 
 use crate::leases::Leases;
 use crate::metrics::Metrics;
@@ -155,8 +158,9 @@ impl AppState {
     }
 }
 
-/// The node's whole HTTP surface.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The node's whole HTTP surface, behind the request limits of `limits`.
+pub fn router(state: Arc<AppState>, limits: &LimitConfig) -> Router {
+    let limits = limits::Limits::new(limits, state.metrics.rate_limited.clone());
     let public = Router::new()
         .route("/register", post(handlers::register))
         .route("/heartbeat", post(handlers::heartbeat))
@@ -175,6 +179,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(internal::router(state.clone()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(limits, limits::guard))
         // 503s are routine during elections; handlers log real failures.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
         .with_state(state)

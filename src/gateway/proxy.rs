@@ -39,9 +39,16 @@ const HOP_BY_HOP: [&str; 10] = [
 /// Splits `/v2/{service}/{rest}` into the service and the upstream path
 /// (`/` + rest, exactly as received: no decoding, no normalizing).
 ///
-/// A `..` segment (also percent-encoded, or next to a backslash, which URL
-/// parsers treat as a slash, or next to an encoded separator) is rejected: the URL parser on the way to the
-/// upstream would resolve it and could leave the path the caller named.
+/// Refused, because an upstream (or the URL parser on the way to it) could
+/// read the path as something other than what the gateway checked:
+/// - a `..` segment, also percent-encoded (once or more) or next to a
+///   backslash;
+/// - a backslash, raw or encoded (Windows servers treat it as a separator);
+/// - an encoded `/` (`%2F`, also double-encoded): upstreams that decode it
+///   see different segments;
+/// - encoded control characters (`%00`-`%1F`, `%7F`: NUL, CR, LF, ...);
+/// - a path that looks like a URL (`//host/...` or `scheme://...`), which
+///   naive upstreams take for an absolute or protocol-relative URL.
 pub fn split_path(raw: &str) -> Result<(&str, String), String> {
     let after = raw
         .strip_prefix("/v2/")
@@ -51,22 +58,62 @@ pub fn split_path(raw: &str) -> Result<(&str, String), String> {
         None => (after, ""),
     };
     validate::service_name(service, "service").map_err(|e| e.message)?;
-    // Upstreams may decode %2F and %5C into separators: check that view too.
-    let decoded = rest
-        .to_ascii_lowercase()
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/");
-    let dot_dot = decoded.split(['/', '\\']).any(|seg| seg == "..");
-    if dot_dot {
-        return Err("'..' path segments are not allowed".into());
-    }
+    check_upstream_path(rest)?;
     let path = if rest.is_empty() {
         "/".to_string()
     } else {
         rest.to_string()
     };
     Ok((service, path))
+}
+
+/// Percent-decodes once; a `%` not followed by two hex digits stays as is.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+fn check_upstream_path(rest: &str) -> Result<(), String> {
+    let separators = |v: &[u8]| v.iter().filter(|b| matches!(b, b'/' | b'\\')).count();
+    // Decode until nothing changes (bounded: each round shortens the text).
+    let mut view = rest.as_bytes().to_vec();
+    let raw_separators = separators(&view);
+    for _ in 0..4 {
+        let next = percent_decode(&view);
+        if next == view {
+            break;
+        }
+        view = next;
+    }
+    if view.contains(&b'\\') {
+        return Err("backslashes are not allowed in the path".into());
+    }
+    if separators(&view) != raw_separators {
+        return Err("percent-encoded '/' or '\\' is not allowed in the path".into());
+    }
+    if view.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+        return Err("control characters are not allowed in the path".into());
+    }
+    if view.split(|b| *b == b'/').any(|seg| seg == b"..") {
+        return Err("'..' path segments are not allowed".into());
+    }
+    if view.starts_with(b"//") || view.windows(3).any(|w| w == b"://") {
+        return Err("the path must not look like a URL ('//host' or 'scheme://')".into());
+    }
+    Ok(())
 }
 
 /// Names listed in a `Connection` header: hop-by-hop too.
@@ -367,6 +414,17 @@ mod tests {
             "/v2/svc/x\\..\\y",
             "/v2/svc/a/..%5c..",
             "/v2/svc/a/..%2Fb",
+            "/v2/svc/%252e%252e/x",
+            "/v2/svc/a%2fb",
+            "/v2/svc/a%252Fb",
+            "/v2/svc/a\\b",
+            "/v2/svc/a%5cb",
+            "/v2/svc/a%0d%0aSet-Cookie:x",
+            "/v2/svc/a%00",
+            "/v2/svc/http://evil/",
+            "/v2/svc//evil.example/x",
+            "/v2/../x",
+            "/v2/./x",
             "/v2/bad name/x",
             "/v2//x",
             "/v2/",

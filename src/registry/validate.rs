@@ -27,6 +27,8 @@ pub const MAX_HEALTH_ENDPOINT: usize = 512;
 pub const MAX_METADATA_ENTRIES: usize = 64;
 pub const MAX_METADATA_KEY: usize = 128;
 pub const MAX_METADATA_VALUE: usize = 1024;
+/// Keys and values of all metadata entries together, in bytes.
+pub const MAX_METADATA_TOTAL: usize = 8 * 1024;
 pub const MIN_TTL: u64 = 5;
 pub const MAX_TTL: u64 = 86_400;
 pub const DEFAULT_TTL: u32 = 60;
@@ -89,7 +91,104 @@ pub fn service_name(name: &str, field: &'static str) -> Result<(), FieldError> {
             format!("{field} may contain only A-Z, a-z, 0-9, '_', '.' and '-'"),
         );
     }
+    // Path segments every URL parser resolves: never a usable name.
+    if name == "." || name == ".." {
+        return err(field, format!("{field} must not be '.' or '..'"));
+    }
     Ok(())
+}
+
+/// Whether `c` may not appear in free text: control characters, and the
+/// invisible ones that make text read differently from what it is: bidi
+/// controls (U+202A-U+202E, U+2066-U+2069, U+200E/F, U+061C), zero-width
+/// characters and joiners (U+200B-U+200D, U+2060-U+2064, U+FEFF), the rest
+/// of Unicode's "format" category (soft hyphen, tags, ...), and the line and
+/// paragraph separators U+2028/U+2029.
+pub fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08E2}'
+                | '\u{180E}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0001}'
+                | '\u{E0020}'..='\u{E007F}'
+        )
+}
+
+/// Refuses a JSON text in which some object has the same key twice
+/// (`serde_json` would silently keep the last one).
+pub fn no_duplicate_keys(json: &[u8]) -> Result<(), FieldError> {
+    use serde::de::{self, MapAccess, SeqAccess, Visitor};
+    use std::borrow::Cow;
+    use std::collections::HashSet;
+
+    struct Check;
+    impl<'de> Deserialize<'de> for Check {
+        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Check)
+        }
+    }
+    impl<'de> Visitor<'de> for Check {
+        type Value = Check;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_unit<E>(self) -> Result<Check, E> {
+            Ok(Check)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Check, A::Error> {
+            while seq.next_element::<Check>()?.is_some() {}
+            Ok(Check)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Check, A::Error> {
+            let mut seen = HashSet::new();
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if !seen.insert(key.clone()) {
+                    return Err(de::Error::custom(format!("duplicate key '{key}'")));
+                }
+                map.next_value::<Check>()?;
+            }
+            Ok(Check)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(json);
+    match Check::deserialize(&mut de).and_then(|_| de.end()) {
+        Ok(()) => Ok(()),
+        Err(e) => err("body", format!("malformed JSON body: {e}")),
+    }
 }
 
 /// Checks an instance id: 1-256 printable ASCII characters, no spaces, no '/'.
@@ -151,12 +250,13 @@ fn metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, FieldError> {
         );
     }
     let mut out = BTreeMap::new();
+    let mut total = 0;
     for (k, v) in m {
-        if k.is_empty() || k.len() > MAX_METADATA_KEY || k.chars().any(char::is_control) {
+        if k.is_empty() || k.len() > MAX_METADATA_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) {
             return err(
                 "metadata",
                 format!(
-                    "metadata keys must be 1-{MAX_METADATA_KEY} bytes without control characters"
+                    "metadata keys must be 1-{MAX_METADATA_KEY} printable ASCII characters without spaces"
                 ),
             );
         }
@@ -166,10 +266,23 @@ fn metadata(v: Option<&Value>) -> Result<BTreeMap<String, String>, FieldError> {
                 format!("metadata value of '{k}' must be a string"),
             );
         };
-        if s.len() > MAX_METADATA_VALUE || s.chars().any(char::is_control) {
+        if s.len() > MAX_METADATA_VALUE {
             return err(
                 "metadata",
-                format!("metadata value of '{k}' must be at most {MAX_METADATA_VALUE} bytes without control characters"),
+                format!("metadata value of '{k}' must be at most {MAX_METADATA_VALUE} bytes"),
+            );
+        }
+        if s.chars().any(is_hidden_char) {
+            return err(
+                "metadata",
+                format!("metadata value of '{k}' must not contain control, bidi or zero-width characters"),
+            );
+        }
+        total += k.len() + s.len();
+        if total > MAX_METADATA_TOTAL {
+            return err(
+                "metadata",
+                format!("metadata keys and values may total at most {MAX_METADATA_TOTAL} bytes"),
             );
         }
         out.insert(k.clone(), s.clone());

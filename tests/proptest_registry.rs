@@ -1,0 +1,344 @@
+//! Property tests: request parsing never panics and accepts only what the
+//! documented field rules allow; the state machine is deterministic, never
+//! expires an instance before its deadline, reports every change it makes,
+//! and survives a snapshot round trip.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+use vertice_register::registry::lease::EXPIRY_SLACK_MS;
+use vertice_register::registry::validate::{self, is_hidden_char};
+use vertice_register::registry::{
+    parse_heartbeat, parse_register, Change, Command, Instance, Registry, Renewal,
+};
+
+const CASES: u32 = 256;
+
+/// Strings mixing ASCII, separators, control, bidi, zero-width and
+/// look-alike characters.
+fn text() -> impl Strategy<Value = String> {
+    let chars = prop_oneof![
+        4 => proptest::char::range('a', 'z'),
+        2 => proptest::char::range(' ', '~'),
+        1 => Just('\0'),
+        1 => Just('\n'),
+        1 => Just('\u{7f}'),
+        1 => Just('\u{85}'),
+        1 => Just('\u{200b}'),
+        1 => Just('\u{200d}'),
+        1 => Just('\u{202e}'),
+        1 => Just('\u{2066}'),
+        1 => Just('\u{feff}'),
+        1 => Just('\u{0430}'),
+        1 => Just('\u{ff50}'),
+        1 => Just('é'),
+        1 => any::<char>(),
+    ];
+    prop_oneof![
+        8 => proptest::collection::vec(chars, 0..24).prop_map(|v| v.into_iter().collect()),
+        1 => Just(".".to_string()),
+        1 => Just("..".to_string()),
+        1 => (0usize..1200).prop_map(|n| "x".repeat(n)),
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (0u64..70_000).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+            proptest::collection::btree_map(text(), inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Objects with the register fields, each absent or any value (often a
+/// plausible one), so the validators see deep into the body.
+fn register_body() -> impl Strategy<Value = Value> {
+    let field = |good: BoxedStrategy<Value>| {
+        prop_oneof![
+            3 => Just(None),
+            8 => good.prop_map(Some),
+            1 => json_value().prop_map(Some),
+        ]
+    };
+    let name = prop_oneof![
+        2 => Just(Value::from("svc")),
+        4 => "[A-Za-z0-9_.-]{1,10}".prop_map(Value::from),
+        1 => text().prop_map(Value::from),
+    ]
+    .boxed();
+    let port = (0u64..70_000).prop_map(Value::from).boxed();
+    let host = prop_oneof![
+        4 => "[a-z0-9.:-]{1,20}".prop_map(Value::from),
+        1 => text().prop_map(Value::from),
+    ]
+    .boxed();
+    let health = prop_oneof![
+        4 => "/[!-~]{0,20}".prop_map(Value::from),
+        1 => text().prop_map(Value::from),
+    ]
+    .boxed();
+    let id = prop_oneof![
+        4 => "[!-.0-~]{1,20}".prop_map(Value::from),
+        1 => text().prop_map(Value::from),
+    ]
+    .boxed();
+    let ttl = (0u64..100_000).prop_map(Value::from).boxed();
+    let value = prop_oneof![
+        6 => "[ -~\u{e9}\u{430}\u{4e00}]{0,30}".prop_map(Value::from),
+        2 => text().prop_map(Value::from),
+        1 => json_value(),
+    ];
+    let meta = prop_oneof![
+        6 => proptest::collection::btree_map("[!-~]{1,10}", value.clone(), 0..8),
+        1 => proptest::collection::btree_map(prop_oneof!["[!-~]{1,130}", text()], value, 0..70),
+    ]
+    .prop_map(|m| Value::Object(m.into_iter().collect()))
+    .boxed();
+    (
+        field(name),
+        field(port),
+        field(host),
+        field(health),
+        field(meta),
+        field(id),
+        field(ttl),
+    )
+        .prop_map(|(n, p, h, he, m, i, t)| {
+            let mut obj = Map::new();
+            for (k, v) in [
+                ("service_name", n),
+                ("port", p),
+                ("host", h),
+                ("health_endpoint", he),
+                ("metadata", m),
+                ("instance_id", i),
+                ("ttl_seconds", t),
+            ] {
+                if let Some(v) = v {
+                    obj.insert(k.into(), v);
+                }
+            }
+            Value::Object(obj)
+        })
+}
+
+fn valid_service_name(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && s != "."
+        && s != ".."
+}
+
+fn valid_instance_id(s: &str) -> bool {
+    (1..=256).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
+/// The generator reaches accepted bodies often enough for the property
+/// below to mean something.
+#[test]
+fn the_generator_reaches_accepted_bodies() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let s = register_body();
+    let accepted = (0..CASES)
+        .filter(|_| parse_register(&s.new_tree(&mut runner).unwrap().current()).is_ok())
+        .count();
+    assert!(
+        accepted >= CASES as usize / 10,
+        "{accepted} of {CASES} accepted"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn anything_accepted_follows_the_field_rules(body in prop_oneof![json_value(), register_body()]) {
+        if let Ok(r) = parse_register(&body) {
+            prop_assert!(valid_service_name(&r.service_name));
+            prop_assert!(r.port >= 1);
+            if let Some(h) = &r.host {
+                prop_assert!((1..=253).contains(&h.len()));
+                prop_assert!(h.bytes().all(|b| b.is_ascii_alphanumeric()
+                    || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%')));
+            }
+            prop_assert!(r.health_endpoint.starts_with('/'));
+            prop_assert!(r.health_endpoint.len() <= 512);
+            prop_assert!(r.health_endpoint.bytes().all(|b| b.is_ascii_graphic()));
+            if let Some(id) = &r.instance_id {
+                prop_assert!(valid_instance_id(id));
+            }
+            prop_assert!((5..=86_400).contains(&r.ttl_seconds));
+            prop_assert!(r.metadata.len() <= 64);
+            let mut total = 0;
+            for (k, v) in &r.metadata {
+                prop_assert!((1..=128).contains(&k.len()));
+                prop_assert!(k.bytes().all(|b| b.is_ascii_graphic()));
+                prop_assert!(v.len() <= 1024);
+                prop_assert!(!v.chars().any(is_hidden_char));
+                total += k.len() + v.len();
+            }
+            prop_assert!(total <= validate::MAX_METADATA_TOTAL);
+        }
+        if let Ok(h) = parse_heartbeat(&body) {
+            prop_assert!(valid_service_name(&h.service_name));
+            if let Some(id) = &h.instance_id {
+                prop_assert!(valid_instance_id(id));
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = validate::no_duplicate_keys(&bytes);
+        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+            let _ = parse_register(&v);
+            let _ = parse_heartbeat(&v);
+        }
+        if let Ok(s) = std::str::from_utf8(&bytes) {
+            let _ = validate::service_name(s, "service_name");
+            let _ = validate::instance_id(s);
+        }
+    }
+
+    #[test]
+    fn json_texts_with_a_repeated_key_are_refused(v in json_value(), key in text()) {
+        let text = serde_json::to_string(&v).unwrap();
+        // Serialized maps never repeat a key.
+        prop_assert!(validate::no_duplicate_keys(text.as_bytes()).is_ok());
+        let k = serde_json::to_string(&key).unwrap();
+        let dup = format!("{{{k}:1,\"x\":{text},{k}:2}}");
+        prop_assert!(validate::no_duplicate_keys(dup.as_bytes()).is_err());
+    }
+}
+
+const SERVICES: [&str; 3] = ["a", "b", "c"];
+const IDS: [&str; 3] = ["1", "2", "3"];
+
+fn key() -> impl Strategy<Value = (String, String)> {
+    (0..SERVICES.len(), 0..IDS.len()).prop_map(|(s, i)| (SERVICES[s].into(), IDS[i].into()))
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    let stamp = 0i64..120_000;
+    prop_oneof![
+        3 => (key(), stamp.clone(), 5u32..30, any::<u16>()).prop_map(|((s, i), t, ttl, port)| {
+            Command::Register {
+                instance: Instance {
+                    service_name: s,
+                    instance_id: i,
+                    host: "10.0.0.1".into(),
+                    port,
+                    health_endpoint: "/health".into(),
+                    metadata: BTreeMap::new(),
+                    ttl_seconds: ttl,
+                    registered_at: t,
+                    last_heartbeat: t,
+                },
+            }
+        }),
+        2 => proptest::collection::vec((key(), stamp.clone()), 0..4).prop_map(|v| Command::Renew {
+            renewals: v
+                .into_iter()
+                .map(|((s, i), at)| Renewal { service_name: s, instance_id: i, at })
+                .collect(),
+        }),
+        1 => (0..SERVICES.len(), proptest::option::of(0..IDS.len())).prop_map(|(s, i)| {
+            Command::Deregister {
+                service_name: SERVICES[s].into(),
+                instance_id: i.map(|i| IDS[i].to_string()),
+            }
+        }),
+        2 => (stamp, 1u64..4, proptest::collection::vec(key(), 0..6)).prop_map(
+            |(now_ms, term, instances)| Command::Expire { now_ms, term, instances }
+        ),
+        1 => any::<bool>().prop_map(|paused| Command::SetExpiryPaused { paused }),
+    ]
+}
+
+/// Follows `changes` the way the persistent copy does.
+fn follow(
+    shadow: &mut BTreeMap<(String, String), Instance>,
+    paused: &mut bool,
+    changes: &[Change],
+) {
+    for c in changes {
+        match c {
+            Change::Put(i) => {
+                shadow.insert((i.service_name.clone(), i.instance_id.clone()), i.clone());
+            }
+            Change::Delete {
+                service_name,
+                instance_id,
+            } => {
+                shadow.remove(&(service_name.clone(), instance_id.clone()));
+            }
+            Change::ExpiryPaused(p) => *paused = *p,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    #[test]
+    fn the_state_machine_is_deterministic_and_never_expires_early(
+        log in proptest::collection::vec((command(), 1u64..4), 0..40)
+    ) {
+        let (mut one, mut two) = (Registry::new(), Registry::new());
+        let mut shadow = BTreeMap::new();
+        let mut shadow_paused = false;
+        for (cmd, entry_term) in &log {
+            let before = one.clone();
+            let mut changes = Vec::new();
+            let r1 = one.apply(cmd, *entry_term, &mut changes);
+            let r2 = two.apply(cmd, *entry_term, &mut Vec::new());
+            prop_assert_eq!(&r1, &r2);
+            prop_assert_eq!(&one, &two);
+            follow(&mut shadow, &mut shadow_paused, &changes);
+            let now: BTreeMap<_, _> = one
+                .instances()
+                .map(|i| ((i.service_name.clone(), i.instance_id.clone()), i.clone()))
+                .collect();
+            prop_assert_eq!(&shadow, &now, "the changes reported do not match the state");
+            prop_assert_eq!(shadow_paused, one.expiry_paused());
+            if let Command::Expire { now_ms, .. } = cmd {
+                for i in before.instances() {
+                    let deadline = i.last_heartbeat + i64::from(i.ttl_seconds) * 1000 + EXPIRY_SLACK_MS;
+                    if deadline > *now_ms {
+                        prop_assert_eq!(
+                            one.get_instance(&i.service_name, &i.instance_id),
+                            Some(i),
+                            "expired before its deadline"
+                        );
+                    }
+                }
+            }
+        }
+        // A snapshot round trip (as the state machine builds and loads one).
+        let data = (one.instances().cloned().collect::<Vec<Instance>>(), one.expiry_paused());
+        let bytes = bincode::serialize(&data).unwrap();
+        let (instances, paused): (Vec<Instance>, bool) = bincode::deserialize(&bytes).unwrap();
+        let mut restored = Registry::new();
+        restored.restore_expiry_paused(paused);
+        for i in instances {
+            restored.restore(i);
+        }
+        prop_assert_eq!(&restored, &one);
+        let whole: Registry = bincode::deserialize(&bincode::serialize(&one).unwrap()).unwrap();
+        prop_assert_eq!(&whole, &one);
+    }
+}
