@@ -1,11 +1,14 @@
 //! End-to-end tests against the real binary: three processes, `kill -9`,
 //! restart, and a graceful stop by signal.
 
+mod blocking;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blocking::{http, poll};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
@@ -103,24 +106,6 @@ impl Drop for Procs {
         for id in 1..=3 {
             self.kill9(id);
         }
-    }
-}
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
