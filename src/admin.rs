@@ -14,6 +14,8 @@ pub enum AdminError {
     Unreachable(String),
     #[error("{status}: {message}")]
     Refused { status: u16, message: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs one `cluster` action and returns what to print.
@@ -31,9 +33,14 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
             None,
         ),
     };
-    let http = reqwest::Client::builder()
+    let tls = crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)
+        .map_err(AdminError::Config)?;
+    let builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(90))
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    let http = tls
+        .apply(builder)
+        .map_err(AdminError::Config)?
         .build()
         .map_err(|e| AdminError::Unreachable(e.to_string()))?;
     let mut last_error = String::from("no --registry given");

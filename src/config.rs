@@ -60,6 +60,10 @@ pub struct ClusterArgs {
     /// /cluster/* in place of the cluster secret when the nodes have --tokens.
     #[arg(long, env = "REGISTRY_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<Secret>,
+    /// CA certificate(s) (PEM) to trust for https:// nodes, e.g. the
+    /// cluster's --tls-ca.
+    #[arg(long, env = "REGISTRY_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -110,6 +114,10 @@ pub struct GatewayArgs {
     /// Authorization: Bearer.
     #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+    /// CA certificate(s) (PEM) to trust, beyond the public web roots, for
+    /// https:// registry nodes and upstream instances.
+    #[arg(long, env = "GATEWAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -138,6 +146,9 @@ pub struct DemoArgs {
     /// Authorization: Bearer.
     #[arg(long, env = "DEMO_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+    /// CA certificate(s) (PEM) to trust for https:// registry nodes.
+    #[arg(long, env = "DEMO_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -216,6 +227,28 @@ pub struct NodeArgs {
     #[arg(long, env = "REGISTRY_READ_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub read_timeout_ms: u64,
+    /// Most connections open on this node at once (clients and peers);
+    /// beyond it a new connection gets `503` and is closed. 0 = no cap.
+    #[arg(long, env = "REGISTRY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most connections open at once from one client address (IPv6: per
+    /// /64); beyond it a new connection gets `429` and is closed. 0 = no cap.
+    /// Count a gateway's or a NAT's whole pool when setting it.
+    #[arg(long, env = "REGISTRY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// This node's TLS certificate chain (PEM). With --tls-key the node
+    /// speaks HTTPS only, to clients and to peers (which must too).
+    #[arg(long, env = "REGISTRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "REGISTRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) for mutual TLS between nodes: peers must
+    /// present a certificate it signed to use /raft/*, and this node
+    /// presents its own to them. Without it peers are checked against the
+    /// public web roots. Files are reloaded when they change.
+    #[arg(long, env = "REGISTRY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
     pub max_watchers: usize,
@@ -273,6 +306,15 @@ impl NodeArgs {
 
     pub fn advertise(&self) -> &str {
         self.advertise.as_deref().unwrap_or(&self.addr)
+    }
+
+    /// The TLS files, checked to come as a set; `None`: plain HTTP.
+    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        crate::tls::TlsFiles::from_flags(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+        )
     }
 
     pub fn leader_wait(&self) -> Duration {

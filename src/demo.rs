@@ -272,6 +272,7 @@ pub async fn run_from_cli(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let opts = crate::client::ClientOptions {
         token: args.token.as_ref().map(|t| t.expose().to_string()),
+        tls: crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)?,
         ..Default::default()
     };
     let client = RegistryClient::with_options(args.registry.clone(), opts)?;

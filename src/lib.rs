@@ -31,3 +31,4 @@ pub mod node;
 pub mod raft;
 pub mod read_index;
 pub mod registry;
+pub mod tls;

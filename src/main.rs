@@ -54,7 +54,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let node = RunningNode::start(args, listener).await?;
     #[cfg(unix)]
     {
-        // SIGHUP reloads the --tokens file; a bad file keeps the old tokens.
+        // SIGHUP reloads the --tokens file and the TLS files; a bad file
+        // keeps the old ones.
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
         let stop = shutdown_signal();
@@ -62,11 +63,18 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                _ = hup.recv() => match node.reload_tokens() {
-                    Ok(Some(n)) => tracing::info!(tokens = n, "SIGHUP: token file reloaded"),
-                    Ok(None) => tracing::info!("SIGHUP: no --tokens file to reload"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: token file not reloaded; the old tokens stay"),
-                },
+                _ = hup.recv() => {
+                    match node.reload_tokens() {
+                        Ok(Some(n)) => tracing::info!(tokens = n, "SIGHUP: token file reloaded"),
+                        Ok(None) => tracing::info!("SIGHUP: no --tokens file to reload"),
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: token file not reloaded; the old tokens stay"),
+                    }
+                    match node.reload_tls() {
+                        Ok(Some(r)) => tracing::info!(result = ?r, "SIGHUP: TLS files checked"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the old ones stay"),
+                    }
+                }
             }
         }
     }

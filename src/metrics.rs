@@ -32,6 +32,9 @@ pub struct Metrics {
     pub auth_refused: IntCounterVec,
     pub audit_dropped: IntCounter,
     pub rate_limited: IntCounterVec,
+    pub connections_refused: IntCounterVec,
+    pub open_connections: IntGauge,
+    pub tls_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -149,6 +152,23 @@ impl Metrics {
                 &["by"],
             )
             .unwrap(),
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "registry_connections_refused_total",
+                    "Connections closed before a request, by reason: total or per_ip (a cap), plain_http (on an HTTPS listener), tls_handshake (failed or too slow)",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            open_connections: g("registry_open_connections", "Client and peer connections open on this node's listener"),
+            tls_reloads: IntCounterVec::new(
+                Opts::new(
+                    "registry_tls_reloads_total",
+                    "Reloads of changed TLS certificate files, by result: ok or error (the old ones stay)",
+                ),
+                &["result"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -164,6 +184,14 @@ impl Metrics {
         r.register(Box::new(m.auth_refused.clone())).unwrap();
         r.register(Box::new(m.audit_dropped.clone())).unwrap();
         r.register(Box::new(m.rate_limited.clone())).unwrap();
+        r.register(Box::new(m.connections_refused.clone())).unwrap();
+        r.register(Box::new(m.tls_reloads.clone())).unwrap();
+        for reason in ["total", "per_ip", "plain_http", "tls_handshake"] {
+            m.connections_refused.with_label_values(&[reason]);
+        }
+        for result in ["ok", "error"] {
+            m.tls_reloads.with_label_values(&[result]);
+        }
         for by in ["ip", "token"] {
             m.rate_limited.with_label_values(&[by]);
         }
@@ -178,6 +206,7 @@ impl Metrics {
             &m.last_log,
             &m.db_size,
             &m.expiry_paused,
+            &m.open_connections,
             &m.watchers,
         ] {
             r.register(Box::new(gauge.clone())).unwrap();

@@ -106,6 +106,19 @@ impl RunningNode {
         if let Some(tokens) = auth.tokens() {
             tracing::info!(tokens = tokens.len(), path = ?args.tokens, "API tokens required");
         }
+        let tls = match args.tls_files().map_err(StartError::Config)? {
+            Some(files) => {
+                let tls = crate::tls::Tls::load(files).map_err(StartError::Config)?;
+                tracing::info!(
+                    cert = %tls.files().cert.display(),
+                    mutual = tls.mutual(),
+                    "HTTPS only{}",
+                    if tls.mutual() { "; peers must present a certificate signed by --tls-ca" } else { "" }
+                );
+                Some(tls)
+            }
+            None => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let audit = match &args.audit_log {
             Some(path) => crate::audit::AuditLog::open(
@@ -145,6 +158,7 @@ impl RunningNode {
             args.cluster_secret.as_ref().map(|s| s.expose().to_string()),
             faults.clone(),
             args.source_addr,
+            tls.as_ref(),
         );
 
         let raft = Raft::new(args.id, config.clone(), net.clone(), log.clone(), sm)
@@ -180,17 +194,37 @@ impl RunningNode {
             test_stale_reads: args.test_stale_reads,
             auth,
             audit,
+            tls: tls.clone(),
         });
 
         let limits = args.limits();
         let app = api::router(state.clone(), &limits);
+        let serve = api::server::ServeOptions {
+            head_timeout: limits.read_timeout,
+            tls: tls.clone(),
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            refused: Some(state.metrics.connections_refused.clone()),
+            open: Some(state.metrics.open_connections.clone()),
+        };
         let mut server_stop = stop_rx.clone();
         let server = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
             };
-            api::server::serve(listener, app, limits.read_timeout, shutdown).await;
+            api::server::serve(listener, app, serve, shutdown).await;
         });
+        if let Some(tls) = &tls {
+            let counter = state.metrics.tls_reloads.clone();
+            tasks.push(tokio::spawn(tls.clone().watch_files(
+                stop_rx.clone(),
+                move |r| {
+                    counter
+                        .with_label_values(&[if r.is_ok() { "ok" } else { "error" }])
+                        .inc();
+                },
+            )));
+        }
 
         if args.join.is_none() && !raft.is_initialized().await.unwrap_or(true) {
             let members: BTreeMap<NodeId, BasicNode> = peers
@@ -233,6 +267,24 @@ impl RunningNode {
     /// tokens stay in force.
     pub fn reload_tokens(&self) -> Result<Option<usize>, String> {
         self.state.auth.reload()
+    }
+
+    /// Reads the TLS files again (`SIGHUP`; they are also checked every
+    /// second). `Ok(None)` without TLS; on an error the old ones stay.
+    pub fn reload_tls(&self) -> Result<Option<crate::tls::Reload>, String> {
+        let Some(tls) = &self.state.tls else {
+            return Ok(None);
+        };
+        let r = tls.reload();
+        self.state
+            .metrics
+            .tls_reloads
+            .with_label_values(&[match &r {
+                Ok(_) => "ok",
+                Err(_) => "error",
+            }])
+            .inc();
+        r.map(Some)
     }
 
     /// Stops gracefully: closes the listener, stops Raft and the background

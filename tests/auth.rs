@@ -352,11 +352,13 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
         registry: vec![c.url(follower)],
         cluster_secret: None,
         token: Some(ADMIN.into()),
+        tls_ca: None,
     };
     let table = vertice_register::admin::run(&args).await.unwrap();
     assert!(table.starts_with(&format!("leader {leader}")), "{table}");
     let args = vertice_register::config::ClusterArgs {
         token: Some(READER.into()),
+        tls_ca: None,
         ..args
     };
     assert!(matches!(

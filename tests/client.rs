@@ -171,7 +171,7 @@ async fn fails_over_past_dead_and_stopped_nodes() {
     let opts = ClientOptions {
         request_timeout: Duration::from_secs(2),
         retry_budget: Duration::from_secs(20),
-        token: None,
+        ..Default::default()
     };
     let client = RegistryClient::with_options(list, opts).unwrap();
 
@@ -201,7 +201,7 @@ async fn fails_over_past_dead_and_stopped_nodes() {
         ClientOptions {
             request_timeout: Duration::from_secs(1),
             retry_budget: Duration::from_millis(500),
-            token: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -223,7 +223,7 @@ async fn auto_register_runs_standalone_until_the_registry_appears() {
     let opts = ClientOptions {
         request_timeout: Duration::from_secs(1),
         retry_budget: Duration::from_secs(1),
-        token: None,
+        ..Default::default()
     };
     let client = RegistryClient::with_options([dead_url(), dead_url(), c.url(3)], opts).unwrap();
     let auto = auto_register(client.clone(), reg("solo", 7000, None, 10)).await;
@@ -551,7 +551,7 @@ async fn retries_503_within_the_budget_and_not_other_4xx() {
         ClientOptions {
             request_timeout: Duration::from_secs(2),
             retry_budget: Duration::from_millis(300),
-            token: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -585,6 +585,7 @@ async fn demo_run_from_cli_deregisters_on_shutdown() {
         registry: urls(&c),
         ttl_seconds: 5,
         token: None,
+        tls_ca: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(vertice_register::demo::run_from_cli(args, async {
@@ -611,6 +612,7 @@ async fn demo_run_from_cli_deregisters_on_shutdown() {
         registry: vec!["not-a-url".into()],
         ttl_seconds: 5,
         token: None,
+        tls_ca: None,
     };
     assert!(vertice_register::demo::run_from_cli(bad, async {})
         .await

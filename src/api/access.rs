@@ -175,6 +175,15 @@ pub async fn internal_guard(
         None => false,
     };
     if !path.starts_with("/cluster/") {
+        let needs_cert = state.tls.as_ref().is_some_and(|t| t.mutual());
+        if needs_cert
+            && req
+                .extensions()
+                .get::<crate::tls::PeerCertified>()
+                .is_none()
+        {
+            return refuse_peer_cert(&state, &caller, &path);
+        }
         if state.net.secret.is_some() && !secret_ok {
             return refuse_secret(&state, &caller, &path);
         }
@@ -225,6 +234,30 @@ pub async fn internal_guard(
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+fn refuse_peer_cert(state: &AppState, caller: &Caller, path: &str) -> Response {
+    state
+        .metrics
+        .auth_refused
+        .with_label_values(&["peer_certificate"])
+        .inc();
+    tracing::warn!(
+        path,
+        caller = caller.addr.as_deref().unwrap_or("-"),
+        "refused a node-to-node request without a client certificate signed by --tls-ca"
+    );
+    state.audit.record(
+        Some(caller),
+        "raft",
+        json!(path),
+        Outcome::Refused(403, "peer_certificate".into()),
+        None,
+    );
+    ApiError::Forbidden(
+        "node-to-node routes need a client certificate signed by the cluster's --tls-ca".into(),
+    )
+    .into_response()
 }
 
 fn refuse_secret(state: &AppState, caller: &Caller, path: &str) -> Response {

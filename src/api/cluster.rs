@@ -53,7 +53,7 @@ impl AppState {
                 (Some(_), Some(addr)) => {
                     let mut req = self
                         .net
-                        .request(method.clone(), format!("http://{addr}{path}"))
+                        .request(method.clone(), self.net.url(&addr, path))
                         .header(FORWARDED, "1")
                         .header(VIA_HEADER, self.id.to_string())
                         .timeout(CATCH_UP + Duration::from_secs(10));
@@ -164,7 +164,7 @@ pub async fn status(
             let req = state
                 .net
                 .client
-                .get(format!("http://{addr}/health"))
+                .get(state.net.url(&addr, "/health"))
                 .timeout(PING);
             let health = match req.send().await {
                 Ok(r) => r.json::<Value>().await.ok(),

@@ -358,7 +358,7 @@ impl AppState {
         let started = Instant::now();
         let sent = self
             .net
-            .post(format!("http://{addr}/raft/{path}"))
+            .post(self.net.url(addr, &format!("/raft/{path}")))
             .json(req)
             .timeout(remaining)
             .send()

@@ -103,6 +103,8 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Auth>,
     /// The audit log (`--audit-log`), or a no-op.
     pub audit: crate::audit::AuditLog,
+    /// TLS (`--tls-cert`/`--tls-key`/`--tls-ca`), when the node speaks HTTPS.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// What this node knows about the leader, read from Raft's metrics.

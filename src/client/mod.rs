@@ -55,6 +55,9 @@ pub struct ClientOptions {
     /// API token, sent as `Authorization: Bearer` (needed when the nodes
     /// run with `--tokens`).
     pub token: Option<String>,
+    /// Extra CA certificates to trust for `https://` nodes (the cluster's
+    /// `--tls-ca`), and an optional client certificate.
+    pub tls: crate::tls::ClientTls,
 }
 
 impl fmt::Debug for ClientOptions {
@@ -63,6 +66,7 @@ impl fmt::Debug for ClientOptions {
             .field("request_timeout", &self.request_timeout)
             .field("retry_budget", &self.retry_budget)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -73,6 +77,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(5),
             retry_budget: Duration::from_secs(10),
             token: None,
+            tls: Default::default(),
         }
     }
 }
@@ -220,8 +225,11 @@ impl RegistryClient {
         if list.is_empty() {
             return Err(ClientError::Config("no registry URL given".into()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(opts.request_timeout)
+        let builder = reqwest::Client::builder().connect_timeout(opts.request_timeout);
+        let http = opts
+            .tls
+            .apply(builder)
+            .map_err(ClientError::Config)?
             .build()
             .map_err(|e| ClientError::Config(format!("HTTP client: {e}")))?;
         // Start at the first URL: callers list their preferred node first.

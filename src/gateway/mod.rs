@@ -103,6 +103,9 @@ pub struct GatewayConfig {
     pub env: EnvLookup,
     /// API token for registry lookups (`Authorization: Bearer`).
     pub token: Option<crate::auth::Secret>,
+    /// Extra CA certificates to trust for https:// registry nodes and
+    /// upstream instances.
+    pub tls: crate::tls::ClientTls,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -118,6 +121,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("watch_idle", &self.watch_idle)
             .field("max_services", &self.max_services)
             .field("token", &self.token)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +141,7 @@ impl GatewayConfig {
             max_services: 10_000,
             env: Arc::new(|k: &str| std::env::var(k).ok()),
             token: None,
+            tls: Default::default(),
         }
     }
 
@@ -164,6 +169,11 @@ impl GatewayConfig {
         if self.timeout.is_zero() {
             return Err(GatewayError::Config("the timeout must be positive".into()));
         }
+        self.tls
+            .apply(reqwest::Client::builder())
+            .map_err(GatewayError::Config)?
+            .build()
+            .map_err(|e| GatewayError::Config(format!("HTTP client: {e}")))?;
         Ok(())
     }
 }
@@ -229,7 +239,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(GatewayMetrics::new());
     let routes = Arc::new(Routes::new(cfg.clone(), metrics.clone(), stop_rx));
-    let client = reqwest::Client::builder()
+    let builder = cfg
+        .tls
+        .apply(reqwest::Client::builder())
+        .map_err(GatewayError::Config)?;
+    let client = builder
         .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
         .read_timeout(cfg.timeout)
         .redirect(reqwest::redirect::Policy::none())
@@ -300,7 +314,8 @@ pub async fn run_from_cli(
     args: GatewayArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = GatewayConfig::from_args(&args);
+    let mut config = GatewayConfig::from_args(&args);
+    config.tls = crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -99,10 +99,14 @@ impl Routes {
         metrics: Arc<GatewayMetrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let http = reqwest::Client::builder()
+        // `GatewayConfig::check` has tried the TLS settings already.
+        let http = cfg
+            .tls
+            .apply(reqwest::Client::builder())
+            .unwrap_or_default()
             .connect_timeout(cfg.registry_timeout)
             .build()
-            .expect("a plain HTTP client builds");
+            .expect("the HTTP client builds with checked settings");
         let registry_breaker = Breaker::new(
             cfg.breaker_threshold,
             cfg.breaker_cooldown,

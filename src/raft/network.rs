@@ -52,28 +52,42 @@ pub struct Network {
     pub client: reqwest::Client,
     pub secret: Option<Arc<str>>,
     pub faults: Arc<Faults>,
+    /// `https` when the node runs with TLS (then so do its peers).
+    pub scheme: &'static str,
 }
 
 impl Network {
     /// `source`: the local address outgoing connections use (the kernel
-    /// picks one when `None`).
+    /// picks one when `None`). With `tls`, peers are called over HTTPS,
+    /// presenting this node's certificate (see [`crate::tls`]).
     pub fn new(
         secret: Option<String>,
         faults: Arc<Faults>,
         source: Option<std::net::IpAddr>,
+        tls: Option<&Arc<crate::tls::Tls>>,
     ) -> Self {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
-            .local_address(source)
+            .local_address(source);
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls.client_config());
+        }
+        let client = builder
             .build()
             .expect("the HTTP client builds with static settings");
         Self {
             client,
             secret: secret.map(Arc::from),
             faults,
+            scheme: if tls.is_some() { "https" } else { "http" },
         }
+    }
+
+    /// The URL of `path` (starting with `/`) on the node at `addr` (HOST:PORT).
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme)
     }
 
     /// A request to another node with the cluster secret attached.
@@ -112,7 +126,7 @@ impl Network {
         }
         let body = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let resp = self
-            .post(format!("http://{}/raft/{path}", node.addr))
+            .post(self.url(&node.addr, &format!("/raft/{path}")))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .timeout(timeout)
             .body(body)

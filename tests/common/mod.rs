@@ -49,6 +49,8 @@ pub struct TestCluster {
     dirs: BTreeMap<u64, TempDir>,
     tune: Tune,
     pub http: reqwest::Client,
+    /// `https` for nodes started with TLS (set it, and `http`, after start).
+    pub scheme: &'static str,
 }
 
 impl TestCluster {
@@ -85,6 +87,7 @@ impl TestCluster {
                 .timeout(Duration::from_secs(15))
                 .build()
                 .unwrap(),
+            scheme: "http",
         };
         for (id, l) in listeners {
             let node =
@@ -114,7 +117,7 @@ impl TestCluster {
     }
 
     pub fn url(&self, id: u64) -> String {
-        format!("http://{}", self.addrs[&id])
+        format!("{}://{}", self.scheme, self.addrs[&id])
     }
 
     pub fn node(&self, id: u64) -> &RunningNode {
