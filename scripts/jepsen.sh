@@ -10,6 +10,7 @@
 #   scripts/jepsen.sh --minutes 1 --seed 1         # the short run CI does
 #   scripts/jepsen.sh --minutes 0.5 --stale-reads --expect-violation
 #                                                  # proves the checker bites
+#   scripts/jepsen.sh --minutes 0.5 --tls          # nodes on mutual TLS
 #   scripts/jepsen.sh --help                       # every option
 #
 # Partitions use iptables on loopback: run as root (they are skipped, and

@@ -37,6 +37,52 @@ impl Targets {
     }
 }
 
+/// A CA for `--tls`: every node gets a certificate for its own loopback
+/// address, and the nodes run with mutual TLS.
+pub struct Pki {
+    ca: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&dir)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "jepsen CA");
+        let ca = p.self_signed(&key)?;
+        fs::write(dir.join("ca.pem"), ca.pem())?;
+        Ok(Self { ca, key, dir })
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        self.ca.pem().into_bytes()
+    }
+
+    /// Node `id`'s certificate and key files (made on first use).
+    fn files(&self, id: u64) -> Result<[PathBuf; 2]> {
+        let cert = self.dir.join(format!("node{id}.pem"));
+        let key = self.dir.join(format!("node{id}-key.pem"));
+        if !cert.exists() {
+            let k = rcgen::KeyPair::generate()?;
+            let mut p = rcgen::CertificateParams::new(vec![host(id)])?;
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, format!("node{id}"));
+            p.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let c = p.signed_by(&k, &self.ca, &self.key)?;
+            fs::write(&key, k.serialize_pem())?;
+            fs::write(&cert, c.pem())?;
+        }
+        Ok([cert, key])
+    }
+}
+
 struct Node {
     port: u16,
     dir: PathBuf,
@@ -56,6 +102,7 @@ pub struct Cluster {
     http: reqwest::blocking::Client,
     chain: String,
     cut_active: bool,
+    tls: Option<Pki>,
 }
 
 pub fn host(id: u64) -> String {
@@ -75,8 +122,18 @@ fn signal(pid: u32, sig: &str) {
 }
 
 impl Cluster {
-    pub fn new(bin: PathBuf, root: PathBuf, extra: Vec<String>, n: u64) -> Result<Self> {
+    pub fn new(
+        bin: PathBuf,
+        root: PathBuf,
+        extra: Vec<String>,
+        n: u64,
+        tls: Option<Pki>,
+    ) -> Result<Self> {
         fs::create_dir_all(&root)?;
+        let mut http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(3));
+        if let Some(pki) = &tls {
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pki.ca_pem())?);
+        }
         let mut c = Cluster {
             bin,
             root,
@@ -85,11 +142,10 @@ impl Cluster {
             members: (1..=n).collect(),
             next_id: n + 1,
             targets: Arc::new(Targets::default()),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(3))
-                .build()?,
+            http: http.build()?,
             chain: format!("VR_JEPSEN_{}", std::process::id()),
             cut_active: false,
+            tls,
         };
         for id in 1..=n {
             c.add_node_record(id)?;
@@ -122,7 +178,8 @@ impl Cluster {
     }
 
     pub fn url(&self, id: u64) -> String {
-        format!("http://{}:{}", host(id), self.nodes[&id].port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", host(id), self.nodes[&id].port)
     }
 
     /// Tells clients which nodes to use.
@@ -136,6 +193,20 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.root.join(format!("node{id}.log")))?;
+        let tls = match &self.tls {
+            Some(pki) => {
+                let [cert, key] = pki.files(id)?;
+                vec![
+                    "--tls-cert".into(),
+                    cert.into_os_string(),
+                    "--tls-key".into(),
+                    key.into_os_string(),
+                    "--tls-ca".into(),
+                    pki.dir.join("ca.pem").into_os_string(),
+                ]
+            }
+            None => Vec::new(),
+        };
         let node = self.nodes.get_mut(&id).context("unknown node")?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("node")
@@ -146,6 +217,7 @@ impl Cluster {
             .args(["--source-addr", &host(id)])
             .args(["--cluster-secret", SECRET])
             .args(more)
+            .args(&tls)
             .args(&self.extra)
             .env(
                 "RUST_LOG",

@@ -2,7 +2,7 @@
 //! three-node cluster of real processes, faults on a seeded schedule, and
 //! a check of the recorded history afterwards (see `checks.rs`).
 //!
-//! Run it through `scripts/jepsen.sh --minutes N --seed S`, which builds the
+//! Run it through `scripts/jepsen.sh --minutes N --seed S [--tls]`, which builds the
 //! release binary and this harness first. It needs root and iptables for
 //! the partition faults (they are skipped, and said so, without them).
 //! Exit status: 0 no anomaly, 1 anomalies found (with `--expect-violation`:
@@ -64,6 +64,9 @@ struct Args {
     /// Start the nodes with the test-only stale consistent read path.
     #[arg(long)]
     stale_reads: bool,
+    /// Run the nodes with mutual TLS (certificates from a CA made for the run).
+    #[arg(long)]
+    tls: bool,
     /// Succeed only if the checker reports an anomaly (proves it bites).
     #[arg(long)]
     expect_violation: bool,
@@ -300,13 +303,24 @@ fn run(args: &Args) -> Result<usize> {
             "jepsen: nodes run with --test-stale-reads: consistent reads are NOT linearizable"
         );
     }
+    if args.tls {
+        println!("jepsen: nodes speak HTTPS only, with mutual TLS between them");
+    }
     println!("jepsen: output in {}", out.display());
 
     // Run a copy, so that a rebuild during a long run changes nothing.
     std::fs::create_dir_all(&out)?;
     let copy = out.join("vertice-register");
     std::fs::copy(&bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
-    let mut c = Cluster::new(copy, out.clone(), extra, 3)?;
+    let pki = match args.tls {
+        true => Some(cluster::Pki::new(out.join("pki"))?),
+        false => None,
+    };
+    let mut client = reqwest::Client::builder().pool_max_idle_per_host(4);
+    if let Some(pki) = &pki {
+        client = client.add_root_certificate(reqwest::Certificate::from_pem(&pki.ca_pem())?);
+    }
+    let mut c = Cluster::new(copy, out.clone(), extra, 3, pki)?;
     c.wait_for_leader(Duration::from_secs(30))
         .context("the cluster elected no leader")?;
     log(start, "cluster up");
@@ -321,9 +335,7 @@ fn run(args: &Args) -> Result<usize> {
         stop: AtomicBool::new(false),
         next_value: AtomicU64::new(1),
         timeout: Duration::from_secs(4),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(4)
-            .build()?,
+        http: client.build()?,
     });
     let mut handles = Vec::new();
     for k in 0..args.clients {
