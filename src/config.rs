@@ -272,6 +272,12 @@ pub struct NodeArgs {
     /// Longest pause, in seconds, before expiry resumes anyway.
     #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
     pub expiry_pause_max_secs: u64,
+    /// Confirm leadership with a quorum round for every batch of consistent
+    /// reads and heartbeats, instead of trusting a confirmation for
+    /// --election-timeout-ms after it (the leader lease; see README
+    /// "Consistency").
+    #[arg(long, env = "REGISTRY_NO_READ_LEASE")]
+    pub no_read_lease: bool,
     /// TEST ONLY, UNSAFE: `?consistent=true` skips the read index and answers
     /// from the local replica like a default read. Exists so that the
     /// linearizability harness (`scripts/jepsen.sh --stale-reads`) can prove

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub open_connections: IntGauge,
     pub tls_reloads: IntCounterVec,
+    pub read_index: IntCounterVec,
 }
 
 impl Metrics {
@@ -169,6 +170,14 @@ impl Metrics {
                 &["result"],
             )
             .unwrap(),
+            read_index: IntCounterVec::new(
+                Opts::new(
+                    "registry_read_index_batches_total",
+                    "Batches of consistent reads and heartbeats this leader confirmed, by how: lease (within a recent quorum confirmation) or round (a new quorum round)",
+                ),
+                &["how"],
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
@@ -188,6 +197,10 @@ impl Metrics {
         r.register(Box::new(m.tls_reloads.clone())).unwrap();
         for reason in ["total", "per_ip", "plain_http", "tls_handshake"] {
             m.connections_refused.with_label_values(&[reason]);
+        }
+        r.register(Box::new(m.read_index.clone())).unwrap();
+        for how in ["lease", "round"] {
+            m.read_index.with_label_values(&[how]);
         }
         for result in ["ok", "error"] {
             m.tls_reloads.with_label_values(&[result]);

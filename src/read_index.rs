@@ -15,20 +15,54 @@
 //! takes the whole queue, runs one `get_read_log_id` round, and answers
 //! everyone in it. A round only ever answers callers that were queued
 //! before it started, so every answer is as fresh as each caller needs.
+//!
+//! **Leader lease.** A round that started at `t0` and was confirmed by a
+//! quorum means that each follower in that quorum heard from this leader
+//! at or after `t0`. openraft's followers refuse to vote for anyone else
+//! for `election_timeout_max` after hearing from their leader, and start an
+//! election themselves only after `election_timeout_max` plus a random
+//! election timeout; any new leader needs a vote from that quorum. So no
+//! other leader can exist before `t0 + election_timeout_max`, except one
+//! this leader itself voted for, which makes it step down. Until
+//! `t0 + lease` (by default `election_timeout_min`, half the bound, a
+//! margin for clock-rate differences and scheduling), a batch of callers
+//! is answered without a network round: RaftCore is asked (one message,
+//! serialized with vote handling) whether this node still leads with the
+//! same vote, and the callers get the round's index, which covers every
+//! entry committed before this leader's term; entries of its own term are
+//! applied before they are acknowledged. A leader paused past its lease
+//! (`SIGSTOP`) finds it expired, since the monotonic clock keeps running.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use openraft::{ServerState, Vote};
 
 use tokio::sync::oneshot;
 
 use crate::api::ReadIndexReply;
-use crate::raft::{CheckIsLeaderError, Raft, RaftError};
+use crate::raft::{CheckIsLeaderError, NodeId, Raft, RaftError};
 
 pub struct ReadIndex {
     raft: Raft,
     /// The longest one confirmation round may take.
     round_limit: Duration,
+    /// How long after a round's start its confirmation stands (zero: every
+    /// caller waits for a round).
+    lease: Duration,
     queue: Mutex<Queue>,
+    /// Batches answered, by how: `lease` or `round`.
+    answered: Option<prometheus::IntCounterVec>,
+    /// Set by the driver only.
+    current: Mutex<Option<Lease>>,
+}
+
+/// A confirmed leadership: valid until `until`, while the vote is the same.
+#[derive(Clone, Copy)]
+struct Lease {
+    vote: Vote<NodeId>,
+    until: Instant,
+    index: u64,
 }
 
 #[derive(Default)]
@@ -38,11 +72,20 @@ struct Queue {
 }
 
 impl ReadIndex {
-    pub fn new(raft: Raft, round_limit: Duration) -> Arc<Self> {
+    /// `lease`: see the module comment; `Duration::ZERO` turns it off.
+    pub fn new(
+        raft: Raft,
+        round_limit: Duration,
+        lease: Duration,
+        answered: Option<prometheus::IntCounterVec>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             raft,
             round_limit,
+            lease,
+            answered,
             queue: Mutex::new(Queue::default()),
+            current: Mutex::new(None),
         })
     }
 
@@ -77,14 +120,63 @@ impl ReadIndex {
                 }
                 std::mem::take(&mut q.waiting)
             };
-            let reply = self.round().await;
+            let (reply, how) = match self.leased().await {
+                Some(index) => (ReadIndexReply::Index(index), "lease"),
+                None => (self.round().await, "round"),
+            };
+            if let Some(c) = &self.answered {
+                c.with_label_values(&[how]).inc();
+            }
             for tx in batch {
                 let _ = tx.send(reply.clone());
             }
         }
     }
 
+    /// This node's vote, if it leads (asked of RaftCore itself, so a vote
+    /// it granted to another candidate is seen at once).
+    async fn leading_vote(&self) -> Option<Vote<NodeId>> {
+        self.raft
+            .with_raft_state(|st| (st.server_state == ServerState::Leader).then(|| *st.vote_ref()))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The index of a lease that still stands, checked now.
+    async fn leased(&self) -> Option<u64> {
+        let lease = (*self.current.lock().unwrap_or_else(|p| p.into_inner()))?;
+        if Instant::now() >= lease.until {
+            return None;
+        }
+        let vote = self.leading_vote().await?;
+        // The check itself must have happened within the lease.
+        (vote == lease.vote && Instant::now() < lease.until).then_some(lease.index)
+    }
+
     async fn round(&self) -> ReadIndexReply {
+        let started = Instant::now();
+        let vote = match self.lease.is_zero() {
+            true => None,
+            false => self.leading_vote().await,
+        };
+        let reply = self.confirm().await;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let (ReadIndexReply::Index(index), Some(vote)) = (&reply, vote) {
+            // The quorum confirmed the vote held before the round; it must
+            // still be this node's now (the driver is the only writer).
+            if self.leading_vote().await == Some(vote) {
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Lease {
+                    vote,
+                    until: started + self.lease,
+                    index: *index,
+                });
+            }
+        }
+        reply
+    }
+
+    async fn confirm(&self) -> ReadIndexReply {
         match tokio::time::timeout(self.round_limit, self.raft.get_read_log_id()).await {
             Err(_) => ReadIndexReply::Unavailable(
                 "the leader could not confirm its leadership with a quorum in time".into(),
