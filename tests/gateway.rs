@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, Request};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use common::{wait_for, TestCluster};
+use common::{get_json, get_text, raw, raw_request, wait_for, TestCluster};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -197,29 +197,6 @@ async fn wait_for_instances(c: &TestCluster, service: &str, n: usize) {
     }
 }
 
-/// A GET sent byte for byte, path untouched: (status, body).
-async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text[9..12].parse().unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> (StatusCode, HeaderMap, Value) {
-    let r = http.get(url).send().await.unwrap();
-    let (status, headers) = (r.status(), r.headers().clone());
-    (status, headers, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The instance that answered `/v2/{service}/echo`, asserting a 200.
 async fn echo_instance(http: &reqwest::Client, gw: &Gateway, service: &str) -> String {
     let (status, _, body) = get_json(http, &format!("{}/v2/{service}/echo", gw.url())).await;
@@ -361,7 +338,7 @@ async fn proxies_requests_bodies_headers_and_errors() {
         "/v2/echo-svc/a/%2e%2e/x",
         "/v2/echo-svc/a/..%5c..",
     ] {
-        let (code, body) = raw_get(gw.addr, bad).await;
+        let (code, body) = raw(gw.addr, raw_request(gw.addr, "GET", bad)).await;
         assert_eq!(code, 400, "{bad}: {body}");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"], "bad_request");
@@ -390,14 +367,7 @@ async fn proxies_requests_bodies_headers_and_errors() {
         breaker_of(&s, "echo-svc", &up.url()),
         Some(("closed".to_string(), 0))
     );
-    let m = http
-        .get(format!("{base}/gateway/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&http, &format!("{base}/gateway/metrics")).await;
     for name in [
         "gateway_requests_total{service=\"echo-svc\",status=\"2xx\"}",
         "gateway_upstream_duration_seconds_bucket",
@@ -511,14 +481,7 @@ async fn round_robin_and_a_breaker_that_opens_and_closes_again() {
         breaker_of(&s, "rr", &b_url),
         Some(("closed".to_string(), 0))
     );
-    let m = http
-        .get(format!("{}/gateway/metrics", gw.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
     assert!(
         m.contains("gateway_breaker_opens_total{service=\"rr\"}"),
         "{m}"

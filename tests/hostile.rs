@@ -5,64 +5,23 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::TestCluster;
+use common::{client_from, get_json, get_text, raw, raw_request, TestCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A client whose connections come from `ip` (any 127.x address works on
-/// the loopback interface), so each test's source address is its own.
-fn client_from(ip: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .local_address(ip.parse::<IpAddr>().unwrap())
-        .timeout(Duration::from_secs(15))
-        .no_proxy()
-        .build()
-        .unwrap()
-}
-
 /// (applied index, instance count) as `/health` reports them.
 async fn state(c: &TestCluster, http: &reqwest::Client) -> (u64, u64) {
-    let h: Value = http
-        .get(format!("{}/health", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, h) = get_json(http, &format!("{}/health", c.url(1))).await;
     (
         h["last_applied"].as_u64().unwrap(),
         h["instances"].as_u64().unwrap(),
     )
-}
-
-/// Sends `bytes` as they are and reads until the server closes (at most
-/// 10 s): (status, body), status 0 when no response came back.
-async fn raw(addr: SocketAddr, bytes: Vec<u8>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let (mut rd, mut wr) = s.split();
-    let write = async {
-        let _ = wr.write_all(&bytes).await;
-    };
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out));
-    let (_, r) = tokio::join!(write, read);
-    assert!(r.is_ok(), "the server neither answered nor closed");
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
-fn get_req(addr: SocketAddr, method: &str, path: &str) -> Vec<u8> {
-    format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// Asserts a JSON error with `status` and `code` (and `field` when given).
@@ -138,14 +97,7 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
         assert_eq!(r.status(), StatusCode::OK);
     }
 
-    let metrics = observer
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&observer, &url("/metrics")).await;
     let count = |by: &str| -> u64 {
         let prefix = format!("registry_rate_limited_total{{by=\"{by}\"}} ");
         metrics
@@ -316,14 +268,14 @@ async fn huge_heads_get_431_not_a_hang() {
     assert!(code == 431 || code == 0, "many headers: {code}");
     // A 100 KiB path.
     let long = format!("/services/{}", "a".repeat(100 * 1024));
-    let (code, _) = raw(addr, get_req(addr, "GET", &long)).await;
+    let (code, _) = raw(addr, raw_request(addr, "GET", &long)).await;
     assert!(
         code == 431 || code == 414 || code == 0,
         "very long path: {code}"
     );
     // A path of 10 KiB fits the head: the registry refuses the name.
     let long = format!("/services/{}", "a".repeat(10 * 1024));
-    let (code, body) = raw(addr, get_req(addr, "GET", &long)).await;
+    let (code, body) = raw(addr, raw_request(addr, "GET", &long)).await;
     assert_error((code, &body), 400, "invalid_request", None, "10 KiB name");
     // Raw CR/LF inside the request line is not HTTP.
     let (code, _) = raw(
@@ -569,12 +521,12 @@ async fn path_tricks_on_the_registry_are_400_and_change_nothing() {
         ("GET", "/services/keep%E2%80%8D"),
         ("GET", "/services/%ff"),
     ] {
-        let (code, body) = raw(addr, get_req(addr, method, path)).await;
+        let (code, body) = raw(addr, raw_request(addr, method, path)).await;
         assert_error((code, &body), 400, "invalid_request", None, path);
     }
     // Segments that are not one name: no route.
     for path in ["/deregister/keep/..", "/services/keep/../../etc"] {
-        let (code, body) = raw(addr, get_req(addr, "DELETE", path)).await;
+        let (code, body) = raw(addr, raw_request(addr, "DELETE", path)).await;
         assert!(code == 404 || code == 405, "{path}: {code} {body}");
     }
     assert_eq!(state(&c, &c.http).await, before);
@@ -628,7 +580,7 @@ async fn path_tricks_on_the_gateway_are_400_and_nothing_is_forwarded() {
         "/v2/sv%63/x",
         "/v2/p%D0%B0yments/x",
     ] {
-        let (code, body) = raw(gaddr, get_req(gaddr, "GET", path)).await;
+        let (code, body) = raw(gaddr, raw_request(gaddr, "GET", path)).await;
         assert_eq!(code, 400, "{path}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
         assert_eq!(v["error"], "bad_request", "{path}: {v}");
