@@ -14,6 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use vertice_register::config::NodeArgs;
 
 /// (applied index, instance count) as `/health` reports them.
 async fn state(c: &TestCluster, http: &reqwest::Client) -> (u64, u64) {
@@ -115,6 +116,81 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
     let r = hammer.get(url("/services")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_429s_is_audited_in_a_few_lines_that_count_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = path.clone();
+    let mut c = TestCluster::start_tuned(
+        1,
+        Arc::new(move |a: &mut NodeArgs| {
+            a.rate_limit_per_ip = 5;
+            a.audit_log = Some(log.clone());
+        }),
+    )
+    .await;
+    c.wait_for_leader().await;
+    let hammer = client_from("127.0.0.14");
+    let url = format!("{}/services", c.url(1));
+    let started = Instant::now();
+    let mut refused = 0u64;
+    for _ in 0..200 {
+        let r = hammer.get(&url).send().await.unwrap();
+        refused += u64::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert!(refused >= 150, "only {refused} of 200 refused");
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["status"] == 429)
+            .collect()
+    };
+    // The first refusal is written at once.
+    let first = common::wait_for(
+        "the first 429 in the audit log",
+        Duration::from_secs(10),
+        || {
+            let found = lines().into_iter().next();
+            async move { found }
+        },
+    )
+    .await;
+    assert!(
+        first["caller"].as_str().unwrap().starts_with("127.0.0.14:"),
+        "{first}"
+    );
+    assert_eq!(first["operation"], "list");
+    assert_eq!(first["target"], "/services");
+    assert_eq!(first["result"], "refused: rate_limit");
+    assert_eq!(first["limit"], "ip");
+    assert_eq!(first["count"], 1);
+    assert_eq!(first["token_id"], Value::Null);
+    // The rest are counted, and written at the latest when the node stops.
+    let took = started.elapsed();
+    c.stop(1).await;
+    let total = |got: &[Value]| -> u64 { got.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    let got = common::wait_for(
+        "all 429s counted in the audit log",
+        Duration::from_secs(10),
+        || {
+            let got = lines();
+            async move { (total(&got) >= refused).then_some(got) }
+        },
+    )
+    .await;
+    assert_eq!(total(&got), refused, "{got:?}");
+    // One line at once, then at most one per 10 s window.
+    let most = 2 + took.as_secs() as usize / 10;
+    assert!(
+        got.len() <= most,
+        "{} lines for {refused} refusals: {got:?}",
+        got.len()
+    );
+    assert!(got[1..].iter().all(|e| e["since"].is_string()), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
