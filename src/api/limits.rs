@@ -6,7 +6,8 @@
 //! balancers and orchestrators poll it and must not be throttled into
 //! declaring a node dead).
 //!
-//! Limits are GCRA buckets from `governor`, one per key: `N` requests per
+//! Limits are GCRA buckets from `governor` ([`KeyedLimit`], which the
+//! gateway's `--rate-limit-per-ip` uses too), one per key: `N` requests per
 //! second with a burst of `2N`. A key whose bucket is full again is
 //! indistinguishable from a new one, so the periodic `retain_recent` sweep
 //! (and an early one when the map grows large) forgets it: memory follows
@@ -18,7 +19,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,45 +83,81 @@ impl Default for LimitConfig {
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
-/// One keyed limiter and its rate, for the message.
-struct Limit<K: std::hash::Hash + Eq + Clone> {
+/// One keyed rate limit: `rate` requests per second per key, bursts of
+/// twice as many. The node's limits and the gateway's are made of these.
+pub struct KeyedLimit<K: Hash + Eq + Clone> {
     limiter: Keyed<K>,
     rate: u32,
+    checks: AtomicU64,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Limit<K> {
-    fn new(rate: u32) -> Option<Self> {
+impl<K: Hash + Eq + Clone> KeyedLimit<K> {
+    /// `None` for a rate of 0 (no limit).
+    pub fn new(rate: u32) -> Option<Self> {
         let per_second = NonZeroU32::new(rate)?;
         let burst = NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(per_second);
         Some(Self {
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             rate,
+            checks: AtomicU64::new(0),
         })
     }
 
-    /// `Err(wait)` when `key` is over its limit.
-    fn check(&self, key: &K) -> Result<(), Duration> {
+    /// Like [`KeyedLimit::new`], shared, with (inside a Tokio runtime) a
+    /// task that sweeps idle keys until the limit is dropped.
+    pub fn swept(rate: u32) -> Option<Arc<Self>>
+    where
+        K: Send + Sync + 'static,
+    {
+        let limit = Arc::new(Self::new(rate)?);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(periodic(Arc::downgrade(&limit), SWEEP_EVERY, Self::sweep));
+        }
+        Some(limit)
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// `Err(wait)` when `key` is over its limit. A limit tracking more than
+    /// [`MAX_TRACKED_KEYS`] keys is swept at once, not at the next tick.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        let n = self.checks.fetch_add(1, Ordering::Relaxed);
+        if n % CHECK_LEN_EVERY == CHECK_LEN_EVERY - 1 && self.tracked() > MAX_TRACKED_KEYS {
+            self.sweep();
+        }
         self.limiter
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
-    fn sweep(&self) {
+    /// Forgets the keys whose bucket is full again.
+    pub fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
+
+    /// Keys currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// `Retry-After` for a wait: whole seconds, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// Shared by every request of one node.
 pub struct Limits {
-    per_ip: Option<Limit<IpAddr>>,
-    per_token: Option<Limit<u64>>,
+    per_ip: Option<KeyedLimit<IpAddr>>,
+    per_token: Option<KeyedLimit<u64>>,
     /// Keyed per process: `Authorization` values are kept only as hashes
     /// nobody outside can predict.
     hasher: RandomState,
     read_timeout: Duration,
     limited: IntCounterVec,
-    requests: AtomicU64,
     /// Where refusals are audited, when the node has an audit log.
     audit: Option<RefusalAudit>,
 }
@@ -135,12 +172,11 @@ impl Limits {
         audit: Option<RefusalAudit>,
     ) -> Arc<Self> {
         let limits = Arc::new(Self {
-            per_ip: Limit::new(cfg.per_ip),
-            per_token: Limit::new(cfg.per_token),
+            per_ip: KeyedLimit::new(cfg.per_ip),
+            per_token: KeyedLimit::new(cfg.per_token),
             hasher: RandomState::new(),
             read_timeout: cfg.read_timeout,
             limited,
-            requests: AtomicU64::new(0),
             audit,
         });
         if limits.per_ip.is_some() || limits.per_token.is_some() {
@@ -176,23 +212,13 @@ impl Limits {
     /// Keys currently tracked (per address, per token), for tests.
     pub fn tracked(&self) -> (usize, usize) {
         (
-            self.per_ip.as_ref().map_or(0, |l| l.limiter.len()),
-            self.per_token.as_ref().map_or(0, |l| l.limiter.len()),
+            self.per_ip.as_ref().map_or(0, KeyedLimit::tracked),
+            self.per_token.as_ref().map_or(0, KeyedLimit::tracked),
         )
     }
 
     /// The `429` answer when the caller is over a limit.
     fn refusal(&self, req: &Request) -> Option<Response> {
-        if self.per_ip.is_none() && self.per_token.is_none() {
-            return None;
-        }
-        let n = self.requests.fetch_add(1, Ordering::Relaxed);
-        if n % CHECK_LEN_EVERY == CHECK_LEN_EVERY - 1 {
-            let (ips, tokens) = self.tracked();
-            if ips.max(tokens) > MAX_TRACKED_KEYS {
-                self.sweep();
-            }
-        }
         if let Some(limit) = &self.per_ip {
             if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
                 let key = ip_key(peer.ip());
@@ -233,7 +259,7 @@ impl Limits {
         if let Some(audit) = &self.audit {
             audit.refused(key, req);
         }
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let secs = retry_after_secs(wait);
         let mut resp =
             ApiError::TooManyRequests(format!("{message}; retry in {secs} s")).into_response();
         resp.headers_mut()
@@ -511,7 +537,7 @@ mod tests {
 
     #[test]
     fn burst_is_twice_the_rate_and_idle_keys_are_forgotten() {
-        let l = Limit::<u64>::new(3).unwrap();
+        let l = KeyedLimit::<u64>::new(3).unwrap();
         for _ in 0..6 {
             assert!(l.check(&1).is_ok());
         }
@@ -519,7 +545,7 @@ mod tests {
         assert!(wait <= Duration::from_millis(334), "{wait:?}");
         assert!(l.check(&2).is_ok());
         assert_eq!(l.limiter.len(), 2);
-        assert!(Limit::<u64>::new(0).is_none());
+        assert!(KeyedLimit::<u64>::new(0).is_none());
     }
 
     fn audited(path: &std::path::Path) -> Vec<serde_json::Value> {

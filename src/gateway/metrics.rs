@@ -14,6 +14,7 @@ pub struct GatewayMetrics {
     pub registry_lookups: IntCounterVec,
     pub registry_failures: IntCounter,
     pub cache_size: IntGauge,
+    pub rate_limited: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -60,6 +61,11 @@ impl GatewayMetrics {
         .expect("valid metric");
         let cache_size = IntGauge::new("gateway_route_cache_size", "Services in the route cache")
             .expect("valid metric");
+        let rate_limited = IntCounter::new(
+            "gateway_rate_limited_total",
+            "Requests refused with 429 by --rate-limit-per-ip",
+        )
+        .expect("valid metric");
         let registry = Registry::new();
         registry.register(Box::new(requests.clone())).unwrap();
         registry
@@ -73,6 +79,7 @@ impl GatewayMetrics {
             .register(Box::new(registry_failures.clone()))
             .unwrap();
         registry.register(Box::new(cache_size.clone())).unwrap();
+        registry.register(Box::new(rate_limited.clone())).unwrap();
         Self {
             registry,
             requests,
@@ -81,6 +88,7 @@ impl GatewayMetrics {
             registry_lookups,
             registry_failures,
             cache_size,
+            rate_limited,
         }
     }
 
