@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, Request};
@@ -14,12 +14,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use common::{client_from, get_json, get_text, raw, raw_request, wait_for, TestCluster};
+use common::{
+    client_from, get_json, get_text, get_until_429, raw, raw_request, wait_for, SlowHead,
+    TestCluster,
+};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use vertice_register::gateway::{self, Gateway, GatewayConfig};
@@ -598,34 +600,11 @@ async fn a_slow_request_head_is_cut_off_and_others_are_served() {
     let up = Upstream::start("a").await;
     let gw = standalone_gateway(&up, |c| c.read_timeout = Duration::from_secs(1)).await;
     let http = client();
-    let started = Instant::now();
-    let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /v2/echo/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    // A byte every 200 ms, for at most 20 s.
-    let trickle = tokio::spawn(async move {
-        for _ in 0..100 {
-            if wr.write_all(b"a").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let slow = SlowHead::start(gw.addr, "/v2/echo/x").await;
     // Meanwhile the gateway serves everyone else.
     assert_eq!(echo_instance(&http, &gw, "echo").await, "a");
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the slow connection was still open after 8 s");
-    let text = String::from_utf8_lossy(&buf);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "unexpected answer: {text}"
-    );
-    let took = started.elapsed();
+    let took = slow.closed().await;
     assert!(took < Duration::from_secs(5), "closed only after {took:?}");
-    trickle.abort();
     // A pooled connection idle for longer than the deadline still works:
     // the deadline runs from a head's first byte.
     tokio::time::sleep(Duration::from_millis(1_300)).await;
@@ -642,24 +621,8 @@ async fn a_flood_from_one_address_gets_429_and_other_addresses_pass() {
     let other = client_from("127.0.0.42");
     let url = |p: &str| format!("{}{p}", gw.url());
 
-    let mut limited = None;
-    for _ in 0..40 {
-        let r = hammer.get(url("/v2/echo/x")).send().await.unwrap();
-        if r.status() == StatusCode::TOO_MANY_REQUESTS {
-            limited = Some(r);
-            break;
-        }
-        assert_eq!(r.status(), StatusCode::OK);
-    }
-    let r = limited.expect("40 requests at once never hit a limit of 5/s (burst 10)");
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=2).contains(&retry), "Retry-After {retry}");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "too_many_requests", "{body}");
+    // A limit of 5/s (burst 10): 40 requests at once hit it.
+    let (_, body) = get_until_429(&hammer, &url("/v2/echo/x"), 40).await;
     assert!(body["message"].as_str().unwrap().contains("5 requests/s"));
     // Unknown paths count too.
     let (code, _, _) = get_json(&hammer, &url("/nope")).await;

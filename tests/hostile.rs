@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{client_from, get_json, get_text, raw, raw_request, TestCluster};
+use common::{
+    client_from, get_json, get_text, get_until_429, raw, raw_request, SlowHead, TestCluster,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,24 +46,8 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
     let observer = client_from("127.0.0.13");
     let url = |p: &str| format!("{}{p}", c.url(1));
 
-    let mut limited = None;
-    for _ in 0..40 {
-        let r = hammer.get(url("/services")).send().await.unwrap();
-        if r.status() == StatusCode::TOO_MANY_REQUESTS {
-            limited = Some(r);
-            break;
-        }
-        assert_eq!(r.status(), StatusCode::OK);
-    }
-    let r = limited.expect("40 requests at once never hit a limit of 5/s (burst 10)");
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=2).contains(&retry), "Retry-After {retry}");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "too_many_requests", "{body}");
+    // A limit of 5/s (burst 10): 40 requests at once hit it.
+    let (retry, _) = get_until_429(&hammer, &url("/services"), 40).await;
     // Also writes and unknown paths from that address.
     let mut refused = 0;
     for path in [
@@ -238,36 +224,12 @@ async fn per_token_rate_limit_keys_on_the_authorization_header() {
 async fn slowloris_headers_are_cut_off_and_others_are_served() {
     let c = TestCluster::start_with(1, |a| a.read_timeout_ms = 1_000).await;
     c.wait_for_leader().await;
-    let addr = c.addrs[&1];
-    let started = Instant::now();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /services HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    // A byte every 200 ms, for at most 20 s.
-    let trickle = tokio::spawn(async move {
-        for _ in 0..100 {
-            if wr.write_all(b"a").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let slow = SlowHead::start(c.addrs[&1], "/services").await;
     // Meanwhile the node serves everyone else.
     let (status, _, _) = c.get(1, "/services").await;
     assert_eq!(status, StatusCode::OK);
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the slow connection was still open after 8 s");
-    let text = String::from_utf8_lossy(&buf);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "unexpected answer: {text}"
-    );
-    let took = started.elapsed();
+    let took = slow.closed().await;
     assert!(took < Duration::from_secs(5), "closed only after {took:?}");
-    trickle.abort();
     let (status, _, _) = c.get(1, "/health").await;
     assert_eq!(status, StatusCode::OK);
     // The deadline runs from a head's first byte, not while a keep-alive

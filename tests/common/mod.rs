@@ -94,6 +94,79 @@ pub fn raw_request(addr: SocketAddr, method: &str, path: &str) -> Vec<u8> {
     format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
+/// GETs `url` from `http` until the answer is `429` (at most `tries`
+/// times), asserting every answer before it is `200`, and that the `429`
+/// is `too_many_requests` JSON with a `Retry-After` of 1 or 2 s: (those
+/// seconds, the body).
+pub async fn get_until_429(http: &reqwest::Client, url: &str, tries: usize) -> (u64, Value) {
+    for _ in 0..tries {
+        let r = http.get(url).send().await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&retry), "Retry-After {retry}");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "too_many_requests", "{body}");
+            return (retry, body);
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    panic!("{tries} requests at once to {url} never hit the rate limit");
+}
+
+/// A slowloris client: a `GET path` whose head arrives a byte every 200 ms
+/// (for at most 20 s).
+pub struct SlowHead {
+    started: Instant,
+    rd: tokio::net::tcp::OwnedReadHalf,
+    trickle: tokio::task::JoinHandle<()>,
+}
+
+impl SlowHead {
+    pub async fn start(addr: SocketAddr, path: &str) -> Self {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..100 {
+                if wr.write_all(b"a").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self {
+            started,
+            rd,
+            trickle,
+        }
+    }
+
+    /// Waits (at most 8 s) until the server closes the connection, with no
+    /// answer or a `408`: how long after the start that was.
+    pub async fn closed(mut self) -> Duration {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(8), self.rd.read_to_end(&mut buf));
+        assert!(
+            read.await.is_ok(),
+            "the slow connection was still open after 8 s"
+        );
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "unexpected answer: {text}"
+        );
+        let took = self.started.elapsed();
+        self.trickle.abort();
+        took
+    }
+}
+
 /// Adjusts a node's flags before it starts.
 pub type Tune = Arc<dyn Fn(&mut NodeArgs) + Send + Sync>;
 
