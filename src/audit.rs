@@ -1,6 +1,7 @@
 //! The audit log (`--audit-log FILE`): one JSON object per line for every
 //! mutation a node performs or forwards (register, deregister, expiry
-//! rounds, membership changes) and every request it refuses (401, 403).
+//! rounds, membership changes) and every request it refuses (401, 403;
+//! 429s are counted per client in windows, see `api::limits`).
 //!
 //! Requests never wait for the disk: an event is formatted on the request's
 //! task and handed to a dedicated writer thread through a bounded queue; if
@@ -16,7 +17,7 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use prometheus::IntCounter;
 use serde_json::{json, Value};
 
@@ -125,7 +126,7 @@ impl AuditLog {
             Outcome::Refused(s, reason) => (json!(format!("refused: {reason}")), json!(s)),
         };
         let mut event = json!({
-            "time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+            "time": timestamp(Utc::now()),
             "node": inner.node,
             "caller": caller.and_then(|c| c.addr.clone()),
             "token_id": caller.and_then(|c| c.token_id()),
@@ -163,6 +164,11 @@ impl AuditLog {
             let _ = rx.recv_timeout(timeout);
         }
     }
+}
+
+/// A time as the audit log writes it: RFC 3339 UTC, milliseconds.
+pub fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {

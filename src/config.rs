@@ -118,6 +118,23 @@ pub struct GatewayArgs {
     /// https:// registry nodes and upstream instances.
     #[arg(long, env = "GATEWAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// The gateway's own certificate chain (PEM): with --tls-key, its
+    /// listener speaks HTTPS only. Reloaded when the files change.
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// A request's head must be complete within this many milliseconds of
+    /// its first byte, else the connection is closed.
+    #[arg(long, env = "GATEWAY_READ_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub read_timeout_ms: u64,
+    /// Requests per second one client address may make (bursts of twice as
+    /// many; IPv6 clients count per /64); beyond it `429`. 0 = no limit.
+    /// `/health`, `/gateway/status` and `/gateway/metrics` are exempt.
+    #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_IP", default_value_t = 0)]
+    pub rate_limit_per_ip: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -388,6 +405,24 @@ mod tests {
         assert!(parse_peers("x=a:1").is_err());
         assert!(parse_peers("1=a").is_err());
         assert!(parse_peers("").is_err());
+    }
+
+    #[test]
+    fn gateway_hardening_flags() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["vertice-register", "gateway"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Some(Command::Gateway(g))) => Ok(g),
+                Ok(_) => panic!("not the gateway"),
+                Err(e) => Err(e),
+            }
+        };
+        let g = parse(&[]).unwrap();
+        assert_eq!((g.read_timeout_ms, g.rate_limit_per_ip), (10_000, 0));
+        let g = parse(&["--read-timeout-ms", "100", "--rate-limit-per-ip", "50"]).unwrap();
+        assert_eq!((g.read_timeout_ms, g.rate_limit_per_ip), (100, 50));
+        assert!(parse(&["--read-timeout-ms", "99"]).is_err());
     }
 
     #[test]

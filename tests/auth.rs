@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
-use common::{wait_for, TestCluster, SECRET};
+use common::{send, wait_for, TestCluster, SECRET};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -56,25 +57,65 @@ async fn secured(n: u64, dir: &Path, public: &[&str]) -> TestCluster {
     .await
 }
 
-/// A request with an optional bearer token: (status, headers, body).
-async fn call(
-    c: &TestCluster,
-    id: u64,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let mut req = c.http.request(method, format!("{}{path}", c.url(id)));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
+/// Requests to a cluster's nodes as one caller: with a bearer token, or
+/// (`token: None`) without one.
+#[derive(Clone, Copy)]
+struct User<'a> {
+    c: &'a TestCluster,
+    token: Option<&'a str>,
+}
+
+impl<'a> User<'a> {
+    fn new(c: &'a TestCluster, token: Option<&'a str>) -> Self {
+        Self { c, token }
     }
-    if let Some(b) = body {
-        req = req.json(&b);
+
+    fn request(&self, id: u64, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self
+            .c
+            .http
+            .request(method, format!("{}{path}", self.c.url(id)));
+        match self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
-    let r = req.send().await.unwrap();
-    let (status, headers) = (r.status(), r.headers().clone());
-    (status, headers, r.json().await.unwrap_or(Value::Null))
+
+    /// (status, headers, body).
+    async fn call(
+        &self,
+        id: u64,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut req = self.request(id, method, path);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        send(req).await
+    }
+
+    /// The body as text, whatever the status.
+    async fn text(&self, id: u64, path: &str) -> String {
+        let r = self.request(id, Method::GET, path).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
+    async fn get(&self, id: u64, path: &str) -> (StatusCode, Value) {
+        let (status, _, body) = self.call(id, Method::GET, path, None).await;
+        (status, body)
+    }
+
+    async fn post(&self, id: u64, path: &str, body: Value) -> (StatusCode, Value) {
+        let (status, _, body) = self.call(id, Method::POST, path, Some(body)).await;
+        (status, body)
+    }
+
+    async fn delete(&self, id: u64, path: &str) -> (StatusCode, Value) {
+        let (status, _, body) = self.call(id, Method::DELETE, path, None).await;
+        (status, body)
+    }
 }
 
 fn registration(service: &str, port: u16) -> Value {
@@ -123,125 +164,73 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
     let c = secured(3, dir.path(), &[]).await;
     let leader = c.wait_for_leader().await;
     let follower = c.follower_of(leader);
+    let anonymous = User::new(&c, None);
+    let reader = User::new(&c, Some(READER));
+    let deployer = User::new(&c, Some(DEPLOYER));
+    let admin = User::new(&c, Some(ADMIN));
 
     // /health stays open.
-    let (s, _, _) = call(&c, follower, Method::GET, "/health", None, None).await;
+    let (s, _) = anonymous.get(follower, "/health").await;
     assert_eq!(s, StatusCode::OK);
 
     // No token, a wrong token: 401 JSON with WWW-Authenticate.
     for token in [None, Some("not-a-valid-token-at-all")] {
-        let (s, h, body) = call(&c, follower, Method::GET, "/services", token, None).await;
+        let user = User::new(&c, token);
+        let (s, h, body) = user.call(follower, Method::GET, "/services", None).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{token:?}: {body}");
         assert_eq!(body["error"], "unauthorized");
         assert!(h["www-authenticate"]
             .to_str()
             .unwrap()
             .starts_with("Bearer"));
-        let (s, _, _) = call(
-            &c,
-            follower,
-            Method::POST,
-            "/register",
-            token,
-            Some(registration("payments", 1)),
-        )
-        .await;
+        let (s, _) = user
+            .post(follower, "/register", registration("payments", 1))
+            .await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
     }
 
     // A read token reads, but may not write.
-    let (s, _, body) = call(&c, follower, Method::GET, "/services", Some(READER), None).await;
+    let (s, body) = reader.get(follower, "/services").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body, json!([]));
-    let (s, _, _) = call(&c, leader, Method::GET, "/metrics", Some(READER), None).await;
+    let (s, _) = reader.get(leader, "/metrics").await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::POST,
-        "/register",
-        Some(READER),
-        Some(registration("payments", 1)),
-    )
-    .await;
+    let (s, body) = reader
+        .post(follower, "/register", registration("payments", 1))
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["error"], "forbidden");
 
     // A write token limited to `payments`: payments yes, orders no.
-    let (s, _, body) = call(
-        &c,
-        leader,
-        Method::POST,
-        "/register",
-        Some(DEPLOYER),
-        Some(registration("payments", 8001)),
-    )
-    .await;
+    let (s, body) = deployer
+        .post(leader, "/register", registration("payments", 8001))
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, _, body) = call(
-        &c,
-        leader,
-        Method::POST,
-        "/register",
-        Some(DEPLOYER),
-        Some(registration("orders", 8002)),
-    )
-    .await;
+    let (s, body) = deployer
+        .post(leader, "/register", registration("orders", 8002))
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     assert!(body["message"].as_str().unwrap().contains("orders"));
-    let (s, _, _) = call(
-        &c,
-        follower,
-        Method::POST,
-        "/heartbeat",
-        Some(DEPLOYER),
-        Some(json!({"service_name": "orders"})),
-    )
-    .await;
+    let heartbeat = |service: &str| json!({ "service_name": service });
+    let (s, _) = deployer
+        .post(follower, "/heartbeat", heartbeat("orders"))
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _, _) = call(
-        &c,
-        follower,
-        Method::DELETE,
-        "/deregister/orders",
-        Some(DEPLOYER),
-        None,
-    )
-    .await;
+    let (s, _) = deployer.delete(follower, "/deregister/orders").await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // The refusal changed nothing.
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::GET,
-        "/services?consistent=true",
-        Some(READER),
-        None,
-    )
-    .await;
+    let (s, body) = reader.get(follower, "/services?consistent=true").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body, json!(["payments"]));
 
     // Through a follower: forwarded with the caller's token, and allowed.
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::POST,
-        "/register",
-        Some(DEPLOYER),
-        Some(registration("payments-eu", 8003)),
-    )
-    .await;
+    let (s, body) = deployer
+        .post(follower, "/register", registration("payments-eu", 8003))
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, _, _) = call(
-        &c,
-        follower,
-        Method::POST,
-        "/heartbeat",
-        Some(DEPLOYER),
-        Some(json!({"service_name": "payments-eu"})),
-    )
-    .await;
+    let (s, _) = deployer
+        .post(follower, "/heartbeat", heartbeat("payments-eu"))
+        .await;
     assert_eq!(s, StatusCode::OK);
 
     // The leader checks a forwarded write again, whatever the sender says:
@@ -293,15 +282,9 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     // A deregister through the follower.
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::DELETE,
-        "/deregister/payments?instance_id=10.4.4.4:8001",
-        Some(DEPLOYER),
-        None,
-    )
-    .await;
+    let (s, body) = deployer
+        .delete(follower, "/deregister/payments?instance_id=10.4.4.4:8001")
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
 
     // Cluster routes: the secret as before, or an admin token instead.
@@ -309,41 +292,21 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
         .cluster(follower, Method::GET, "/cluster/status", None)
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::GET,
-        "/cluster/status",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (s, body) = admin.get(follower, "/cluster/status").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["members"].as_array().unwrap().len(), 3);
-    let (s, _, body) = call(
-        &c,
-        follower,
-        Method::GET,
-        "/cluster/status",
-        Some(ANYWRITER),
-        None,
-    )
-    .await;
+    let (s, body) = User::new(&c, Some(ANYWRITER))
+        .get(follower, "/cluster/status")
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
-    let (s, h, _) = call(&c, follower, Method::GET, "/cluster/status", None, None).await;
+    let (s, h, _) = anonymous
+        .call(follower, Method::GET, "/cluster/status", None)
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(h.contains_key("www-authenticate"));
     // A membership change with an admin token through a follower is audited
     // on both nodes (here: removing a node that is not a member: 404).
-    let (s, _, _) = call(
-        &c,
-        follower,
-        Method::DELETE,
-        "/cluster/nodes/42",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (s, _) = admin.delete(follower, "/cluster/nodes/42").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // The `cluster` subcommand with a token and no secret.
@@ -367,17 +330,8 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
     ));
 
     // Refusals are counted.
-    let (_, _, _) = call(&c, follower, Method::GET, "/metrics", None, None).await;
-    let text = c
-        .http
-        .get(format!("{}/metrics", c.url(follower)))
-        .bearer_auth(READER)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let _ = anonymous.get(follower, "/metrics").await;
+    let text = reader.text(follower, "/metrics").await;
     for reason in ["missing_token", "invalid_token", "role", "service"] {
         assert!(
             text.contains(&format!(
@@ -484,9 +438,10 @@ async fn public_routes_client_gateway_and_expiry_audit() {
     c.wait_for_leader().await;
 
     // --public-routes /metrics: metrics open, the rest not.
-    let (s, _, _) = call(&c, 1, Method::GET, "/metrics", None, None).await;
+    let anonymous = User::new(&c, None);
+    let (s, _) = anonymous.get(1, "/metrics").await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, _) = call(&c, 1, Method::GET, "/services", None, None).await;
+    let (s, _) = anonymous.get(1, "/services").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
     // The client library sends its token.
@@ -536,31 +491,25 @@ async fn public_routes_client_gateway_and_expiry_audit() {
     let mut open_cfg = cfg.clone();
     cfg.token = Some(READER.into());
     assert!(!format!("{cfg:?}").contains(READER));
-    let gw = vertice_register::gateway::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), cfg)
-        .await
-        .unwrap();
-    let r = c
-        .http
-        .get(format!("{}/v2/payments/hello", gw.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.text().await.unwrap(), "hello");
-    gw.shutdown().await;
     open_cfg.token = None;
-    let gw =
-        vertice_register::gateway::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), open_cfg)
+    for (cfg, want) in [
+        (cfg, StatusCode::OK),
+        (open_cfg, StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = vertice_register::gateway::start(l, cfg).await.unwrap();
+        let r = c
+            .http
+            .get(format!("{}/v2/payments/hello", gw.url()))
+            .send()
             .await
             .unwrap();
-    let r = c
-        .http
-        .get(format!("{}/v2/payments/hello", gw.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    gw.shutdown().await;
+        assert_eq!(r.status(), want);
+        if want == StatusCode::OK {
+            assert_eq!(r.text().await.unwrap(), "hello");
+        }
+        gw.shutdown().await;
+    }
 
     // An expiry round is audited on the leader: count and instances.
     let short = Registration {
@@ -705,7 +654,7 @@ async fn without_tokens_the_api_stays_open() {
     let (s, _, _) = c.get(1, "/services").await;
     assert_eq!(s, StatusCode::OK);
     // The cluster routes still need the secret, and a bearer token does not replace it.
-    let (s, _, _) = call(&c, 1, Method::GET, "/cluster/status", Some(ADMIN), None).await;
+    let (s, _) = User::new(&c, Some(ADMIN)).get(1, "/cluster/status").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _) = c.cluster(1, Method::GET, "/cluster/status", None).await;
     assert_eq!(s, StatusCode::OK);

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{wait_for, TestCluster};
+use common::{get_json, send, wait_for, TestCluster};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use vertice_register::client::{
@@ -363,41 +363,22 @@ async fn demo_service_serves_registers_and_leaves() {
     assert_eq!(svc.instances[0].port, demo.addr.port());
     assert_eq!(svc.instances[0].instance_id, demo.instance_id());
 
-    let health: serde_json::Value = http
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, health) = get_json(&http, &format!("{base}/health")).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["service"], "demo");
 
-    let echo: serde_json::Value = http
+    let post = http
         .post(format!("{base}/echo/a/b?x=1&y=2"))
         .header("x-test", "yes")
-        .body("hello")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .body("hello");
+    let (_, _, echo) = send(post).await;
     assert_eq!(echo["method"], "POST");
     assert_eq!(echo["path"], "/echo/a/b");
     assert_eq!(echo["query"], "x=1&y=2");
     assert_eq!(echo["headers"]["x-test"], "yes");
     assert_eq!(echo["body_len"], 5);
     assert_eq!(echo["instance"], demo.instance_id());
-    let echo: serde_json::Value = http
-        .get(format!("{base}/echo"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, echo) = get_json(&http, &format!("{base}/echo")).await;
     assert_eq!(echo["path"], "/echo");
     assert_eq!(echo["body_len"], 0);
 

@@ -9,12 +9,15 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, Request};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use common::{wait_for, TestCluster};
+use common::{
+    client_from, get_json, get_text, get_until_429, raw, raw_request, wait_for, SlowHead,
+    TestCluster,
+};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -197,29 +200,6 @@ async fn wait_for_instances(c: &TestCluster, service: &str, n: usize) {
     }
 }
 
-/// A GET sent byte for byte, path untouched: (status, body).
-async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text[9..12].parse().unwrap();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> (StatusCode, HeaderMap, Value) {
-    let r = http.get(url).send().await.unwrap();
-    let (status, headers) = (r.status(), r.headers().clone());
-    (status, headers, r.json().await.unwrap_or(Value::Null))
-}
-
 /// The instance that answered `/v2/{service}/echo`, asserting a 200.
 async fn echo_instance(http: &reqwest::Client, gw: &Gateway, service: &str) -> String {
     let (status, _, body) = get_json(http, &format!("{}/v2/{service}/echo", gw.url())).await;
@@ -361,7 +341,7 @@ async fn proxies_requests_bodies_headers_and_errors() {
         "/v2/echo-svc/a/%2e%2e/x",
         "/v2/echo-svc/a/..%5c..",
     ] {
-        let (code, body) = raw_get(gw.addr, bad).await;
+        let (code, body) = raw(gw.addr, raw_request(gw.addr, "GET", bad)).await;
         assert_eq!(code, 400, "{bad}: {body}");
         let body: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"], "bad_request");
@@ -390,14 +370,7 @@ async fn proxies_requests_bodies_headers_and_errors() {
         breaker_of(&s, "echo-svc", &up.url()),
         Some(("closed".to_string(), 0))
     );
-    let m = http
-        .get(format!("{base}/gateway/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&http, &format!("{base}/gateway/metrics")).await;
     for name in [
         "gateway_requests_total{service=\"echo-svc\",status=\"2xx\"}",
         "gateway_upstream_duration_seconds_bucket",
@@ -511,14 +484,7 @@ async fn round_robin_and_a_breaker_that_opens_and_closes_again() {
         breaker_of(&s, "rr", &b_url),
         Some(("closed".to_string(), 0))
     );
-    let m = http
-        .get(format!("{}/gateway/metrics", gw.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
     assert!(
         m.contains("gateway_breaker_opens_total{service=\"rr\"}"),
         "{m}"
@@ -618,4 +584,67 @@ async fn deregistration_and_a_dead_registry() {
     a.kill().await;
     b.kill().await;
     c.shutdown().await;
+}
+
+/// A gateway with no registry to ask: `echo` comes from the environment.
+async fn standalone_gateway(up: &Upstream, tune: impl FnOnce(&mut GatewayConfig)) -> Gateway {
+    let mut cfg = GatewayConfig::new(vec!["http://127.0.0.1:1".into()])
+        .with_env_map(HashMap::from([("SERVICE_ECHO_URL".to_string(), up.url())]));
+    cfg.registry_timeout = Duration::from_millis(200);
+    tune(&mut cfg);
+    start_gateway(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_is_cut_off_and_others_are_served() {
+    let up = Upstream::start("a").await;
+    let gw = standalone_gateway(&up, |c| c.read_timeout = Duration::from_secs(1)).await;
+    let http = client();
+    let slow = SlowHead::start(gw.addr, "/v2/echo/x").await;
+    // Meanwhile the gateway serves everyone else.
+    assert_eq!(echo_instance(&http, &gw, "echo").await, "a");
+    let took = slow.closed().await;
+    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    // A pooled connection idle for longer than the deadline still works:
+    // the deadline runs from a head's first byte.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(echo_instance(&http, &gw, "echo").await, "a");
+    gw.shutdown().await;
+    up.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_address_gets_429_and_other_addresses_pass() {
+    let up = Upstream::start("a").await;
+    let gw = standalone_gateway(&up, |c| c.rate_limit_per_ip = 5).await;
+    let hammer = client_from("127.0.0.41");
+    let other = client_from("127.0.0.42");
+    let url = |p: &str| format!("{}{p}", gw.url());
+
+    // A limit of 5/s (burst 10): 40 requests at once hit it.
+    let (_, body) = get_until_429(&hammer, &url("/v2/echo/x"), 40).await;
+    assert!(body["message"].as_str().unwrap().contains("5 requests/s"));
+    // Unknown paths count too.
+    let (code, _, _) = get_json(&hammer, &url("/nope")).await;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
+
+    // Another address passes; the gateway's own routes are not limited.
+    let (code, _, body) = get_json(&other, &url("/v2/echo/x")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    for _ in 0..10 {
+        for path in ["/health", "/gateway/status", "/gateway/metrics"] {
+            let r = hammer.get(url(path)).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+        }
+    }
+    let m = get_text(&other, &url("/gateway/metrics")).await;
+    let limited: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_rate_limited_total "))
+        .unwrap_or_else(|| panic!("no gateway_rate_limited_total in\n{m}"))
+        .parse()
+        .unwrap();
+    assert!(limited >= 2, "{m}");
+    gw.shutdown().await;
+    up.kill().await;
 }

@@ -5,64 +5,26 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::TestCluster;
+use common::{
+    client_from, get_json, get_text, get_until_429, raw, raw_request, SlowHead, TestCluster,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A client whose connections come from `ip` (any 127.x address works on
-/// the loopback interface), so each test's source address is its own.
-fn client_from(ip: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .local_address(ip.parse::<IpAddr>().unwrap())
-        .timeout(Duration::from_secs(15))
-        .no_proxy()
-        .build()
-        .unwrap()
-}
+use vertice_register::config::NodeArgs;
 
 /// (applied index, instance count) as `/health` reports them.
 async fn state(c: &TestCluster, http: &reqwest::Client) -> (u64, u64) {
-    let h: Value = http
-        .get(format!("{}/health", c.url(1)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, _, h) = get_json(http, &format!("{}/health", c.url(1))).await;
     (
         h["last_applied"].as_u64().unwrap(),
         h["instances"].as_u64().unwrap(),
     )
-}
-
-/// Sends `bytes` as they are and reads until the server closes (at most
-/// 10 s): (status, body), status 0 when no response came back.
-async fn raw(addr: SocketAddr, bytes: Vec<u8>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let (mut rd, mut wr) = s.split();
-    let write = async {
-        let _ = wr.write_all(&bytes).await;
-    };
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out));
-    let (_, r) = tokio::join!(write, read);
-    assert!(r.is_ok(), "the server neither answered nor closed");
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
-}
-
-fn get_req(addr: SocketAddr, method: &str, path: &str) -> Vec<u8> {
-    format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 /// Asserts a JSON error with `status` and `code` (and `field` when given).
@@ -84,24 +46,8 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
     let observer = client_from("127.0.0.13");
     let url = |p: &str| format!("{}{p}", c.url(1));
 
-    let mut limited = None;
-    for _ in 0..40 {
-        let r = hammer.get(url("/services")).send().await.unwrap();
-        if r.status() == StatusCode::TOO_MANY_REQUESTS {
-            limited = Some(r);
-            break;
-        }
-        assert_eq!(r.status(), StatusCode::OK);
-    }
-    let r = limited.expect("40 requests at once never hit a limit of 5/s (burst 10)");
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((1..=2).contains(&retry), "Retry-After {retry}");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "too_many_requests", "{body}");
+    // A limit of 5/s (burst 10): 40 requests at once hit it.
+    let (retry, _) = get_until_429(&hammer, &url("/services"), 40).await;
     // Also writes and unknown paths from that address.
     let mut refused = 0;
     for path in [
@@ -138,14 +84,7 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
         assert_eq!(r.status(), StatusCode::OK);
     }
 
-    let metrics = observer
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&observer, &url("/metrics")).await;
     let count = |by: &str| -> u64 {
         let prefix = format!("registry_rate_limited_total{{by=\"{by}\"}} ");
         metrics
@@ -163,6 +102,81 @@ async fn per_address_rate_limit_answers_429_and_spares_others() {
     let r = hammer.get(url("/services")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_429s_is_audited_in_a_few_lines_that_count_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = path.clone();
+    let mut c = TestCluster::start_tuned(
+        1,
+        Arc::new(move |a: &mut NodeArgs| {
+            a.rate_limit_per_ip = 5;
+            a.audit_log = Some(log.clone());
+        }),
+    )
+    .await;
+    c.wait_for_leader().await;
+    let hammer = client_from("127.0.0.14");
+    let url = format!("{}/services", c.url(1));
+    let started = Instant::now();
+    let mut refused = 0u64;
+    for _ in 0..200 {
+        let r = hammer.get(&url).send().await.unwrap();
+        refused += u64::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
+    }
+    assert!(refused >= 150, "only {refused} of 200 refused");
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["status"] == 429)
+            .collect()
+    };
+    // The first refusal is written at once.
+    let first = common::wait_for(
+        "the first 429 in the audit log",
+        Duration::from_secs(10),
+        || {
+            let found = lines().into_iter().next();
+            async move { found }
+        },
+    )
+    .await;
+    assert!(
+        first["caller"].as_str().unwrap().starts_with("127.0.0.14:"),
+        "{first}"
+    );
+    assert_eq!(first["operation"], "list");
+    assert_eq!(first["target"], "/services");
+    assert_eq!(first["result"], "refused: rate_limit");
+    assert_eq!(first["limit"], "ip");
+    assert_eq!(first["count"], 1);
+    assert_eq!(first["token_id"], Value::Null);
+    // The rest are counted, and written at the latest when the node stops.
+    let took = started.elapsed();
+    c.stop(1).await;
+    let total = |got: &[Value]| -> u64 { got.iter().map(|e| e["count"].as_u64().unwrap()).sum() };
+    let got = common::wait_for(
+        "all 429s counted in the audit log",
+        Duration::from_secs(10),
+        || {
+            let got = lines();
+            async move { (total(&got) >= refused).then_some(got) }
+        },
+    )
+    .await;
+    assert_eq!(total(&got), refused, "{got:?}");
+    // One line at once, then at most one per 10 s window.
+    let most = 2 + took.as_secs() as usize / 10;
+    assert!(
+        got.len() <= most,
+        "{} lines for {refused} refusals: {got:?}",
+        got.len()
+    );
+    assert!(got[1..].iter().all(|e| e["since"].is_string()), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,36 +224,12 @@ async fn per_token_rate_limit_keys_on_the_authorization_header() {
 async fn slowloris_headers_are_cut_off_and_others_are_served() {
     let c = TestCluster::start_with(1, |a| a.read_timeout_ms = 1_000).await;
     c.wait_for_leader().await;
-    let addr = c.addrs[&1];
-    let started = Instant::now();
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /services HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    // A byte every 200 ms, for at most 20 s.
-    let trickle = tokio::spawn(async move {
-        for _ in 0..100 {
-            if wr.write_all(b"a").await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let slow = SlowHead::start(c.addrs[&1], "/services").await;
     // Meanwhile the node serves everyone else.
     let (status, _, _) = c.get(1, "/services").await;
     assert_eq!(status, StatusCode::OK);
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the slow connection was still open after 8 s");
-    let text = String::from_utf8_lossy(&buf);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "unexpected answer: {text}"
-    );
-    let took = started.elapsed();
+    let took = slow.closed().await;
     assert!(took < Duration::from_secs(5), "closed only after {took:?}");
-    trickle.abort();
     let (status, _, _) = c.get(1, "/health").await;
     assert_eq!(status, StatusCode::OK);
     // The deadline runs from a head's first byte, not while a keep-alive
@@ -316,14 +306,14 @@ async fn huge_heads_get_431_not_a_hang() {
     assert!(code == 431 || code == 0, "many headers: {code}");
     // A 100 KiB path.
     let long = format!("/services/{}", "a".repeat(100 * 1024));
-    let (code, _) = raw(addr, get_req(addr, "GET", &long)).await;
+    let (code, _) = raw(addr, raw_request(addr, "GET", &long)).await;
     assert!(
         code == 431 || code == 414 || code == 0,
         "very long path: {code}"
     );
     // A path of 10 KiB fits the head: the registry refuses the name.
     let long = format!("/services/{}", "a".repeat(10 * 1024));
-    let (code, body) = raw(addr, get_req(addr, "GET", &long)).await;
+    let (code, body) = raw(addr, raw_request(addr, "GET", &long)).await;
     assert_error((code, &body), 400, "invalid_request", None, "10 KiB name");
     // Raw CR/LF inside the request line is not HTTP.
     let (code, _) = raw(
@@ -569,12 +559,12 @@ async fn path_tricks_on_the_registry_are_400_and_change_nothing() {
         ("GET", "/services/keep%E2%80%8D"),
         ("GET", "/services/%ff"),
     ] {
-        let (code, body) = raw(addr, get_req(addr, method, path)).await;
+        let (code, body) = raw(addr, raw_request(addr, method, path)).await;
         assert_error((code, &body), 400, "invalid_request", None, path);
     }
     // Segments that are not one name: no route.
     for path in ["/deregister/keep/..", "/services/keep/../../etc"] {
-        let (code, body) = raw(addr, get_req(addr, "DELETE", path)).await;
+        let (code, body) = raw(addr, raw_request(addr, "DELETE", path)).await;
         assert!(code == 404 || code == 405, "{path}: {code} {body}");
     }
     assert_eq!(state(&c, &c.http).await, before);
@@ -628,7 +618,7 @@ async fn path_tricks_on_the_gateway_are_400_and_nothing_is_forwarded() {
         "/v2/sv%63/x",
         "/v2/p%D0%B0yments/x",
     ] {
-        let (code, body) = raw(gaddr, get_req(gaddr, "GET", path)).await;
+        let (code, body) = raw(gaddr, raw_request(gaddr, "GET", path)).await;
         assert_eq!(code, 400, "{path}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{path}: {body}"));
         assert_eq!(v["error"], "bad_request", "{path}: {v}");

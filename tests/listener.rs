@@ -478,15 +478,29 @@ async fn the_gateway_and_the_cluster_command_speak_tls() {
         ca_pem: Some(pki.ca_pem()),
         identity_pem: None,
     };
+    // The gateway's own listener on HTTPS too.
+    let gw_cert = pki.issue("gateway");
+    config.listener_tls = Some(
+        vertice_register::tls::Tls::load(vertice_register::tls::TlsFiles {
+            cert: gw_cert.cert.clone(),
+            key: gw_cert.key.clone(),
+            ca: None,
+        })
+        .unwrap(),
+    );
     let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = vertice_register::gateway::start(gw_listener, config)
         .await
         .unwrap();
-    let r = reqwest::get(format!("{}/v2/web/anything", gw.url()))
+    let r = https_client(&pki.ca_pem(), None)
+        .get(format!("https://{}/v2/web/anything", gw.addr))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.text().await.unwrap(), "hello from upstream");
+    let plain = raw(gw.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
     gw.shutdown().await;
 
     // `cluster status` over HTTPS with --tls-ca.

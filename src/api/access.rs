@@ -30,7 +30,7 @@ pub fn peer_of(req: &Request) -> Option<String> {
 }
 
 /// The role a public route needs, and the operation name for logs.
-fn public_route(method: &Method, path: &str) -> (Role, &'static str) {
+pub(super) fn public_route(method: &Method, path: &str) -> (Role, &'static str) {
     match path {
         "/register" => (Role::Write, "register"),
         "/heartbeat" => (Role::Write, "heartbeat"),

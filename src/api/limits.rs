@@ -6,31 +6,42 @@
 //! balancers and orchestrators poll it and must not be throttled into
 //! declaring a node dead).
 //!
-//! Limits are GCRA buckets from `governor`, one per key: `N` requests per
+//! Limits are GCRA buckets from `governor` ([`KeyedLimit`], which the
+//! gateway's `--rate-limit-per-ip` uses too), one per key: `N` requests per
 //! second with a burst of `2N`. A key whose bucket is full again is
 //! indistinguishable from a new one, so the periodic `retain_recent` sweep
 //! (and an early one when the map grows large) forgets it: memory follows
 //! the number of clients active in the last few seconds, not all ever seen.
+//!
+//! With an audit log, refusals are audited per key in windows of
+//! [`AUDIT_WINDOW`] (see [`RefusalAudit`]): a flood of `429`s costs a few
+//! lines, not one per request.
 
 use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use prometheus::IntCounterVec;
+use serde_json::json;
 
+use super::access::{peer_of, public_route};
 use super::{ApiError, MAX_BODY};
+use crate::audit::{AuditLog, Outcome};
+use crate::auth::{bearer, Auth, Caller, Identity};
 
 /// How often idle keys are swept out of the limiters.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -38,6 +49,14 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// tick (checked every [`CHECK_LEN_EVERY`] requests).
 const MAX_TRACKED_KEYS: usize = 100_000;
 const CHECK_LEN_EVERY: u64 = 1024;
+/// Refusals of one key after its first are counted for this long, then
+/// written as one audit line.
+pub const AUDIT_WINDOW: Duration = Duration::from_secs(10);
+/// Keys with an open audit window at most; refusals of further keys share
+/// one window per limit.
+const MAX_AUDITED_KEYS: usize = 10_000;
+/// How often audit windows that ended are written out.
+const AUDIT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// The node's request limits (from `--rate-limit-per-ip`,
 /// `--rate-limit-per-token` and `--read-timeout-ms`).
@@ -64,65 +83,121 @@ impl Default for LimitConfig {
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
 
-/// One keyed limiter and its rate, for the message.
-struct Limit<K: std::hash::Hash + Eq + Clone> {
+/// One keyed rate limit: `rate` requests per second per key, bursts of
+/// twice as many. The node's limits and the gateway's are made of these.
+pub struct KeyedLimit<K: Hash + Eq + Clone> {
     limiter: Keyed<K>,
     rate: u32,
+    checks: AtomicU64,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Limit<K> {
-    fn new(rate: u32) -> Option<Self> {
+impl<K: Hash + Eq + Clone> KeyedLimit<K> {
+    /// `None` for a rate of 0 (no limit).
+    pub fn new(rate: u32) -> Option<Self> {
         let per_second = NonZeroU32::new(rate)?;
         let burst = NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(per_second);
         Some(Self {
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             rate,
+            checks: AtomicU64::new(0),
         })
     }
 
-    /// `Err(wait)` when `key` is over its limit.
-    fn check(&self, key: &K) -> Result<(), Duration> {
+    /// Like [`KeyedLimit::new`], shared, with (inside a Tokio runtime) a
+    /// task that sweeps idle keys until the limit is dropped.
+    pub fn swept(rate: u32) -> Option<Arc<Self>>
+    where
+        K: Send + Sync + 'static,
+    {
+        let limit = Arc::new(Self::new(rate)?);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(periodic(Arc::downgrade(&limit), SWEEP_EVERY, Self::sweep));
+        }
+        Some(limit)
+    }
+
+    pub fn rate(&self) -> u32 {
+        self.rate
+    }
+
+    /// `Err(wait)` when `key` is over its limit. A limit tracking more than
+    /// [`MAX_TRACKED_KEYS`] keys is swept at once, not at the next tick.
+    pub fn check(&self, key: &K) -> Result<(), Duration> {
+        let n = self.checks.fetch_add(1, Ordering::Relaxed);
+        if n % CHECK_LEN_EVERY == CHECK_LEN_EVERY - 1 && self.tracked() > MAX_TRACKED_KEYS {
+            self.sweep();
+        }
         self.limiter
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
-    fn sweep(&self) {
+    /// Forgets the keys whose bucket is full again.
+    pub fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
     }
+
+    /// Keys currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// `Retry-After` for a wait: whole seconds, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// Shared by every request of one node.
 pub struct Limits {
-    per_ip: Option<Limit<IpAddr>>,
-    per_token: Option<Limit<u64>>,
+    per_ip: Option<KeyedLimit<IpAddr>>,
+    per_token: Option<KeyedLimit<u64>>,
     /// Keyed per process: `Authorization` values are kept only as hashes
     /// nobody outside can predict.
     hasher: RandomState,
     read_timeout: Duration,
     limited: IntCounterVec,
-    requests: AtomicU64,
+    /// Where refusals are audited, when the node has an audit log.
+    audit: Option<RefusalAudit>,
 }
 
 impl Limits {
-    /// Builds the limits and, inside a Tokio runtime, the sweeper task (it
-    /// ends when the router holding the limits is dropped).
-    pub fn new(cfg: &LimitConfig, limited: IntCounterVec) -> Arc<Self> {
+    /// Builds the limits and, inside a Tokio runtime, the sweeper task (and
+    /// with `audit`, the task writing out audit windows); they end when the
+    /// router holding the limits is dropped.
+    pub fn new(
+        cfg: &LimitConfig,
+        limited: IntCounterVec,
+        audit: Option<RefusalAudit>,
+    ) -> Arc<Self> {
         let limits = Arc::new(Self {
-            per_ip: Limit::new(cfg.per_ip),
-            per_token: Limit::new(cfg.per_token),
+            per_ip: KeyedLimit::new(cfg.per_ip),
+            per_token: KeyedLimit::new(cfg.per_token),
             hasher: RandomState::new(),
             read_timeout: cfg.read_timeout,
             limited,
-            requests: AtomicU64::new(0),
+            audit,
         });
         if limits.per_ip.is_some() || limits.per_token.is_some() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(sweeper(Arc::downgrade(&limits)));
+                rt.spawn(periodic(Arc::downgrade(&limits), SWEEP_EVERY, Self::sweep));
+                if limits.audit.is_some() {
+                    rt.spawn(periodic(
+                        Arc::downgrade(&limits),
+                        AUDIT_FLUSH_EVERY,
+                        Self::flush_audit,
+                    ));
+                }
             }
         }
         limits
+    }
+
+    fn flush_audit(&self) {
+        if let Some(audit) = &self.audit {
+            audit.flush();
+        }
     }
 
     fn sweep(&self) {
@@ -137,28 +212,20 @@ impl Limits {
     /// Keys currently tracked (per address, per token), for tests.
     pub fn tracked(&self) -> (usize, usize) {
         (
-            self.per_ip.as_ref().map_or(0, |l| l.limiter.len()),
-            self.per_token.as_ref().map_or(0, |l| l.limiter.len()),
+            self.per_ip.as_ref().map_or(0, KeyedLimit::tracked),
+            self.per_token.as_ref().map_or(0, KeyedLimit::tracked),
         )
     }
 
     /// The `429` answer when the caller is over a limit.
     fn refusal(&self, req: &Request) -> Option<Response> {
-        if self.per_ip.is_none() && self.per_token.is_none() {
-            return None;
-        }
-        let n = self.requests.fetch_add(1, Ordering::Relaxed);
-        if n % CHECK_LEN_EVERY == CHECK_LEN_EVERY - 1 {
-            let (ips, tokens) = self.tracked();
-            if ips.max(tokens) > MAX_TRACKED_KEYS {
-                self.sweep();
-            }
-        }
         if let Some(limit) = &self.per_ip {
             if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
-                if let Err(wait) = limit.check(&ip_key(peer.ip())) {
+                let key = ip_key(peer.ip());
+                if let Err(wait) = limit.check(&key) {
                     return Some(self.refuse(
-                        "ip",
+                        req,
+                        AuditKey::Ip(key),
                         format!(
                             "rate limit of {} requests/s for this client address exceeded",
                             limit.rate
@@ -173,7 +240,8 @@ impl Limits {
                 let key = self.hasher.hash_one(auth.as_bytes());
                 if let Err(wait) = limit.check(&key) {
                     return Some(self.refuse(
-                        "token",
+                        req,
+                        AuditKey::Token(key),
                         format!(
                             "rate limit of {} requests/s for this token exceeded",
                             limit.rate
@@ -186,9 +254,12 @@ impl Limits {
         None
     }
 
-    fn refuse(&self, by: &str, message: String, wait: Duration) -> Response {
-        self.limited.with_label_values(&[by]).inc();
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    fn refuse(&self, req: &Request, key: AuditKey, message: String, wait: Duration) -> Response {
+        self.limited.with_label_values(&[key.limit()]).inc();
+        if let Some(audit) = &self.audit {
+            audit.refused(key, req);
+        }
+        let secs = retry_after_secs(wait);
         let mut resp =
             ApiError::TooManyRequests(format!("{message}; retry in {secs} s")).into_response();
         resp.headers_mut()
@@ -197,16 +268,199 @@ impl Limits {
     }
 }
 
-async fn sweeper(limits: Weak<Limits>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+/// Runs `job` on `owner` every `every` until `owner` is dropped.
+async fn periodic<T>(owner: Weak<T>, every: Duration, job: fn(&T)) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let Some(limits) = limits.upgrade() else {
+        let Some(owner) = owner.upgrade() else {
             return;
         };
-        limits.sweep();
+        job(&owner);
+    }
+}
+
+/// What one audit window counts the refusals of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum AuditKey {
+    /// A client address (IPv6: its /64).
+    Ip(IpAddr),
+    /// The keyed hash of an `Authorization` value.
+    Token(u64),
+    /// Any key of this limit, once [`MAX_AUDITED_KEYS`] windows are open.
+    Overflow(&'static str),
+}
+
+impl AuditKey {
+    /// The limit: `ip` or `token` (the `by` label of the metric).
+    fn limit(&self) -> &'static str {
+        match self {
+            Self::Ip(_) => "ip",
+            Self::Token(_) => "token",
+            Self::Overflow(limit) => limit,
+        }
+    }
+}
+
+/// A refused request, as an audit line names it.
+struct Sample {
+    caller: Option<String>,
+    identity: Option<Arc<Identity>>,
+    operation: &'static str,
+    target: String,
+}
+
+/// The refusals of one key since `opened`.
+struct Window {
+    opened: Instant,
+    opened_at: DateTime<Utc>,
+    /// Refusals not written yet.
+    counted: u64,
+    /// The first of them.
+    sample: Option<Sample>,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            opened_at: Utc::now(),
+            counted: 0,
+            sample: None,
+        }
+    }
+}
+
+/// Writes `429` refusals to the audit log without letting a flood fill the
+/// disk. Per key (client address or token): the first refusal is written
+/// at once (`"count": 1`); later ones within the next `window` are only
+/// counted, and when the window ends they are written as one line with
+/// their `count` and `since` (the window's start), naming the first of
+/// them. While a key keeps being refused this repeats, one line per window;
+/// a key with no refusal in a whole window is forgotten, so its next
+/// refusal is written at once again. So a key costs at most one line per
+/// refusal and two per window, and the table at most [`MAX_AUDITED_KEYS`]
+/// entries (then further keys share one window per limit, marked
+/// `"overflow": true`). Counts still open when the node stops are written
+/// then.
+pub struct RefusalAudit {
+    log: AuditLog,
+    auth: Arc<Auth>,
+    window: Duration,
+    open: Mutex<HashMap<AuditKey, Window>>,
+}
+
+impl RefusalAudit {
+    pub fn new(log: AuditLog, auth: Arc<Auth>) -> Self {
+        Self::with_window(log, auth, AUDIT_WINDOW)
+    }
+
+    fn with_window(log: AuditLog, auth: Arc<Auth>, window: Duration) -> Self {
+        Self {
+            log,
+            auth,
+            window,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn sample(&self, req: &Request) -> Sample {
+        let path = req.uri().path();
+        let identity = bearer(req.headers().get(header::AUTHORIZATION))
+            .and_then(|t| self.auth.tokens()?.verify(t));
+        Sample {
+            caller: peer_of(req),
+            identity,
+            operation: public_route(req.method(), path).1,
+            target: path.to_string(),
+        }
+    }
+
+    fn write(&self, key: AuditKey, sample: &Sample, count: u64, since: Option<DateTime<Utc>>) {
+        let caller = Caller {
+            addr: sample.caller.clone(),
+            identity: sample.identity.clone(),
+            ..Default::default()
+        };
+        let mut extra = json!({"limit": key.limit(), "count": count});
+        if let Some(since) = since {
+            extra["since"] = json!(crate::audit::timestamp(since));
+        }
+        if matches!(key, AuditKey::Overflow(_)) {
+            extra["overflow"] = json!(true);
+        }
+        self.log.record(
+            Some(&caller),
+            sample.operation,
+            json!(sample.target),
+            Outcome::Refused(429, "rate_limit".into()),
+            Some(extra),
+        );
+    }
+
+    /// Writes the refusals `w` counted, if any.
+    fn write_window(&self, key: AuditKey, w: &Window) {
+        if let (Some(sample), true) = (&w.sample, w.counted > 0) {
+            self.write(key, sample, w.counted, Some(w.opened_at));
+        }
+    }
+
+    /// Notes one refusal of `key`.
+    fn refused(&self, key: AuditKey, req: &Request) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if open.len() >= MAX_AUDITED_KEYS && !open.contains_key(&key) {
+            AuditKey::Overflow(key.limit())
+        } else {
+            key
+        };
+        if let Some(w) = open.get_mut(&key) {
+            if w.opened.elapsed() < self.window {
+                w.counted += 1;
+                if w.sample.is_none() {
+                    w.sample = Some(self.sample(req));
+                }
+                return;
+            }
+            // Ended, and not written out yet.
+            self.write_window(key, w);
+            if w.counted > 0 {
+                // Still refused: keep counting.
+                *w = Window::new();
+                w.counted = 1;
+                w.sample = Some(self.sample(req));
+                return;
+            }
+        }
+        self.write(key, &self.sample(req), 1, None);
+        open.insert(key, Window::new());
+    }
+
+    /// Writes out the windows that ended and forgets keys that were not
+    /// refused in theirs.
+    fn flush(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|key, w| {
+            if w.opened.elapsed() < self.window {
+                return true;
+            }
+            if w.counted == 0 {
+                return false;
+            }
+            self.write_window(*key, w);
+            *w = Window::new();
+            true
+        });
+    }
+}
+
+impl Drop for RefusalAudit {
+    fn drop(&mut self) {
+        let open = std::mem::take(self.open.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for (key, w) in &open {
+            self.write_window(*key, w);
+        }
     }
 }
 
@@ -283,7 +537,7 @@ mod tests {
 
     #[test]
     fn burst_is_twice_the_rate_and_idle_keys_are_forgotten() {
-        let l = Limit::<u64>::new(3).unwrap();
+        let l = KeyedLimit::<u64>::new(3).unwrap();
         for _ in 0..6 {
             assert!(l.check(&1).is_ok());
         }
@@ -291,7 +545,123 @@ mod tests {
         assert!(wait <= Duration::from_millis(334), "{wait:?}");
         assert!(l.check(&2).is_ok());
         assert_eq!(l.limiter.len(), 2);
-        assert!(Limit::<u64>::new(0).is_none());
+        assert!(KeyedLimit::<u64>::new(0).is_none());
+    }
+
+    fn audited(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn request(ip: &str, method: &str, path: &str, token: Option<&str>) -> Request {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .extension(ConnectInfo(SocketAddr::new(ip.parse().unwrap(), 4000)));
+        if let Some(t) = token {
+            b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn refusals_are_audited_at_once_then_counted_per_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let tokens = dir.path().join("tokens.json");
+        std::fs::write(
+            &tokens,
+            r#"{"tokens":[{"id":"ci","token":"0123456789abcdef","role":"read"}]}"#,
+        )
+        .unwrap();
+        let rotation = crate::audit::Rotation {
+            max_bytes: 1 << 20,
+            max_files: 1,
+        };
+        let dropped = prometheus::IntCounter::new("d", "d").unwrap();
+        let log = AuditLog::open(&path, 3, rotation, dropped).unwrap();
+        let auth = Arc::new(Auth::load(Some(&tokens), &[]).unwrap());
+        let window = Duration::from_millis(200);
+        let audit = RefusalAudit::with_window(log.clone(), auth, window);
+        let a = AuditKey::Ip("10.0.0.1".parse().unwrap());
+        let b = AuditKey::Token(42);
+        let lines = || {
+            log.sync(Duration::from_secs(5));
+            audited(&path)
+        };
+
+        // The first refusal of each key is written at once, the rest counted.
+        for _ in 0..50 {
+            audit.refused(a, &request("10.0.0.1", "GET", "/services", None));
+        }
+        let token = Some("0123456789abcdef");
+        audit.refused(b, &request("10.0.0.2", "POST", "/register", token));
+        audit.flush();
+        let got = lines();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0]["caller"], "10.0.0.1:4000");
+        assert_eq!(got[0]["node"], 3);
+        assert_eq!(got[0]["operation"], "list");
+        assert_eq!(got[0]["target"], "/services");
+        assert_eq!(got[0]["result"], "refused: rate_limit");
+        assert_eq!(got[0]["status"], 429);
+        assert_eq!(got[0]["limit"], "ip");
+        assert_eq!(got[0]["count"], 1);
+        assert_eq!(got[0]["token_id"], serde_json::Value::Null);
+        assert!(got[0].get("since").is_none());
+        assert_eq!(got[1]["limit"], "token");
+        assert_eq!(got[1]["token_id"], "ci");
+        assert_eq!(got[1]["operation"], "register");
+
+        // The window ends: one line with the count; b, not refused again,
+        // is forgotten.
+        std::thread::sleep(window);
+        audit.flush();
+        let got = lines();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[2]["caller"], "10.0.0.1:4000");
+        assert_eq!(got[2]["count"], 49);
+        assert!(got[2]["since"].as_str().unwrap() >= got[0]["time"].as_str().unwrap());
+        assert_eq!(audit.open.lock().unwrap().len(), 1);
+
+        // a is still refused: counted, not written at once; b is new again.
+        for _ in 0..5 {
+            audit.refused(a, &request("10.0.0.1", "GET", "/services", None));
+        }
+        audit.refused(b, &request("10.0.0.2", "GET", "/services", token));
+        assert_eq!(lines().len(), 4);
+        // A window that ended is written out by the next refusal too.
+        std::thread::sleep(window);
+        audit.refused(a, &request("10.0.0.1", "GET", "/services", None));
+        assert_eq!(lines().len(), 5);
+        // What is still counted is written when the node stops.
+        drop(audit);
+        let got = lines();
+        assert_eq!(got.len(), 6, "{got:?}");
+        let total: u64 = got
+            .iter()
+            .filter(|e| e["limit"] == "ip")
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 56);
+    }
+
+    #[test]
+    fn the_audit_table_is_bounded() {
+        let audit = RefusalAudit::new(AuditLog::disabled(), Arc::new(Auth::open()));
+        for i in 0..(MAX_AUDITED_KEYS as u32 + 10) {
+            let ip = IpAddr::from(i.to_be_bytes());
+            audit.refused(
+                AuditKey::Ip(ip),
+                &request(&ip.to_string(), "GET", "/", None),
+            );
+        }
+        let open = audit.open.lock().unwrap();
+        assert_eq!(open.len(), MAX_AUDITED_KEYS + 1);
+        assert_eq!(open[&AuditKey::Overflow("ip")].counted, 9);
     }
 
     #[test]

@@ -162,7 +162,11 @@ impl AppState {
 
 /// The node's whole HTTP surface, behind the request limits of `limits`.
 pub fn router(state: Arc<AppState>, limits: &LimitConfig) -> Router {
-    let limits = limits::Limits::new(limits, state.metrics.rate_limited.clone());
+    let audit = state
+        .audit
+        .enabled()
+        .then(|| limits::RefusalAudit::new(state.audit.clone(), state.auth.clone()));
+    let limits = limits::Limits::new(limits, state.metrics.rate_limited.clone(), audit);
     let public = Router::new()
         .route("/register", post(handlers::register))
         .route("/heartbeat", post(handlers::heartbeat))

@@ -14,6 +14,8 @@ pub struct GatewayMetrics {
     pub registry_lookups: IntCounterVec,
     pub registry_failures: IntCounter,
     pub cache_size: IntGauge,
+    pub rate_limited: IntCounter,
+    pub connections_refused: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -60,7 +62,23 @@ impl GatewayMetrics {
         .expect("valid metric");
         let cache_size = IntGauge::new("gateway_route_cache_size", "Services in the route cache")
             .expect("valid metric");
+        let rate_limited = IntCounter::new(
+            "gateway_rate_limited_total",
+            "Requests refused with 429 by --rate-limit-per-ip",
+        )
+        .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "gateway_connections_refused_total",
+                "Connections closed before a request: plain_http (on an HTTPS listener), tls_handshake (failed or too slow)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let registry = Registry::new();
+        registry
+            .register(Box::new(connections_refused.clone()))
+            .unwrap();
         registry.register(Box::new(requests.clone())).unwrap();
         registry
             .register(Box::new(upstream_latency.clone()))
@@ -73,6 +91,7 @@ impl GatewayMetrics {
             .register(Box::new(registry_failures.clone()))
             .unwrap();
         registry.register(Box::new(cache_size.clone())).unwrap();
+        registry.register(Box::new(rate_limited.clone())).unwrap();
         Self {
             registry,
             requests,
@@ -81,6 +100,8 @@ impl GatewayMetrics {
             registry_lookups,
             registry_failures,
             cache_size,
+            rate_limited,
+            connections_refused,
         }
     }
 

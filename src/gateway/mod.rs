@@ -26,6 +26,13 @@
 //! exactly as received after `/v2/{service}`; a `..` segment is refused with
 //! 400 (URL parsers would resolve it and leave the upstream's path).
 //!
+//! The listener is the node's server loop (`api::server::serve`): a request
+//! head must be complete within `read_timeout` of its first byte
+//! (slowloris), idle keep-alive connections close after two minutes, and
+//! with `rate_limit_per_ip` each client address gets a `governor` bucket
+//! (the node's [`KeyedLimit`]); over it, `429` with `Retry-After`. The
+//! gateway's own routes are not limited.
+//!
 //! Module map: [`breaker`] (pure breaker state), `routes` (cache, registry
 //! lookups, watches, status), `proxy` (forwarding and header hygiene),
 //! `metrics` (Prometheus).
@@ -42,12 +49,14 @@ mod routes;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::header::{HeaderValue, CONTENT_TYPE};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
@@ -56,6 +65,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::limits::{ip_key, retry_after_secs, KeyedLimit};
 use crate::config::GatewayArgs;
 use metrics::GatewayMetrics;
 use routes::Routes;
@@ -106,6 +116,15 @@ pub struct GatewayConfig {
     /// Extra CA certificates to trust for https:// registry nodes and
     /// upstream instances.
     pub tls: crate::tls::ClientTls,
+    /// A request head must be complete within this of its first byte, or
+    /// the connection is closed (slowloris).
+    pub read_timeout: Duration,
+    /// HTTPS for the gateway's own listener (`--tls-cert`/`--tls-key`),
+    /// reloaded when the files change.
+    pub listener_tls: Option<Arc<crate::tls::Tls>>,
+    /// Requests per second per client address (IPv6: per /64), bursts of
+    /// twice as many; 0 = no limit.
+    pub rate_limit_per_ip: u32,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -122,6 +141,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_services", &self.max_services)
             .field("token", &self.token)
             .field("tls", &self.tls)
+            .field("read_timeout", &self.read_timeout)
+            .field("rate_limit_per_ip", &self.rate_limit_per_ip)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +163,9 @@ impl GatewayConfig {
             env: Arc::new(|k: &str| std::env::var(k).ok()),
             token: None,
             tls: Default::default(),
+            read_timeout: Duration::from_secs(10),
+            listener_tls: None,
+            rate_limit_per_ip: 0,
         }
     }
 
@@ -152,6 +176,8 @@ impl GatewayConfig {
             breaker_threshold: args.breaker_threshold,
             breaker_cooldown: Duration::from_millis(args.breaker_cooldown_ms),
             token: args.token.clone(),
+            read_timeout: Duration::from_millis(args.read_timeout_ms),
+            rate_limit_per_ip: args.rate_limit_per_ip,
             ..Self::new(args.registry.clone())
         }
     }
@@ -174,6 +200,11 @@ impl GatewayConfig {
             .map_err(GatewayError::Config)?
             .build()
             .map_err(|e| GatewayError::Config(format!("HTTP client: {e}")))?;
+        if self.read_timeout.is_zero() {
+            return Err(GatewayError::Config(
+                "the read timeout must be positive".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -184,6 +215,8 @@ pub(crate) struct Shared {
     routes: Arc<Routes>,
     client: reqwest::Client,
     metrics: Arc<GatewayMetrics>,
+    /// `--rate-limit-per-ip`, when set.
+    limit: Option<Arc<KeyedLimit<IpAddr>>>,
 }
 
 /// `{"error","message"}` with a status.
@@ -209,7 +242,44 @@ fn router(shared: Arc<Shared>) -> Router {
                 "no such route; proxy through /v2/{service}/{path}",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            rate_limit,
+        ))
         .with_state(shared)
+}
+
+/// The gateway's own routes, which `--rate-limit-per-ip` leaves alone (load
+/// balancers and monitoring poll them).
+fn exempt(path: &str) -> bool {
+    matches!(path, "/health" | "/gateway/status" | "/gateway/metrics")
+}
+
+/// `429` with `Retry-After` for a client address over `--rate-limit-per-ip`.
+async fn rate_limit(
+    axum::extract::State(gw): axum::extract::State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(limit) = &gw.limit {
+        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
+        if let (Some(ConnectInfo(peer)), false) = (peer, exempt(req.uri().path())) {
+            if let Err(wait) = limit.check(&ip_key(peer.ip())) {
+                gw.metrics.rate_limited.inc();
+                let secs = retry_after_secs(wait);
+                let message = format!(
+                    "rate limit of {} requests/s for this client address exceeded; retry in {secs} s",
+                    limit.rate()
+                );
+                let mut resp =
+                    error_response(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &message);
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(secs));
+                return resp;
+            }
+        }
+    }
+    next.run(req).await
 }
 
 async fn status(axum::extract::State(gw): axum::extract::State<Arc<Shared>>) -> Response {
@@ -250,22 +320,30 @@ pub async fn serve(
         .no_proxy()
         .build()
         .map_err(|e| GatewayError::Config(format!("HTTP client: {e}")))?;
+    let limit = KeyedLimit::swept(cfg.rate_limit_per_ip);
     let shared = Arc::new(Shared {
         cfg,
         routes: routes.clone(),
         client,
         metrics,
+        limit,
     });
-    let app = router(shared).into_make_service_with_connect_info::<SocketAddr>();
-    tracing::info!(addr = ?listener.local_addr().ok(), "gateway listening");
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let mut serve_opts = crate::api::server::ServeOptions::plain(shared.cfg.read_timeout);
+    if let Some(tls) = &shared.cfg.listener_tls {
+        serve_opts.tls = Some(tls.clone());
+        tokio::spawn(tls.clone().watch_files(stop_tx.subscribe(), |_| {}));
+    }
+    serve_opts.refused = Some(shared.metrics.connections_refused.clone());
+    tracing::info!(addr = ?listener.local_addr().ok(), https = serve_opts.tls.is_some(), "gateway listening");
+    // The node's server loop: a head deadline (slowloris) and idle
+    // keep-alive connections closed, which `axum::serve` does not do.
+    crate::api::server::serve(listener, router(shared), serve_opts, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
     routes.stop_watching();
-    result.map_err(GatewayError::Io)
+    Ok(())
 }
 
 /// A running gateway, for tests and embedding.
@@ -316,6 +394,11 @@ pub async fn run_from_cli(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut config = GatewayConfig::from_args(&args);
     config.tls = crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)?;
+    if let Some(files) =
+        crate::tls::TlsFiles::from_flags(args.tls_cert.as_deref(), args.tls_key.as_deref(), None)?
+    {
+        config.listener_tls = Some(crate::tls::Tls::load(files)?);
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

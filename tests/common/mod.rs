@@ -6,14 +6,16 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use vertice_register::config::{NodeArgs, Peers};
 use vertice_register::node::RunningNode;
 use vertice_register::raft::Faults;
@@ -36,6 +38,132 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client whose connections come from `ip` (any 127.x address works on
+/// the loopback interface), so a test's source address is its own.
+pub fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(ip.parse::<IpAddr>().unwrap())
+        .timeout(Duration::from_secs(15))
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// Sends `req`: (status, headers, the body as JSON, `Null` when it is not).
+pub async fn send(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, Value) {
+    let r = req.send().await.unwrap();
+    let (status, headers) = (r.status(), r.headers().clone());
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET url`: (status, headers, the body as JSON, `Null` when it is not).
+pub async fn get_json(http: &reqwest::Client, url: &str) -> (StatusCode, HeaderMap, Value) {
+    send(http.get(url)).await
+}
+
+/// `GET url`: the body as text, whatever the status.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// Sends `bytes` as they are on a new connection and reads until the server
+/// closes (at most 10 s): (status, body), status 0 when no response came
+/// back (e.g. the server reset the connection after refusing the request).
+pub async fn raw(addr: SocketAddr, bytes: Vec<u8>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let _ = wr.write_all(&bytes).await;
+    };
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out));
+    let (_, r) = tokio::join!(write, read);
+    assert!(r.is_ok(), "the server neither answered nor closed");
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// A request without a body, `path` byte for byte (an HTTP client would
+/// normalise it), on a connection to close after it.
+pub fn raw_request(addr: SocketAddr, method: &str, path: &str) -> Vec<u8> {
+    format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// GETs `url` from `http` until the answer is `429` (at most `tries`
+/// times), asserting every answer before it is `200`, and that the `429`
+/// is `too_many_requests` JSON with a `Retry-After` of 1 or 2 s: (those
+/// seconds, the body).
+pub async fn get_until_429(http: &reqwest::Client, url: &str, tries: usize) -> (u64, Value) {
+    for _ in 0..tries {
+        let r = http.get(url).send().await.unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&retry), "Retry-After {retry}");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "too_many_requests", "{body}");
+            return (retry, body);
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    panic!("{tries} requests at once to {url} never hit the rate limit");
+}
+
+/// A slowloris client: a `GET path` whose head arrives a byte every 200 ms
+/// (for at most 20 s).
+pub struct SlowHead {
+    started: Instant,
+    rd: tokio::net::tcp::OwnedReadHalf,
+    trickle: tokio::task::JoinHandle<()>,
+}
+
+impl SlowHead {
+    pub async fn start(addr: SocketAddr, path: &str) -> Self {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..100 {
+                if wr.write_all(b"a").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Self {
+            started,
+            rd,
+            trickle,
+        }
+    }
+
+    /// Waits (at most 8 s) until the server closes the connection, with no
+    /// answer or a `408`: how long after the start that was.
+    pub async fn closed(mut self) -> Duration {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(8), self.rd.read_to_end(&mut buf));
+        assert!(
+            read.await.is_ok(),
+            "the slow connection was still open after 8 s"
+        );
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "unexpected answer: {text}"
+        );
+        let took = self.started.elapsed();
+        self.trickle.abort();
+        took
     }
 }
 
@@ -220,9 +348,8 @@ impl TestCluster {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let r = req.send().await.unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let (status, _, body) = send(req).await;
+        (status, body)
     }
 
     pub fn isolate(&self, id: u64, on: bool) {
@@ -236,15 +363,9 @@ impl TestCluster {
     }
 
     pub async fn post(&self, id: u64, path: &str, body: &Value) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url(id)))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.url(id));
+        let (status, _, body) = send(self.http.post(url).json(body)).await;
+        (status, body)
     }
 
     pub async fn get(
@@ -252,36 +373,18 @@ impl TestCluster {
         id: u64,
         path: &str,
     ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.url(id)))
-            .send()
-            .await
-            .unwrap();
-        let (status, headers) = (r.status(), r.headers().clone());
-        (status, headers, r.json().await.unwrap_or(Value::Null))
+        get_json(&self.http, &format!("{}{path}", self.url(id))).await
     }
 
     pub async fn delete(&self, id: u64, path: &str) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .delete(format!("{}{path}", self.url(id)))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.url(id));
+        let (status, _, body) = send(self.http.delete(url)).await;
+        (status, body)
     }
 
     /// Node `id`'s `/metrics` text.
     pub async fn metrics(&self, id: u64) -> String {
-        let r = self
-            .http
-            .get(format!("{}/metrics", self.url(id)))
-            .send()
-            .await
-            .unwrap();
-        r.text().await.unwrap()
+        get_text(&self.http, &format!("{}/metrics", self.url(id))).await
     }
 
     /// Registers `name` on node `id` and asserts success.
