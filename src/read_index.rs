@@ -28,9 +28,9 @@
 //! margin for clock-rate differences and scheduling), a batch of callers
 //! is answered without a network round: RaftCore is asked (one message,
 //! serialized with vote handling) whether this node still leads with the
-//! same vote, and the callers get the round's index, which covers every
-//! entry committed before this leader's term; entries of its own term are
-//! applied before they are acknowledged. A leader paused past its lease
+//! same vote, and the callers get its committed index at that moment (at
+//! least the round's, which covers every entry of earlier terms), which
+//! every acknowledged write is under. A leader paused past its lease
 //! (`SIGSTOP`) finds it expired, since the monotonic clock keeps running.
 
 use std::sync::{Arc, Mutex};
@@ -133,39 +133,46 @@ impl ReadIndex {
         }
     }
 
-    /// This node's vote, if it leads (asked of RaftCore itself, so a vote
-    /// it granted to another candidate is seen at once).
-    async fn leading_vote(&self) -> Option<Vote<NodeId>> {
+    /// This node's vote and committed index, if it leads (asked of
+    /// RaftCore itself, so a vote it granted to another candidate is seen
+    /// at once).
+    async fn leading_vote(&self) -> Option<(Vote<NodeId>, u64)> {
         self.raft
-            .with_raft_state(|st| (st.server_state == ServerState::Leader).then(|| *st.vote_ref()))
+            .with_raft_state(|st| {
+                (st.server_state == ServerState::Leader)
+                    .then(|| (*st.vote_ref(), st.committed.map_or(0, |c| c.index)))
+            })
             .await
             .ok()
             .flatten()
     }
 
-    /// The index of a lease that still stands, checked now.
+    /// The index to wait for under a lease that still stands, checked now:
+    /// everything committed so far. (The round's own index is not enough
+    /// for a follower asking on behalf of a reader: writes acknowledged
+    /// since the round are applied here, but not yet there.)
     async fn leased(&self) -> Option<u64> {
         let lease = (*self.current.lock().unwrap_or_else(|p| p.into_inner()))?;
         if Instant::now() >= lease.until {
             return None;
         }
-        let vote = self.leading_vote().await?;
+        let (vote, committed) = self.leading_vote().await?;
         // The check itself must have happened within the lease.
-        (vote == lease.vote && Instant::now() < lease.until).then_some(lease.index)
+        (vote == lease.vote && Instant::now() < lease.until).then_some(committed.max(lease.index))
     }
 
     async fn round(&self) -> ReadIndexReply {
         let started = Instant::now();
         let vote = match self.lease.is_zero() {
             true => None,
-            false => self.leading_vote().await,
+            false => self.leading_vote().await.map(|(v, _)| v),
         };
         let reply = self.confirm().await;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let (ReadIndexReply::Index(index), Some(vote)) = (&reply, vote) {
             // The quorum confirmed the vote held before the round; it must
             // still be this node's now (the driver is the only writer).
-            if self.leading_vote().await == Some(vote) {
+            if self.leading_vote().await.map(|(v, _)| v) == Some(vote) {
                 *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Lease {
                     vote,
                     until: started + self.lease,
