@@ -64,7 +64,7 @@ cleanup() {
   if [ "$rc" != 0 ]; then
     for f in "$WORK"/*.log; do [ -s "$f" ] && { echo "== last lines of $(basename "$f")"; tail -5 "$f"; }; done >&2
   fi
-  [ -z "$KEEP" ] || { mkdir -p "$KEEP"; cp "$WORK"/*.json "$KEEP"/ 2>/dev/null || true; }
+  [ -z "$KEEP" ] || { mkdir -p "$KEEP"; cp "$WORK"/*.json "$WORK"/*.jsonl "$KEEP"/ 2>/dev/null || true; }
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -85,50 +85,47 @@ print(" ".join(map(str,out)))' "$1"
 }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 bench() { "$BIN" bench "$@"; }
-json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
 now_ms() { date +%s%3N; }
 
 # --- the two systems, behind the same functions -------------------------------
-# SYS=reg|etcd; node ids 1..3; URL[id] the client URL; start_node ID.
-declare -A URL
-setup_reg() {
-  SYS=reg; BACKEND=registry
-  read -r -a P <<<"$(free_ports 3)"
-  PEERS="1=127.0.0.1:${P[0]},2=127.0.0.1:${P[1]},3=127.0.0.1:${P[2]}"
-  for id in 1 2 3; do URL[$id]="http://127.0.0.1:${P[$((id - 1))]}"; done
-}
-setup_etcd() {
-  SYS=etcd; BACKEND=etcd
-  read -r -a P <<<"$(free_ports 6)"
-  CLUSTER="e1=http://127.0.0.1:${P[3]},e2=http://127.0.0.1:${P[4]},e3=http://127.0.0.1:${P[5]}"
-  for id in 1 2 3; do URL[$id]="http://127.0.0.1:${P[$((id - 1))]}"; done
+# SYS=reg|etcd selects one (use_sys); its node N has the client URL
+# URL[$SYS$N], its process PIDS[$SYS$N], its data DATA[$SYS]/$SYS$N.
+declare -A URL PEER DATA
+use_sys() { SYS=$1; if [ "$1" = reg ]; then BACKEND=registry; else BACKEND=etcd; fi; }
+setup() {  # new ports for system $SYS
+  local p; read -r -a p <<<"$(free_ports 6)"
+  for id in 1 2 3; do
+    URL[$SYS$id]="http://127.0.0.1:${p[$((id - 1))]}"
+    PEER[$SYS$id]="http://127.0.0.1:${p[$((id + 2))]}"
+  done
 }
 start_node() {
-  local id=$1 dir="$DATA/$SYS$1"
+  local id=$1 dir="${DATA[$SYS]}/$SYS$1"
   if [ "$SYS" = reg ]; then
-    RUST_LOG=warn "$BIN" node --id "$id" --addr "${URL[$id]#http://}" --data-dir "$dir" \
-      --peers "$PEERS" --cluster-secret bench >>"$WORK/$SYS$id.log" 2>&1 &
+    local peers="1=${URL[reg1]#http://},2=${URL[reg2]#http://},3=${URL[reg3]#http://}"
+    RUST_LOG=warn "$BIN" node --id "$id" --addr "${URL[$SYS$id]#http://}" --data-dir "$dir" \
+      --peers "$peers" --cluster-secret bench >>"$WORK/$SYS$id.log" 2>&1 &
   else
-    local peer="http://127.0.0.1:${P[$((id + 2))]}"
     "$ETCD" --name "e$id" --data-dir "$dir" --log-level error \
-      --listen-client-urls "${URL[$id]}" --advertise-client-urls "${URL[$id]}" \
-      --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
-      --initial-cluster "$CLUSTER" --initial-cluster-state new \
-      --initial-cluster-token bench >>"$WORK/$SYS$id.log" 2>&1 &
+      --listen-client-urls "${URL[$SYS$id]}" --advertise-client-urls "${URL[$SYS$id]}" \
+      --listen-peer-urls "${PEER[$SYS$id]}" --initial-advertise-peer-urls "${PEER[$SYS$id]}" \
+      --initial-cluster "e1=${PEER[etcd1]},e2=${PEER[etcd2]},e3=${PEER[etcd3]}" \
+      --initial-cluster-state new --initial-cluster-token bench >>"$WORK/$SYS$id.log" 2>&1 &
   fi
   PIDS[$SYS$id]=$!
   disown "$!"  # no job-control noise when it is killed
 }
-all_urls() { echo "${URL[1]},${URL[2]},${URL[3]}"; }
-others() { local out=(); for id in 1 2 3; do [ "$id" = "$1" ] || out+=("${URL[$id]}"); done; (IFS=,; echo "${out[*]}"); }
-id_of() { for id in 1 2 3; do if [ "${URL[$id]}" = "$1" ]; then echo "$id"; fi; done; }
+all_urls() { echo "${URL[${SYS}1]},${URL[${SYS}2]},${URL[${SYS}3]}"; }
+others() { local out=(); for id in 1 2 3; do [ "$id" = "$1" ] || out+=("${URL[$SYS$id]}"); done; (IFS=,; echo "${out[*]}"); }
+id_of() { for id in 1 2 3; do if [ "${URL[$SYS$id]}" = "$1" ]; then echo "$id"; fi; done; }
+sysbench() { bench --backend "$BACKEND" "$@"; }
 start_cluster() {
-  DATA=$WORK/data-$SYS-$1; mkdir -p "$DATA"
+  log "$SYS: starting three nodes ($1)"
+  setup
+  DATA[$SYS]=$WORK/data-$SYS-$1; mkdir -p "${DATA[$SYS]}"
   for id in 1 2 3; do start_node "$id"; done
-  bench --backend "$BACKEND" --targets "$(all_urls)" leader >/dev/null
-  for id in 1 2 3; do
-    bench --backend "$BACKEND" --targets "${URL[$id]}" ready --with-leader >/dev/null
-  done
+  sysbench --targets "$(all_urls)" leader >/dev/null
+  for id in 1 2 3; do sysbench --targets "${URL[$SYS$id]}" ready --with-leader >/dev/null; done
 }
 gone() {  # waits until process $1 has exited (up to 10 s)
   for _ in $(seq 1 1000); do
@@ -142,40 +139,34 @@ stop_cluster() {
   done
 }
 
-# workloads ("heartbeat-cold" is the same keepalive as "heartbeat" on etcd).
-run_workloads() {
-  local w=$WORKLOADS
-  if [ "$SYS" = etcd ]; then
-    w=$(echo ",$WORKLOADS," | sed 's/,heartbeat-cold,/,/g; s/^,//; s/,$//')
-  fi
-  [ -n "$w" ] || { echo '{"results":[]}' >"$WORK/$SYS-workloads.json"; return; }
-  log "$SYS: workloads $w, $CLIENTS clients, ${SECS}s each"
-  bench --backend "$BACKEND" --targets "$(all_urls)" --clients "$CLIENTS" --seconds "$SECS" \
-    --workloads "$w" --json >"$WORK/$SYS-workloads.json"
-}
-
 run_failover() {
   local times=()
   for r in $(seq 1 "$ROUNDS"); do
     local leader id ms
-    leader=$(bench --backend "$BACKEND" --targets "$(all_urls)" leader)
+    leader=$(sysbench --targets "$(all_urls)" leader)
     id=$(id_of "$leader")
-    ms=$(bench --backend "$BACKEND" --targets "$(others "$id")" failover --kill-pid "${PIDS[$SYS$id]}")
+    ms=$(sysbench --targets "$(others "$id")" failover --kill-pid "${PIDS[$SYS$id]}")
     times+=("$ms")
     log "$SYS: failover round $r: leader $id killed, next write after $ms ms"
     gone "${PIDS[$SYS$id]}"
     start_node "$id"
-    bench --backend "$BACKEND" --targets "${URL[$id]}" ready --with-leader >/dev/null
+    sysbench --targets "${URL[$SYS$id]}" ready --with-leader >/dev/null
   done
   printf '%s\n' "${times[@]}" | python3 -c 'import json,sys; print(json.dumps({"failover_ms":[float(x) for x in sys.stdin.read().split()]}))' \
     >"$WORK/$SYS-failover.json"
 }
 
-measure_memory() {  # LABEL: RSS and disk per node now
+run_workload() {
+  log "$SYS: $1, $CLIENTS clients, ${SECS}s"
+  sysbench --targets "$(all_urls)" --clients "$CLIENTS" --seconds "$SECS" --workloads "$1" --json \
+    >"$WORK/$SYS-w-$1.json"
+}
+
+measure_memory() {  # INSTANCES: RSS and disk per node now
   local rss=() disk=()
   for id in 1 2 3; do
     rss+=("$(rss_kib "${PIDS[$SYS$id]}")")
-    disk+=("$(du -sb "$DATA/$SYS$id" | cut -f1)")
+    disk+=("$(du -sb "${DATA[$SYS]}/$SYS$id" | cut -f1)")
   done
   log "$SYS: $1 instances: RSS ${rss[*]} KiB, disk ${disk[*]} B"
   echo "{\"instances\":$1,\"rss_kib\":[${rss[0]},${rss[1]},${rss[2]}],\"disk_bytes\":[${disk[0]},${disk[1]},${disk[2]}]}" \
@@ -186,13 +177,12 @@ run_fill_and_startup() {
   local first=$FILL
   [ "$FILL" -gt 10000 ] && first=10000
   log "$SYS: filling $first instances"
-  bench --backend "$BACKEND" --targets "$(all_urls)" --clients "$CLIENTS" --json fill --count "$first" \
-    >"$WORK/$SYS-fill1.json"
+  sysbench --targets "$(all_urls)" --clients "$CLIENTS" --json fill --count "$first" >"$WORK/$SYS-fill1.json"
   sleep 1  # let the followers apply the last entries before RSS is read
   measure_memory "$first"
   if [ "$FILL" -gt "$first" ]; then
     log "$SYS: filling up to $FILL instances"
-    bench --backend "$BACKEND" --targets "$(all_urls)" --clients "$CLIENTS" --json fill \
+    sysbench --targets "$(all_urls)" --clients "$CLIENTS" --json fill \
       --count $((FILL - first)) --offset "$first" >"$WORK/$SYS-fill2.json"
     sleep 1
     measure_memory "$FILL"
@@ -200,41 +190,42 @@ run_fill_and_startup() {
   local times=()
   for r in 1 2 3; do
     local leader lid id idx t0 ms
-    leader=$(bench --backend "$BACKEND" --targets "$(all_urls)" leader)
+    leader=$(sysbench --targets "$(all_urls)" leader)
     lid=$(id_of "$leader"); id=$(( lid % 3 + 1 ))  # a follower
-    idx=$(bench --backend "$BACKEND" --targets "$(all_urls)" index)
+    idx=$(sysbench --targets "$(all_urls)" index)
     kill -9 "${PIDS[$SYS$id]}"; gone "${PIDS[$SYS$id]}"
     t0=$(now_ms)
     start_node "$id"
-    ms=$(bench --backend "$BACKEND" --targets "${URL[$id]}" ready --min-index "$idx" --since-unix-ms "$t0")
+    ms=$(sysbench --targets "${URL[$SYS$id]}" ready --min-index "$idx" --since-unix-ms "$t0")
     times+=("$ms")
     log "$SYS: startup round $r: node $id (kill -9, $FILL instances) served a read at index >= $idx after $ms ms"
-    bench --backend "$BACKEND" --targets "${URL[$id]}" ready --with-leader >/dev/null
+    sysbench --targets "${URL[$SYS$id]}" ready --with-leader >/dev/null
   done
   printf '%s\n' "${times[@]}" | python3 -c 'import json,sys; print(json.dumps({"startup_ms":[float(x) for x in sys.stdin.read().split()]}))' \
     >"$WORK/$SYS-startup.json"
 }
 
-run_system() {
-  log "$SYS: starting three nodes"
-  start_cluster load
-  run_workloads
-  if [ "$ROUNDS" -gt 0 ]; then run_failover; fi
-  stop_cluster
-  if [ "$FILL" -gt 0 ]; then
-    log "$SYS: a fresh cluster for the fill"
-    "setup_$SYS"
-    start_cluster fill
-    run_fill_and_startup
-    stop_cluster
-  fi
-}
-
-setup_reg; run_system
-if [ "$SKIP_ETCD" = 0 ]; then
-  setup_etcd
-  log "etcd: $("$ETCD" --version | head -1)"
-  run_system
+SYSTEMS=(reg); [ "$SKIP_ETCD" = 1 ] || { SYSTEMS+=(etcd); log "etcd: $("$ETCD" --version | head -1)"; }
+# Both clusters run side by side (an idle one costs about 1% of a core per
+# node) and each workload runs on one right after the other, so that the
+# load other processes put on the machine hits both alike. Failover first:
+# leases left by etcd's register workload expire a minute later.
+for s in "${SYSTEMS[@]}"; do use_sys "$s"; start_cluster load; done
+if [ "$ROUNDS" -gt 0 ]; then
+  for s in "${SYSTEMS[@]}"; do use_sys "$s"; run_failover; done
+fi
+for w in ${WORKLOADS//,/ }; do
+  for s in "${SYSTEMS[@]}"; do
+    # On etcd heartbeat-cold is the same keepalive as heartbeat.
+    [ "$s/$w" = etcd/heartbeat-cold ] && continue
+    use_sys "$s"; run_workload "$w"
+  done
+done
+for s in "${SYSTEMS[@]}"; do use_sys "$s"; stop_cluster; done
+if [ "$FILL" -gt 0 ]; then
+  for s in "${SYSTEMS[@]}"; do
+    use_sys "$s"; start_cluster fill; run_fill_and_startup; stop_cluster
+  done
 fi
 
 # --- the table ----------------------------------------------------------------
@@ -249,8 +240,12 @@ def loadl(name):
     p = os.path.join(work, name)
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
 def results(sys_):
-    r = load(f"{sys_}-workloads.json")
-    return {x["workload"]: x for x in (r or {}).get("results", [])}
+    out = {}
+    for f in sorted(os.listdir(work)):
+        if f.startswith(f"{sys_}-w-") and f.endswith(".json"):
+            for x in load(f)["results"]:
+                out[x["workload"]] = x
+    return out
 ours, etcd = results("reg"), results("etcd")
 def rate(x):
     if not x: return "—"
@@ -289,7 +284,7 @@ for n in sorted(set(mo) | set(me)):
         def cell(m):
             if n not in m: return "—", None
             v = m[n][key]
-            avg = sum(v) / len(v) / (unit if key == "rss_kib" else unit)
+            avg = sum(v) / len(v) / unit
             return f"{avg:,.1f} MiB (min {min(v)/unit:,.1f}, max {max(v)/unit:,.1f})", avg
         (co, ao), (ce, ae) = cell(mo), cell(me)
         print(f"| {what}, {n:,} instances | {co} | {ce} | {ratio(ae, ao)} |")
