@@ -127,9 +127,16 @@ start_cluster() {
   sysbench --targets "$(all_urls)" leader >/dev/null
   for id in 1 2 3; do sysbench --targets "${URL[$SYS$id]}" ready --with-leader >/dev/null; done
 }
-gone() {  # waits until process $1 has exited (up to 10 s)
-  for _ in $(seq 1 1000); do
-    [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ] || return 0
+gone() {  # waits until every thread of process $1 has exited (up to 30 s): a
+  # killed process's leader thread turns zombie while others still exit
+  # (and hold its sockets), e.g. from a disk flush.
+  local t alive
+  for _ in $(seq 1 3000); do
+    alive=0
+    for t in /proc/"$1"/task/*/stat; do
+      [ -e "$t" ] && [ "$(awk '{print $3}' "$t" 2>/dev/null)" != Z ] && alive=1
+    done
+    [ "$alive" = 1 ] || return 0
     sleep 0.01
   done
 }
