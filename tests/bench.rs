@@ -215,3 +215,65 @@ fn etcd_backend_says_how_to_build_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features etcd"));
 }
+
+/// Three nodes: `bench failover` kills the leader and times the next write
+/// through the survivors.
+#[test]
+fn failover_probe_kills_the_leader_and_times_the_next_write() {
+    let ports: Vec<u16> = {
+        let ls: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    };
+    let peers = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", ports[id - 1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Child> = (1..=3)
+        .map(|id| {
+            Command::new(BIN)
+                .args(["node", "--id", &id.to_string()])
+                .args(["--addr", &format!("127.0.0.1:{}", ports[id - 1])])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("n{id}")))
+                .args(["--peers", &peers, "--cluster-secret", "bench-test"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let run = |targets: &[String], args: &[&str]| {
+        Command::new(BIN)
+            .args(["bench", "--targets", &targets.join(",")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&urls, &["leader"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader = stdout(&out).trim().to_owned();
+    let i = urls.iter().position(|u| *u == leader).unwrap();
+    let survivors: Vec<String> = urls.iter().filter(|u| **u != leader).cloned().collect();
+    let pid = nodes[i].id().to_string();
+    let out = run(&survivors, &["failover", "--kill-pid", &pid]);
+    let ok = out.status.success();
+    let ms: f64 = stdout(&out).trim().parse().unwrap_or(-1.0);
+    for n in &mut nodes {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+    assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!((1.0..30_000.0).contains(&ms), "failover after {ms} ms");
+}
