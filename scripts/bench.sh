@@ -237,9 +237,12 @@ fi
 
 # --- the table ----------------------------------------------------------------
 log "done; the table:"
-python3 - "$WORK" "$CLIENTS" "$SECS" "$FILL" <<'EOF'
+python3 - "$WORK" "$CLIENTS" "$SECS" "$FILL" "$SKIP_ETCD" <<'EOF'
 import json, math, os, sys
 work, clients, secs, fill = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with_etcd = sys.argv[5] != "1"
+def row(*cells):  # label, ours[, etcd, ratio]
+    print("| " + " | ".join(cells if with_etcd else cells[:2]) + " |")
 def load(name):
     p = os.path.join(work, name)
     return json.load(open(p)) if os.path.exists(p) else None
@@ -264,15 +267,15 @@ etcd_name = {"lookup": "serializable get", "consistent-lookup": "linearizable ge
              "register": "lease grant + put", "heartbeat": "lease keepalive",
              "heartbeat-cold": "lease keepalive (same op)", "list": "keys-only prefix get",
              "mixed": "same mix"}
-print(f"| {clients} clients, {secs} s each | vertice-register | etcd | × (>1: vertice-register better) |")
-print("|---|---|---|---|")
+row(f"{clients} clients, {secs} s each", "vertice-register", "etcd", "× (>1: vertice-register better)")
+print("|" + "---|" * (4 if with_etcd else 2))
 for w in ["register", "heartbeat", "heartbeat-cold", "lookup", "consistent-lookup", "list", "mixed"]:
     if w not in ours and w not in etcd and not (w == "heartbeat-cold" and "heartbeat" in etcd and w in ours):
         continue
     e = etcd.get("heartbeat") if w == "heartbeat-cold" else etcd.get(w)
     o = ours.get(w)
-    label = f"{w} (etcd: {etcd_name[w]})"
-    print(f"| {label} | {rate(o)} | {rate(e)} | {ratio(o and o['ops_per_sec'], e and e['ops_per_sec'])} |")
+    label = f"{w} (etcd: {etcd_name[w]})" if with_etcd else w
+    row(label, rate(o), rate(e), ratio(o and o['ops_per_sec'], e and e['ops_per_sec']))
 def pct(v, p):
     v = sorted(v)
     return v[max(1, math.ceil(p / 100 * len(v))) - 1] if v else None
@@ -283,8 +286,8 @@ for key, what in [("failover_ms", "failover: kill -9 of the leader → next succ
                   ("startup_ms", f"startup with {fill:,} instances: process start → first read at the pre-kill index")]:
     o, e = times("reg", key), times("etcd", key)
     if not o and not e: continue
-    fmt = lambda v: (f"p50 {pct(v,50):,.0f} ms, p99 {pct(v,99):,.0f} ms, max {max(v):,.0f} ms ({len(v)} runs)" if v else "—")
-    print(f"| {what} | {fmt(o)} | {fmt(e)} | {ratio(pct(e,99) if e else None, pct(o,99) if o else None)} (p99) |")
+    fmt = lambda v: (f"p50 {pct(v,50):,.0f} ms, p99 {pct(v,99):,.0f} ms, max {max(v):,.0f} ms ({len(v)} run{'s' if len(v) != 1 else ''})" if v else "—")
+    row(what, fmt(o), fmt(e), ratio(pct(e,99) if e else None, pct(o,99) if o else None) + " (p99)")
 mo, me = {m["instances"]: m for m in loadl("reg-memory.jsonl")}, {m["instances"]: m for m in loadl("etcd-memory.jsonl")}
 for n in sorted(set(mo) | set(me)):
     for key, what, unit in [("rss_kib", "RSS per node", 1024), ("disk_bytes", "size on disk per node", 1024 * 1024)]:
@@ -294,5 +297,5 @@ for n in sorted(set(mo) | set(me)):
             avg = sum(v) / len(v) / unit
             return f"{avg:,.1f} MiB (min {min(v)/unit:,.1f}, max {max(v)/unit:,.1f})", avg
         (co, ao), (ce, ae) = cell(mo), cell(me)
-        print(f"| {what}, {n:,} instances | {co} | {ce} | {ratio(ae, ao)} |")
+        row(f"{what}, {n:,} instances", co, ce, ratio(ae, ao))
 EOF
