@@ -9,9 +9,11 @@
 set -euo pipefail
 CLIENTS=${1:-32}; SECS=${2:-5}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin vertice-register --example loadgen
+# The same build as scripts/bench.sh when protoc is there (no rebuild between them).
+FEATURES=(); if command -v protoc >/dev/null; then FEATURES=(--features etcd); fi
+cargo build --release --quiet --bin vertice-register "${FEATURES[@]}"
 BIN=target/release/vertice-register
-LOADGEN=target/release/examples/loadgen
+load() { "$BIN" bench --targets "$1" --workloads get --clients "$2" --seconds "$SECS"; }
 WORK=$(mktemp -d)
 PEERS="1=127.0.0.1:18901,2=127.0.0.1:18902,3=127.0.0.1:18903"
 REGISTRY="http://127.0.0.1:18901,http://127.0.0.1:18902,http://127.0.0.1:18903"
@@ -30,8 +32,8 @@ RUST_LOG=warn "$BIN" gateway --listen 127.0.0.1:18920 --registry "$REGISTRY" >>"
 PIDS+=($!); disown "$!"
 until curl -sf -o /dev/null http://127.0.0.1:18920/v2/demo/health; do sleep 0.1; done
 echo "== GET /echo, $CLIENTS clients, ${SECS}s each"
-echo -n "direct   "; "$LOADGEN" http://127.0.0.1:18910/echo get "$CLIENTS" "$SECS"
-echo -n "gateway  "; "$LOADGEN" http://127.0.0.1:18920/v2/demo/echo get "$CLIENTS" "$SECS"
+echo -n "direct   "; load http://127.0.0.1:18910/echo "$CLIENTS"
+echo -n "gateway  "; load http://127.0.0.1:18920/v2/demo/echo "$CLIENTS"
 echo "== the same with 1 client (latency without queueing)"
-echo -n "direct   "; "$LOADGEN" http://127.0.0.1:18910/echo get 1 "$SECS"
-echo -n "gateway  "; "$LOADGEN" http://127.0.0.1:18920/v2/demo/echo get 1 "$SECS"
+echo -n "direct   "; load http://127.0.0.1:18910/echo 1
+echo -n "gateway  "; load http://127.0.0.1:18920/v2/demo/echo 1

@@ -33,6 +33,9 @@ pub enum Command {
     DemoService(DemoArgs),
     /// Inspect or change cluster membership.
     Cluster(ClusterArgs),
+    /// Load nodes (this registry's, or etcd's) with a workload and report
+    /// ops/s, p50/p99/max latency and errors; probes for scripts/bench.sh.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -15,11 +15,13 @@
 //! - [`client`]: the async Rust client: failover, retries, auto-registration, watch.
 //! - [`gateway`]: the API gateway routing `/v2/{service}/{path}` through the registry.
 //! - [`demo`]: a small demo service that registers itself through the client.
+//! - [`bench`]: the load driver `bench` (this registry or etcd) and its probes.
 
 pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -32,6 +32,7 @@ async fn main() -> ExitCode {
             .await
             .map(|out| print!("{out}"))
             .map_err(|e| anyhow::anyhow!(e)),
+        Some(Command::Bench(args)) => vertice_register::bench::run(args).await,
         Some(Command::DemoService(args)) => {
             vertice_register::demo::run_from_cli(args, shutdown_signal())
                 .await

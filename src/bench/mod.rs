@@ -1,0 +1,396 @@
+//! `vertice-register bench`: a load driver against any set of nodes, and the
+//! probes `scripts/bench.sh` needs around it (fill, leader, index, ready,
+//! failover). It owns the workloads' definitions and the reports; it does
+//! not start or stop nodes (the script does).
+//!
+//! Every workload runs `--clients` concurrent clients for `--seconds`; each
+//! client sends its `i`-th request to node `(client + i) mod nodes`, so the
+//! load spreads over every node as a fleet of real clients' would, and
+//! followers forward writes to the leader as they do for real clients. Each
+//! workload seeds what it needs first and removes what it wrote afterwards.
+//!
+//! Two backends: this registry over HTTP ([`registry`]), and, with the cargo
+//! feature `etcd`, an etcd cluster over its gRPC API (`etcd` module) with the
+//! equivalent operations: register = lease grant + put with the lease,
+//! heartbeat = lease keepalive, lookup = serializable range get of the
+//! service's prefix, consistent lookup = linearizable range get, list =
+//! serializable keys-only range get of every service key.
+
+mod http;
+mod registry;
+mod stats;
+
+#[cfg(feature = "etcd")]
+mod etcd;
+
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::auth::Secret;
+pub use stats::{percentile, Recorder, WorkloadReport};
+
+/// Instances each client cycles through in `heartbeat-cold`: with ~2,000
+/// renewals/s over 32 clients, each instance is renewed every few seconds,
+/// past the ack slack, as with a 30 s heartbeat cadence.
+pub const COLD_INSTANCES: usize = 300;
+
+/// Services `bench fill` spreads its instances over.
+pub const FILL_SERVICES: u64 = 100;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub probe: Option<Probe>,
+    /// Nodes to load, comma-separated: registry URLs (http://H:P), or etcd
+    /// client endpoints with --backend etcd.
+    #[arg(
+        long,
+        env = "BENCH_TARGETS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8888",
+        global = true
+    )]
+    pub targets: Vec<String>,
+    /// What the targets are. `etcd` needs a binary built with `--features etcd`.
+    #[arg(long, env = "BENCH_BACKEND", value_enum, default_value_t = Backend::Registry, global = true)]
+    pub backend: Backend,
+    /// Workloads to run, in this order, comma-separated.
+    #[arg(
+        long,
+        env = "BENCH_WORKLOADS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lookup,consistent-lookup,list,heartbeat,heartbeat-cold,mixed,register"
+    )]
+    pub workloads: Vec<Workload>,
+    /// Concurrent clients (each one request at a time).
+    #[arg(long, env = "BENCH_CLIENTS", default_value_t = 32, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub clients: u64,
+    /// How long each workload runs, in seconds.
+    #[arg(long, env = "BENCH_SECONDS", default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Print JSON instead of lines for people.
+    #[arg(long, env = "BENCH_JSON", global = true)]
+    pub json: bool,
+    /// API token for nodes with --tokens (Authorization: Bearer); needs
+    /// write access to the `bench-` services.
+    #[arg(long, env = "BENCH_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<Secret>,
+    /// A request without an answer after this many milliseconds is an error.
+    #[arg(long, env = "BENCH_TIMEOUT_MS", default_value_t = 5_000, global = true)]
+    pub timeout_ms: u64,
+    /// etcd only: gRPC connections per endpoint, shared by the clients
+    /// (etcd's Go client uses one).
+    #[arg(long, env = "BENCH_ETCD_CONNS", default_value_t = 1, global = true)]
+    pub etcd_conns: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// vertice-register nodes over HTTP.
+    Registry,
+    /// etcd members over gRPC (needs the cargo feature `etcd`).
+    Etcd,
+}
+
+/// The probes `scripts/bench.sh` uses around the workloads.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Probe {
+    /// Register COUNT instances (TTL one day, over 100 services
+    /// `bench-fill-N`), for memory, disk and startup figures. Not removed.
+    Fill {
+        /// Instances to register.
+        #[arg(long)]
+        count: u64,
+        /// Number the instances from here (to add to an earlier fill).
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// Print the URL of the target that is the leader (waits for one).
+    Leader,
+    /// Print the highest applied index (etcd: revision) among the targets.
+    Index,
+    /// Wait until the first target serves reads: prints the milliseconds
+    /// from --since-unix-ms (default: the probe's start) to the first read
+    /// answered at --min-index or later.
+    Ready {
+        /// The read must reflect at least this index (etcd: revision).
+        #[arg(long, default_value_t = 0)]
+        min_index: u64,
+        /// Count from this moment (milliseconds since the Unix epoch), e.g.
+        /// just before the node's process was started.
+        #[arg(long)]
+        since_unix_ms: Option<u64>,
+        /// Also wait until the node knows a live leader.
+        #[arg(long)]
+        with_leader: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
+    /// `kill -9` PID (the leader), then write through the targets (the
+    /// survivors) until a write succeeds; prints the milliseconds between.
+    Failover {
+        /// The process to kill.
+        #[arg(long)]
+        kill_pid: u32,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Register a new instance (default TTL), through any node.
+    Register,
+    /// Each client renews its own instance as fast as it can.
+    Heartbeat,
+    /// Each client renews 300 instances of its own in turn, so that every
+    /// renewal finds a heartbeat older than the ack slack (etcd: the same
+    /// keepalive as `heartbeat`).
+    HeartbeatCold,
+    /// Read one service (one instance) from the receiving node's replica.
+    Lookup,
+    /// The same, linearizable (`?consistent=true`).
+    ConsistentLookup,
+    /// The names of all services (`GET /services`).
+    List,
+    /// 80% lookup, 15% heartbeat, 5% register.
+    Mixed,
+    /// Plain GETs of the target URLs as given (e.g. through the gateway).
+    Get,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Register => "register",
+            Workload::Heartbeat => "heartbeat",
+            Workload::HeartbeatCold => "heartbeat-cold",
+            Workload::Lookup => "lookup",
+            Workload::ConsistentLookup => "consistent-lookup",
+            Workload::List => "list",
+            Workload::Mixed => "mixed",
+            Workload::Get => "get",
+        }
+    }
+
+    /// The operation a client sends as its `i`-th request.
+    pub fn op(self, i: u64) -> Op {
+        match self {
+            Workload::Register => Op::Register,
+            Workload::Heartbeat | Workload::HeartbeatCold => Op::Heartbeat,
+            Workload::Lookup => Op::Lookup,
+            Workload::ConsistentLookup => Op::ConsistentLookup,
+            Workload::List => Op::List,
+            Workload::Get => Op::Get,
+            Workload::Mixed => match i % 20 {
+                0 => Op::Register,
+                1..=3 => Op::Heartbeat,
+                _ => Op::Lookup,
+            },
+        }
+    }
+
+    /// Instances each client heartbeats (registered before the run).
+    pub fn heartbeat_instances(self) -> usize {
+        match self {
+            Workload::Heartbeat | Workload::Mixed => 1,
+            Workload::HeartbeatCold => COLD_INSTANCES,
+            _ => 0,
+        }
+    }
+
+    /// Whether the run reads the seeded `bench-lookup` service.
+    pub fn reads_lookup(self) -> bool {
+        matches!(
+            self,
+            Workload::Lookup | Workload::ConsistentLookup | Workload::Mixed
+        )
+    }
+}
+
+/// One request of a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Register,
+    Heartbeat,
+    Lookup,
+    ConsistentLookup,
+    List,
+    Get,
+}
+
+/// The report of `bench` (without a probe).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: Backend,
+    pub targets: Vec<String>,
+    pub clients: u64,
+    pub results: Vec<WorkloadReport>,
+}
+
+/// Runs `bench` as the command line asks.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.targets.is_empty(), "no --targets");
+    match args.backend {
+        Backend::Registry => registry::run(args).await,
+        #[cfg(feature = "etcd")]
+        Backend::Etcd => etcd::run(args).await,
+        #[cfg(not(feature = "etcd"))]
+        Backend::Etcd => anyhow::bail!(
+            "this binary was built without etcd support: cargo build --release --features etcd (needs protoc)"
+        ),
+    }
+}
+
+/// Runs `clients` copies of `client` until `duration` has passed and merges
+/// what they recorded. Each client gets its number and the deadline, and
+/// must not start an operation after the deadline.
+pub async fn drive<F, Fut>(clients: usize, duration: Duration, client: F) -> (Recorder, Duration)
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: Future<Output = Recorder> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| tokio::spawn(client(c, deadline)))
+        .collect();
+    let mut all = Recorder::default();
+    for t in tasks {
+        match t.await {
+            Ok(r) => all.merge(r),
+            Err(e) => all.record(Instant::now(), Err(format!("client task failed: {e}"))),
+        }
+    }
+    (all, started.elapsed())
+}
+
+/// Prints a workload's report (a line, or nothing with `--json`: the whole
+/// report is printed at the end).
+fn progress(args: &BenchArgs, r: &WorkloadReport) {
+    if !args.json {
+        println!("{}", r.line());
+    }
+}
+
+/// Prints the result of a probe: the bare value, or `{"key": value}` with `--json`.
+fn print_probe<T: Serialize + std::fmt::Display>(args: &BenchArgs, key: &str, value: T) {
+    if args.json {
+        println!("{}", serde_json::json!({ key: value }));
+    } else {
+        println!("{value}");
+    }
+}
+
+/// The finished report: JSON with `--json`, else nothing more (each line was
+/// printed as its workload ended).
+fn finish(args: &BenchArgs, results: Vec<WorkloadReport>) -> anyhow::Result<()> {
+    if args.json {
+        let report = Report {
+            backend: args.backend,
+            targets: args.targets.clone(),
+            clients: args.clients,
+            results,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// The moment `ready` counts from.
+fn since(since_unix_ms: Option<u64>) -> (Instant, f64) {
+    let now = Instant::now();
+    let offset_ms = match since_unix_ms {
+        None => 0.0,
+        Some(t) => {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64() * 1e3)
+                .unwrap_or(0.0);
+            (now_ms - t as f64).max(0.0)
+        }
+    };
+    (now, offset_ms)
+}
+
+/// Milliseconds since the start that [`since`] returned.
+fn elapsed_ms(start: (Instant, f64)) -> f64 {
+    start.0.elapsed().as_secs_f64() * 1e3 + start.1
+}
+
+/// How often [`first_success`] starts another attempt.
+const ATTEMPT_EVERY: Duration = Duration::from_millis(10);
+/// Most attempts [`first_success`] keeps in flight.
+const MAX_ATTEMPTS_IN_FLIGHT: usize = 256;
+
+/// Starts `attempt(n)` every [`ATTEMPT_EVERY`] (each in its own task, with
+/// its own timeout) until one succeeds; returns the milliseconds from `t0`
+/// to that success. Overlapping attempts measure when a write first became
+/// possible, whatever a single attempt's timeout (a write sent to an etcd
+/// follower while there is no leader waits until its timeout even after a
+/// new leader is elected).
+async fn first_success<F, Fut>(t0: Instant, wait: Duration, mut attempt: F) -> anyhow::Result<f64>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(ATTEMPT_EVERY);
+    let mut n = 0;
+    let mut last = String::from("no attempt finished");
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                anyhow::ensure!(t0.elapsed() < wait, "no write succeeded within {wait:?}: {last}");
+                if tasks.len() < MAX_ATTEMPTS_IN_FLIGHT {
+                    tasks.spawn(attempt(n));
+                    n += 1;
+                }
+            }
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => return Ok(t0.elapsed().as_secs_f64() * 1e3),
+                Ok(Err(e)) => last = format!("{e:#}"),
+                Err(e) => last = format!("attempt failed: {e}"),
+            },
+        }
+    }
+}
+
+/// `kill -9 pid`; returns once the signal is sent.
+fn kill9(pid: u32) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_is_eighty_fifteen_five() {
+        let ops: Vec<Op> = (0..20).map(|i| Workload::Mixed.op(i)).collect();
+        let count = |o: Op| ops.iter().filter(|x| **x == o).count();
+        assert_eq!(count(Op::Lookup), 16);
+        assert_eq!(count(Op::Heartbeat), 3);
+        assert_eq!(count(Op::Register), 1);
+    }
+
+    #[test]
+    fn workload_names_round_trip() {
+        for w in Workload::value_variants() {
+            assert_eq!(Workload::from_str(w.name(), false).unwrap(), *w);
+        }
+    }
+}

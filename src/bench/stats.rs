@@ -1,0 +1,166 @@
+//! Latency recording and the report of one workload run: per-client
+//! recorders merged at the end, exact percentiles by nearest rank over every
+//! latency (a few hundred thousand numbers at most: sorting them is cheaper
+//! than getting a histogram's bucket bounds right).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// What one client saw: every successful operation's latency and the errors.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    /// Latencies of the successful operations, in nanoseconds.
+    latencies_ns: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Recorder {
+    /// Records the outcome of one operation started at `start`.
+    pub fn record<E: std::fmt::Display>(&mut self, start: Instant, outcome: Result<(), E>) {
+        match outcome {
+            Ok(()) => self
+                .latencies_ns
+                .push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                self.errors += 1;
+                if self.first_error.is_none() {
+                    self.first_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Adds another client's figures to these.
+    pub fn merge(&mut self, other: Recorder) {
+        self.latencies_ns.extend(other.latencies_ns);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    /// The report of a run that lasted `elapsed`.
+    pub fn report(mut self, workload: &str, clients: usize, elapsed: Duration) -> WorkloadReport {
+        self.latencies_ns.sort_unstable();
+        let lat = &self.latencies_ns;
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let secs = elapsed.as_secs_f64();
+        WorkloadReport {
+            workload: workload.to_owned(),
+            clients,
+            seconds: secs,
+            ops: lat.len() as u64,
+            ops_per_sec: if secs > 0.0 {
+                lat.len() as f64 / secs
+            } else {
+                0.0
+            },
+            p50_ms: ms(percentile(lat, 50.0)),
+            p99_ms: ms(percentile(lat, 99.0)),
+            max_ms: ms(lat.last().copied().unwrap_or(0)),
+            errors: self.errors,
+            first_error: self.first_error,
+        }
+    }
+}
+
+/// The `p`-th percentile (0 < p <= 100) of ascending `sorted` by nearest
+/// rank: the smallest value with at least p% of the values at or below it.
+/// 0 for an empty slice.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The figures of one workload run, as printed and as `--json` gives them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadReport {
+    pub workload: String,
+    pub clients: usize,
+    /// How long the run lasted (the operations in flight at the deadline
+    /// included).
+    pub seconds: f64,
+    /// Successful operations.
+    pub ops: u64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Failed operations (transport errors, timeouts, non-2xx answers).
+    pub errors: u64,
+    /// The first error seen, to tell what went wrong.
+    pub first_error: Option<String>,
+}
+
+impl WorkloadReport {
+    /// One line for people.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{:<18} clients={:<3} ops/s={:>8.0}  p50={:>6.2}ms  p99={:>6.2}ms  max={:>7.2}ms  errors={}",
+            self.workload,
+            self.clients,
+            self.ops_per_sec,
+            self.p50_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.errors
+        );
+        if let Some(e) = &self.first_error {
+            s.push_str(&format!(" (first: {e})"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&v, 0.5), 1);
+        assert_eq!(percentile(&[], 99.0), 0);
+        assert_eq!(percentile(&[7], 50.0), 7);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        // Ten values: p99 is the largest, p50 the fifth.
+        let ten: Vec<u64> = (10..=100).step_by(10).collect();
+        assert_eq!(percentile(&ten, 99.0), 100);
+        assert_eq!(percentile(&ten, 50.0), 50);
+        assert_eq!(percentile(&ten, 90.0), 90);
+        assert_eq!(percentile(&ten, 91.0), 100);
+    }
+
+    #[test]
+    fn report_merges_clients_and_counts_errors() {
+        let start = Instant::now();
+        let mut a = Recorder::default();
+        a.record::<String>(start, Ok(()));
+        a.record(start, Err("boom"));
+        let mut b = Recorder::default();
+        b.record::<String>(start, Ok(()));
+        b.record(start, Err("later"));
+        a.merge(b);
+        let r = a.report("lookup", 2, Duration::from_secs(2));
+        assert_eq!(r.ops, 2);
+        assert_eq!(r.errors, 2);
+        assert_eq!(r.ops_per_sec, 1.0);
+        assert_eq!(r.first_error.as_deref(), Some("boom"));
+        assert!(r.p50_ms <= r.p99_ms && r.p99_ms <= r.max_ms);
+    }
+
+    #[test]
+    fn empty_run_reports_zeros() {
+        let r = Recorder::default().report("list", 1, Duration::ZERO);
+        assert_eq!((r.ops, r.errors), (0, 0));
+        assert_eq!((r.ops_per_sec, r.p50_ms, r.max_ms), (0.0, 0.0, 0.0));
+    }
+}
