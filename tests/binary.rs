@@ -248,12 +248,18 @@ fn no_subcommand_runs_a_node_from_the_environment_and_sigterm_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_ports(1)[0];
     let data = dir.path().join("data");
+    let log_path = dir.path().join("node.log");
+    // The cluster secret must never reach the logs (even at debug level) or
+    // the metrics; nor must a wrong secret someone tried.
+    const NODE_SECRET: &str = "s3cret-never-logged-8842";
+    const WRONG_SECRET: &str = "wrong-secret-tried-5531";
     let mut child = Command::new(BIN)
         .env("REGISTRY_ADDR", format!("127.0.0.1:{port}"))
         .env("REGISTRY_DATA_DIR", &data)
-        .env("RUST_LOG", "warn")
+        .env("REGISTRY_CLUSTER_SECRET", NODE_SECRET)
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let guard = KillOnDrop(child.id());
@@ -267,6 +273,26 @@ fn no_subcommand_runs_a_node_from_the_environment_and_sigterm_stops_it() {
     assert_eq!(h["role"], "leader");
     assert_eq!(h["members"], json!([1]));
     assert!(register(&client, &url, "solo"));
+    let status = |path: &str, secret: &str| {
+        client
+            .get(format!("{url}{path}"))
+            .header("x-cluster-secret", secret)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status("/cluster/status", NODE_SECRET), 200);
+    assert_eq!(status("/cluster/status", WRONG_SECRET), 401);
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for s in [NODE_SECRET, WRONG_SECRET] {
+        assert!(!metrics.contains(s), "a secret is in /metrics");
+    }
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -280,6 +306,11 @@ fn no_subcommand_runs_a_node_from_the_environment_and_sigterm_stops_it() {
     );
     assert!(exit.success(), "graceful stop exits 0, got {exit:?}");
     std::mem::forget(guard);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("node started"), "the debug log was written");
+    for s in [NODE_SECRET, WRONG_SECRET] {
+        assert!(!log.contains(s), "a secret is in the log");
+    }
     assert!(Path::new(&data).join("sled").exists());
 }
 

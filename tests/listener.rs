@@ -368,6 +368,16 @@ async fn tls_flags_are_checked_at_start() {
             "cannot read the private key",
         ),
     ];
+    // Not TLS, but a start-up refusal of the same kind: several voters
+    // without a cluster secret.
+    let mut cases = cases;
+    cases.push((
+        Box::new(|a: &mut NodeArgs| {
+            a.peers =
+                Some(vertice_register::config::parse_peers("1=127.0.0.1:1,2=127.0.0.1:2").unwrap())
+        }),
+        "needs --cluster-secret",
+    ));
     for (tune, expected) in cases {
         let mut a = NodeArgs {
             data_dir: dir.path().join("data"),
