@@ -73,10 +73,18 @@ impl TlsFiles {
     }
 }
 
+/// The bytes of one reading of the files.
+#[derive(PartialEq, Eq)]
+struct Pems {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
+}
+
 /// What was loaded from one reading of the files.
 struct Material {
-    /// The bytes read, to tell whether the files changed.
-    raw: Vec<u8>,
+    /// What it was built from, to tell whether the files changed.
+    pems: Pems,
     key: Arc<CertifiedKey>,
     server: Arc<ServerConfig>,
     /// Verifies peers' certificates when this node calls them.
@@ -129,8 +137,8 @@ impl Tls {
     /// Loads the files; an error names the file and what is wrong with it.
     pub fn load(files: TlsFiles) -> Result<Arc<Self>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let raw = Self::read_all(&files)?;
-        let material = Self::build(&files, &provider, raw)?;
+        let pems = Self::read_all(&files)?;
+        let material = Self::build(&files, &provider, pems)?;
         Ok(Arc::new(Self {
             files,
             provider,
@@ -159,26 +167,26 @@ impl Tls {
         self.material().server.clone()
     }
 
-    fn read_all(files: &TlsFiles) -> Result<Vec<u8>, String> {
-        let mut raw = read(&files.cert, "certificate (--tls-cert)")?;
-        raw.extend_from_slice(b"\0");
-        raw.extend(read(&files.key, "private key (--tls-key)")?);
-        if let Some(ca) = &files.ca {
-            raw.extend_from_slice(b"\0");
-            raw.extend(read(ca, "CA certificate (--tls-ca)")?);
-        }
-        Ok(raw)
+    fn read_all(files: &TlsFiles) -> Result<Pems, String> {
+        Ok(Pems {
+            cert: read(&files.cert, "certificate (--tls-cert)")?,
+            key: read(&files.key, "private key (--tls-key)")?,
+            ca: match &files.ca {
+                Some(ca) => Some(read(ca, "CA certificate (--tls-ca)")?),
+                None => None,
+            },
+        })
     }
 
+    /// Builds from the bytes read, so what is compared on the next check
+    /// is exactly what is in force.
     fn build(
         files: &TlsFiles,
         provider: &Arc<CryptoProvider>,
-        raw: Vec<u8>,
+        pems: Pems,
     ) -> Result<Material, String> {
-        let cert_pem = read(&files.cert, "certificate (--tls-cert)")?;
-        let key_pem = read(&files.key, "private key (--tls-key)")?;
-        let chain = certs(&cert_pem, &files.cert, "certificate (--tls-cert)")?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        let chain = certs(&pems.cert, &files.cert, "certificate (--tls-cert)")?;
+        let key = PrivateKeyDer::from_pem_slice(&pems.key).map_err(|e| {
             format!(
                 "the private key (--tls-key) {} holds no usable PEM key (PKCS#8, PKCS#1 or SEC1): {e}",
                 files.key.display()
@@ -193,18 +201,17 @@ impl Tls {
         })?;
         let key = Arc::new(key);
 
-        let roots = match &files.ca {
-            Some(path) => {
-                let pem = read(path, "CA certificate (--tls-ca)")?;
+        let roots = match (&files.ca, &pems.ca) {
+            (Some(path), Some(pem)) => {
                 let mut roots = RootCertStore::empty();
-                for c in certs(&pem, path, "CA certificate (--tls-ca)")? {
+                for c in certs(pem, path, "CA certificate (--tls-ca)")? {
                     roots.add(c).map_err(|e| {
                         format!("the CA certificate {} is not usable: {e}", path.display())
                     })?;
                 }
                 roots
             }
-            None => RootCertStore {
+            _ => RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             },
         };
@@ -231,7 +238,7 @@ impl Tls {
             .build()
             .map_err(|e| format!("server certificate verifier: {e}"))?;
         Ok(Material {
-            raw,
+            pems,
             key,
             server: Arc::new(server),
             peer_verifier,
@@ -242,11 +249,11 @@ impl Tls {
     /// Reads the files again and, when they changed and are valid, makes
     /// them current. On an error the old material stays.
     pub fn reload(&self) -> Result<Reload, String> {
-        let raw = Self::read_all(&self.files)?;
-        if raw == self.material().raw {
+        let pems = Self::read_all(&self.files)?;
+        if pems == self.material().pems {
             return Ok(Reload::Unchanged);
         }
-        let material = Self::build(&self.files, &self.provider, raw)?;
+        let material = Self::build(&self.files, &self.provider, pems)?;
         if material.mutual != self.mutual() {
             return Err("mutual TLS cannot be turned on or off by a reload".into());
         }
