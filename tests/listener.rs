@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{wait_for, TestCluster};
+use common::{raw, raw_request, wait_for, TestCluster};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -148,15 +148,6 @@ async fn presented_cert(addr: SocketAddr, ca: &[u8]) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
-/// Sends raw bytes and reads until the server closes (10 s at most).
-async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).to_string()
-}
-
 fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -220,9 +211,13 @@ async fn three_nodes_run_on_mutual_tls() {
     assert!(untrusting.service("orders").await.is_err());
 
     // Plain HTTP on the HTTPS port: a clear 400, not a hang or garbage.
-    let answer = raw(c.addrs[&leader], b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(answer.contains("https://"), "{answer}");
+    let (code, body) = raw(
+        c.addrs[&leader],
+        raw_request(c.addrs[&leader], "GET", "/health"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("https://"), "{body}");
 
     // /raft/* with the secret but without a client certificate: 403.
     let r = c
@@ -509,8 +504,8 @@ async fn the_gateway_and_the_cluster_command_speak_tls() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.text().await.unwrap(), "hello from upstream");
-    let plain = raw(gw.addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+    let (code, body) = raw(gw.addr, raw_request(gw.addr, "GET", "/health")).await;
+    assert_eq!(code, 400, "{body}");
     gw.shutdown().await;
 
     // `cluster status` over HTTPS with --tls-ca.
