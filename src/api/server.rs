@@ -251,8 +251,14 @@ async fn refuse_raw(
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::AsyncReadExt;
         let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
+        // Read what the client sent until it closes (lingering close):
+        // closing with its request unread would reset the connection, and
+        // the client could lose the answer.
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
 }
