@@ -451,7 +451,13 @@ async fn connection_caps_refuse_at_once_with_a_clear_answer() {
             .then_some(())
     })
     .await;
-    let m = c.metrics(1).await;
+    // From an address of its own: the cluster's pooled client on 127.0.0.1
+    // counts towards that address's cap.
+    let m = common::get_text(
+        &common::client_from("127.0.0.5"),
+        &format!("{}/metrics", c.url(1)),
+    )
+    .await;
     assert!(metric(&m, "registry_connections_refused_total{reason=\"per_ip\"}") >= 1.0);
     assert!(metric(&m, "registry_connections_refused_total{reason=\"total\"}") >= 1.0);
     c.shutdown().await;
@@ -476,6 +482,11 @@ async fn the_gateway_and_the_cluster_command_speak_tls() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The gateway may ask any node (a default, local read): wait until every
+    // node has applied the registration, or a lagging one answers 404.
+    for id in 1..=3 {
+        c.wait_for_service(id, "web").await;
+    }
 
     let mut config =
         vertice_register::gateway::GatewayConfig::new((1..=3).map(|id| c.url(id)).collect());
