@@ -34,3 +34,4 @@ pub mod raft;
 pub mod read_index;
 pub mod registry;
 pub mod tls;
+pub mod writes;

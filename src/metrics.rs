@@ -36,6 +36,8 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     pub tls_reloads: IntCounterVec,
     pub read_index: IntCounterVec,
+    pub write_entries: IntCounter,
+    pub write_commands: IntCounter,
 }
 
 impl Metrics {
@@ -178,9 +180,21 @@ impl Metrics {
                 &["how"],
             )
             .unwrap(),
+            write_entries: IntCounter::new(
+                "registry_write_entries_total",
+                "Log entries this leader proposed for client writes (register, deregister); several writes that arrive together share one entry",
+            )
+            .unwrap(),
+            write_commands: IntCounter::new(
+                "registry_write_commands_total",
+                "Client writes (register, deregister) this leader proposed, in registry_write_entries_total entries",
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
+        r.register(Box::new(m.write_entries.clone())).unwrap();
+        r.register(Box::new(m.write_commands.clone())).unwrap();
         r.register(Box::new(m.operations.clone())).unwrap();
         r.register(Box::new(m.duration.clone())).unwrap();
         r.register(Box::new(m.forwarded.clone())).unwrap();

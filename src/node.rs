@@ -185,6 +185,9 @@ impl RunningNode {
             audit.clone(),
             stop_rx.clone(),
         );
+        let (writes, writes_task) =
+            crate::writes::Writes::start(raft.clone(), metrics.clone(), stop_rx.clone());
+        tasks.push(writes_task);
         let state = Arc::new(AppState {
             id: args.id,
             raft: raft.clone(),
@@ -193,6 +196,7 @@ impl RunningNode {
             net,
             metrics,
             leases,
+            writes,
             db,
             contact: Default::default(),
             leader_wait: args.leader_wait(),

@@ -409,3 +409,61 @@ async fn the_leader_expires_instances_whose_ttl_ran_out() {
     }
     c.shutdown().await;
 }
+
+/// Reads a counter's value from a node's `/metrics` text.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_entries_and_each_gets_its_own_answer() {
+    let c = TestCluster::start(3).await;
+    let leader = c.wait_for_leader().await;
+    let nodes = c.running();
+    let mut sent = 0u64;
+    // Writes that arrive together go into one entry. Whether they do in a
+    // given round depends on timing, so send rounds until one batch formed.
+    for round in 0..10u16 {
+        let writes = (0..48u16).map(|i| {
+            let node = nodes[usize::from(i) % nodes.len()];
+            let c = &c;
+            async move {
+                if i % 8 == 7 {
+                    // Mixed in: a deregister of an unknown instance, 404
+                    // (answered without a write).
+                    let (s, body) = c
+                        .delete(node, &format!("/deregister/batch-{round}/nobody-{i}"))
+                        .await;
+                    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+                } else {
+                    let port = 1000 + round * 100 + i;
+                    let stored = c.register(node, &format!("batch-{round}"), port).await;
+                    assert_eq!(stored["instance_id"], format!("10.1.2.3:{port}"));
+                    assert_eq!(stored["port"], port);
+                }
+            }
+        });
+        futures::future::join_all(writes).await;
+        sent += 42;
+        let (s, _, body) = c
+            .get(leader, &format!("/services/batch-{round}?consistent=true"))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["instances"].as_array().unwrap().len(), 42);
+        let m = c.metrics(leader).await;
+        let commands = counter(&m, "registry_write_commands_total");
+        let entries = counter(&m, "registry_write_entries_total");
+        assert_eq!(
+            commands, sent,
+            "every registration went through the leader's queue"
+        );
+        if entries < commands {
+            c.shutdown().await;
+            return;
+        }
+    }
+    panic!("480 concurrent writes never shared an entry");
+}

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use vertice_register::registry::lease::EXPIRY_SLACK_MS;
 use vertice_register::registry::validate::{self, is_hidden_char};
 use vertice_register::registry::{
-    parse_heartbeat, parse_register, Change, Command, Instance, Registry, Renewal,
+    parse_heartbeat, parse_register, Change, Command, CommandResult, Instance, Registry, Renewal,
 };
 
 const CASES: u32 = 256;
@@ -340,5 +340,42 @@ proptest! {
         prop_assert_eq!(&restored, &one);
         let whole: Registry = bincode::deserialize(&bincode::serialize(&one).unwrap()).unwrap();
         prop_assert_eq!(&whole, &one);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    /// Group commit puts client writes that arrive together into one
+    /// `Batch` entry: it must change the registry, and answer each write,
+    /// exactly as one entry per write would.
+    #[test]
+    fn a_batch_applies_like_its_commands_one_by_one(
+        prefix in proptest::collection::vec(command(), 0..10),
+        batch in proptest::collection::vec(command(), 0..12),
+        entry_term in 1u64..4,
+    ) {
+        let mut one = Registry::new();
+        for cmd in &prefix {
+            one.apply(cmd, entry_term, &mut Vec::new());
+        }
+        let mut two = one.clone();
+        let (mut changes_one, mut changes_two) = (Vec::new(), Vec::new());
+        let results: Vec<_> = batch
+            .iter()
+            .map(|c| one.apply(c, entry_term, &mut changes_one))
+            .collect();
+        let batched = two.apply(
+            &Command::Batch { commands: batch.clone() },
+            entry_term,
+            &mut changes_two,
+        );
+        prop_assert_eq!(batched, CommandResult::Batch(results));
+        prop_assert_eq!(&one, &two);
+        prop_assert_eq!(changes_one, changes_two);
+        // The entry survives the log's encoding.
+        let cmd = Command::Batch { commands: batch };
+        let back: Command = bincode::deserialize(&bincode::serialize(&cmd).unwrap()).unwrap();
+        prop_assert_eq!(back, cmd);
     }
 }

@@ -299,9 +299,9 @@ impl AppState {
                 instance_id: instance_id.clone(),
             },
         };
-        match tokio::time::timeout(remaining, self.raft.client_write(cmd)).await {
+        match tokio::time::timeout(remaining, self.writes.write(cmd)).await {
             Err(_) => WriteReply::not_committed_in_time(),
-            Ok(result) => WriteReply::from_raft(result.map(|resp| resp.data)),
+            Ok(reply) => reply,
         }
     }
 

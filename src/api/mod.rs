@@ -85,6 +85,8 @@ pub struct AppState {
     pub net: Network,
     pub metrics: Arc<Metrics>,
     pub leases: Arc<Leases>,
+    /// Client writes on the leader, batched into shared entries.
+    pub writes: Arc<crate::writes::Writes>,
     pub db: sled::Db,
     pub contact: LastContact,
     /// How long a write or consistent read waits for a leader before `503`.

@@ -421,6 +421,45 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     }
 }
 
+impl Applied {
+    /// Applies one command of the entry at `index`, and records which views
+    /// it changed. The commands of a `Batch` count one by one.
+    fn apply_command(
+        &mut self,
+        cmd: &Command,
+        term: u64,
+        index: u64,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
+        match cmd {
+            Command::Batch { commands } => CommandResult::Batch(
+                commands
+                    .iter()
+                    .map(|c| self.apply_command(c, term, index, changes))
+                    .collect(),
+            ),
+            // Renewals only move `last_heartbeat`: no view changes.
+            Command::Renew { .. } => self.registry.apply(cmd, term, changes),
+            _ => {
+                let (first_change, services_before) =
+                    (changes.len(), self.registry.service_count());
+                let result = self.registry.apply(cmd, term, changes);
+                for name in changes[first_change..]
+                    .iter()
+                    .filter_map(Change::service_name)
+                {
+                    self.views.services.insert(name.to_string(), index);
+                }
+                // A single command adds or removes services, never both.
+                if self.registry.service_count() != services_before {
+                    self.views.list = index;
+                }
+                result
+            }
+        }
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
@@ -446,26 +485,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 applied.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
-                    EntryPayload::Normal(cmd) => {
-                        let term = entry.log_id.leader_id.get_term();
-                        let (first_change, services_before) =
-                            (changes.len(), applied.registry.service_count());
-                        let result = applied.registry.apply(&cmd, term, &mut changes);
-                        if !matches!(cmd, Command::Renew { .. }) {
-                            let index = entry.log_id.index;
-                            for name in changes[first_change..]
-                                .iter()
-                                .filter_map(Change::service_name)
-                            {
-                                applied.views.services.insert(name.to_string(), index);
-                            }
-                            // A command adds or removes services, never both.
-                            if applied.registry.service_count() != services_before {
-                                applied.views.list = index;
-                            }
-                        }
-                        result
-                    }
+                    EntryPayload::Normal(cmd) => applied.apply_command(
+                        &cmd,
+                        entry.log_id.leader_id.get_term(),
+                        entry.log_id.index,
+                        &mut changes,
+                    ),
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         batch.insert(MEMBERSHIP, encode(&applied.membership));

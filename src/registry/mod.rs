@@ -70,6 +70,10 @@ pub enum Command {
     /// The leader paused or resumed expiry (mass-expiry protection); kept
     /// in the replicated state so every node reports it.
     SetExpiryPaused { paused: bool },
+    /// Client writes that arrived together, committed in one entry (group
+    /// commit, see `crate::writes`) and applied in order, each with its
+    /// own result. Added last so older entries decode unchanged.
+    Batch { commands: Vec<Command> },
 }
 
 /// One acknowledged renewal: the instance and the leader's time of it.
@@ -93,6 +97,8 @@ pub enum CommandResult {
     Expired(usize),
     /// A Raft-internal entry (blank or membership) that carries no command.
     None,
+    /// The result of each command of a `Batch`, in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// The whole registry: service name → instance id → instance.
@@ -222,6 +228,12 @@ impl Registry {
                 }
                 CommandResult::None
             }
+            Command::Batch { commands } => CommandResult::Batch(
+                commands
+                    .iter()
+                    .map(|c| self.apply(c, entry_term, changes))
+                    .collect(),
+            ),
         }
     }
 
