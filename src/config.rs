@@ -205,7 +205,7 @@ pub struct NodeArgs {
     /// Minimum election timeout in milliseconds (the maximum is twice this).
     /// A follower starts an election after hearing nothing from the leader
     /// for the maximum plus a random timeout between minimum and maximum.
-    #[arg(long, env = "REGISTRY_ELECTION_TIMEOUT_MS", default_value_t = 200)]
+    #[arg(long, env = "REGISTRY_ELECTION_TIMEOUT_MS", default_value_t = 100)]
     pub election_timeout_ms: u64,
     /// Build a snapshot (and compact the log) every this many entries.
     #[arg(long, env = "REGISTRY_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
