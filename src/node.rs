@@ -148,12 +148,18 @@ impl RunningNode {
             log_entries = check.log.entries,
             instances = check.state_machine.instances,
             snapshot_bytes = check.state_machine.snapshot.map_or(0, |s| s.1),
+            open_ms = check.open_elapsed.as_secs_f64() * 1000.0,
             elapsed_ms = check.elapsed.as_secs_f64() * 1000.0,
             "data directory verified"
         );
+        let loading = std::time::Instant::now();
         let log = LogStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
+        tracing::info!(
+            elapsed_ms = loading.elapsed().as_secs_f64() * 1000.0,
+            "state machine loaded"
+        );
         let net = Network::new(
             args.cluster_secret.as_ref().map(|s| s.expose().to_string()),
             faults.clone(),

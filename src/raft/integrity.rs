@@ -90,7 +90,10 @@ impl From<Corruption> for DataDirError {
 pub struct CheckReport {
     pub log: LogCheck,
     pub state_machine: StateMachineCheck,
+    /// How long the check took.
     pub elapsed: Duration,
+    /// How long sled took to open (its recovery) before the check.
+    pub open_elapsed: Duration,
 }
 
 /// Opens the node's database in `dir`, gives a new directory the format
@@ -99,11 +102,13 @@ pub fn open_checked(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError>
     // sled's recovery has a few assertions on what it reads; damage that
     // trips one is still damage, not a crash.
     std::panic::catch_unwind(|| {
+        let opening = Instant::now();
         let db = super::open_db(dir).map_err(open_error)?;
         let started = Instant::now();
         let mut report = check(&db)?;
         compare_clean_stop(dir, &db)?;
         report.elapsed = started.elapsed();
+        report.open_elapsed = started - opening;
         Ok((db, report))
     })
     .unwrap_or_else(|panic| {
@@ -128,6 +133,7 @@ pub fn check(db: &sled::Db) -> Result<CheckReport, DataDirError> {
         log,
         state_machine,
         elapsed: started.elapsed(),
+        open_elapsed: Duration::ZERO,
     })
 }
 
