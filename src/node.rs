@@ -194,6 +194,9 @@ impl RunningNode {
         let (writes, writes_task) =
             crate::writes::Writes::start(raft.clone(), metrics.clone(), stop_rx.clone());
         tasks.push(writes_task);
+        let (forwarder, forwarder_task) =
+            api::batch_forward::ForwardQueue::start(net.clone(), metrics.clone(), stop_rx.clone());
+        tasks.push(forwarder_task);
         let state = Arc::new(AppState {
             id: args.id,
             raft: raft.clone(),
@@ -203,6 +206,7 @@ impl RunningNode {
             metrics,
             leases,
             writes,
+            forwarder,
             db,
             contact: Default::default(),
             leader_wait: args.leader_wait(),

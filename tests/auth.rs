@@ -270,16 +270,41 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
         json!({"write": write, "token": ANYWRITER, "caller": "6.6.6.6:6", "via": follower});
     let reply: Value = raft_write(envelope).await.unwrap().json().await.unwrap();
     assert!(reply.get("Done").is_some(), "{reply}");
-    // Without the cluster secret, /raft/write is closed whatever the token.
+    // Batched forwarding (/raft/writes): each write of one call is checked
+    // on its own and answered in order.
+    let batch = json!([
+        {"write": write, "token": READER, "caller": "6.6.6.6:6", "via": follower},
+        {"write": write, "token": ANYWRITER, "caller": "6.6.6.6:6", "via": follower},
+        write,
+        {"write": write, "token": "forged-token-000000000", "caller": "6.6.6.6:6", "via": follower},
+    ]);
     let r = c
         .http
-        .post(format!("{}/raft/write", c.url(leader)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"write": write, "token": ADMIN}))
+        .post(format!("{}/raft/writes", c.url(leader)))
+        .header("x-cluster-secret", SECRET)
+        .json(&batch)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.status(), StatusCode::OK);
+    let replies: Value = r.json().await.unwrap();
+    assert_eq!(replies[0]["Refused"]["status"], 403, "{replies}");
+    assert!(replies[1].get("Done").is_some(), "{replies}");
+    assert_eq!(replies[2]["Refused"]["status"], 401, "{replies}");
+    assert_eq!(replies[3]["Refused"]["status"], 401, "{replies}");
+    assert_eq!(replies.as_array().unwrap().len(), 4);
+    // Without the cluster secret, both are closed whatever the token.
+    for path in ["/raft/write", "/raft/writes"] {
+        let r = c
+            .http
+            .post(format!("{}{path}", c.url(leader)))
+            .bearer_auth(ADMIN)
+            .json(&json!({"write": write, "token": ADMIN}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
 
     // A deregister through the follower.
     let (s, body) = deployer

@@ -178,7 +178,8 @@ fn probes_fill_leader_index_ready() {
 
     assert_eq!(stdout(&node.bench(&["leader"])).trim(), node.url);
     let index: u64 = stdout(&node.bench(&["index"])).trim().parse().unwrap();
-    assert!(index >= 40, "index {index}");
+    // 4 clients: at most 4 registrations share an entry (group commit).
+    assert!(index >= 10, "index {index}");
     let ms: f64 =
         stdout(&node.bench(&["ready", "--min-index", &index.to_string(), "--with-leader"]))
             .trim()

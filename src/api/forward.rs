@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::batch_forward::Outgoing;
 use super::{ApiError, AppState};
 use crate::audit::Outcome;
 use crate::auth::Caller;
@@ -76,16 +77,6 @@ impl WriteRequest {
     pub fn audited(&self) -> bool {
         !matches!(self, Self::Heartbeat(_))
     }
-}
-
-/// A write one node passes to the leader: the request and who sent it, so
-/// that the leader checks the caller's token again.
-#[derive(Serialize)]
-struct ForwardedWriteOut<'a> {
-    write: &'a WriteRequest,
-    token: Option<&'a str>,
-    caller: Option<&'a str>,
-    via: NodeId,
 }
 
 /// What the leader's `/raft/write` accepts: the envelope, or a bare
@@ -206,7 +197,7 @@ fn refused(status: u16, message: String) -> ApiError {
 }
 
 /// Why one attempt to reach the leader failed.
-enum Attempt<T> {
+pub(super) enum Attempt<T> {
     Answered(T),
     /// The request surely did not reach a leader: try again.
     Retry,
@@ -319,19 +310,17 @@ impl AppState {
         // A node with neither tokens nor an audit log sends the bare request,
         // as earlier releases did, so that an open cluster can be upgraded
         // one node at a time.
-        let attempt = if self.auth.enabled() || self.audit.enabled() {
-            let envelope = ForwardedWriteOut {
-                write: req,
-                token: caller.token.as_ref().map(|t| t.expose()),
-                caller: caller.addr.as_deref(),
+        let write = if self.auth.enabled() || self.audit.enabled() {
+            Outgoing::Envelope {
+                write: req.clone(),
+                token: caller.token.as_ref().map(|t| t.expose().to_string()),
+                caller: caller.addr.clone(),
                 via: self.id,
-            };
-            self.forward::<_, WriteReply>(addr, "write", &envelope, remaining)
-                .await
+            }
         } else {
-            self.forward::<_, WriteReply>(addr, "write", req, remaining)
-                .await
+            Outgoing::Bare(req.clone())
         };
+        let attempt = self.forwarder.send(addr, write, remaining).await;
         Ok(match attempt {
             Attempt::Answered(WriteReply::Refused { status, message }) => {
                 return Err(refused(status, message))

@@ -26,6 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/write", post(write))
+        .route("/raft/writes", post(writes))
         .route("/raft/read-index", post(read_index))
         .route("/cluster/status", get(super::cluster::status))
         .route("/cluster/nodes", post(super::cluster::add))
@@ -110,9 +111,37 @@ async fn write(
     State(state): State<Arc<AppState>>,
     Json(incoming): Json<IncomingWrite>,
 ) -> Json<WriteReply> {
+    Json(leader_write(&state, incoming).await)
+}
+
+/// Most writes one `/raft/writes` call may carry (senders send at most
+/// [`super::batch_forward::MAX_BATCH`]).
+const MAX_FORWARDED_BATCH: usize = 1024;
+
+/// Several forwarded writes in one call (batched forwarding): each is
+/// checked, committed and audited as on `/raft/write`, all at once, so they
+/// share log entries; the answers come back in the same order.
+async fn writes(
+    State(state): State<Arc<AppState>>,
+    Json(incoming): Json<Vec<IncomingWrite>>,
+) -> Response {
+    if incoming.len() > MAX_FORWARDED_BATCH {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_FORWARDED_BATCH} writes per call"),
+        )
+            .into_response();
+    }
+    let replies =
+        futures::future::join_all(incoming.into_iter().map(|w| leader_write(&state, w))).await;
+    Json(replies).into_response()
+}
+
+/// The leader's side of one forwarded write.
+async fn leader_write(state: &AppState, incoming: IncomingWrite) -> WriteReply {
     let view = state.leader_view();
     if view.leader_id != Some(state.id) {
-        return Json(WriteReply::NotLeader(view.leader_id));
+        return WriteReply::NotLeader(view.leader_id);
     }
     let (req, caller) = match incoming {
         IncomingWrite::Forwarded(f) => {
@@ -127,10 +156,10 @@ async fn write(
         IncomingWrite::Bare(req) => (req, Caller::default()),
     };
     if let Err(e) = state.authorize_write(&caller, &req) {
-        return Json(WriteReply::Refused {
+        return WriteReply::Refused {
             status: e.status().as_u16(),
             message: e.to_string(),
-        });
+        };
     }
     let reply = state.write_local(&req, state.leader_wait).await;
     if req.audited() {
@@ -143,7 +172,7 @@ async fn write(
             .audit
             .record(Some(&caller), req.kind(), req.target(), outcome, None);
     }
-    Json(reply)
+    reply
 }
 
 async fn read_index(State(state): State<Arc<AppState>>) -> Json<ReadIndexReply> {

@@ -3,6 +3,7 @@
 //! errors become status codes in `error.rs` and nowhere else.
 
 mod access;
+pub mod batch_forward;
 mod cluster;
 pub mod error;
 mod forward;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub leases: Arc<Leases>,
     /// Client writes on the leader, batched into shared entries.
     pub writes: Arc<crate::writes::Writes>,
+    /// Writes on their way to the leader, batched into shared calls.
+    pub forwarder: Arc<batch_forward::ForwardQueue>,
     pub db: sled::Db,
     pub contact: LastContact,
     /// How long a write or consistent read waits for a leader before `503`.
