@@ -37,6 +37,8 @@ pub const EXPIRE_BATCH: usize = 500;
 pub const MAX_EXPIRE_PER_ROUND: usize = 2_000;
 /// Most renewals in one `Renew` entry.
 const RENEW_BATCH: usize = 4_096;
+/// `Renew` entries proposed and not yet committed, at most.
+const RENEW_IN_FLIGHT: usize = 2;
 /// How often acknowledged renewals are checkpointed into the log.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(1_000);
 
@@ -263,17 +265,22 @@ impl Leases {
             .unwrap_or_else(|_| WriteReply::Unavailable("the node is stopping".into()))
     }
 
-    /// Group commit: while one `Renew` entry is being committed, renewals
-    /// queue up and all go into the next one.
+    /// Group commit: while `RENEW_IN_FLIGHT` `Renew` entries are being
+    /// committed, renewals queue up and all go into the next one.
     async fn batcher(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<BatchItem>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(RENEW_IN_FLIGHT));
         loop {
             let first = tokio::select! {
                 _ = stop.changed() => return,
                 item = rx.recv() => match item { Some(i) => i, None => return },
+            };
+            // While every slot is taken, renewals queue behind `first`.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
             };
             let mut items = vec![first];
             let mut count = items[0].renewals.len();
@@ -290,20 +297,33 @@ impl Leases {
                 .iter_mut()
                 .flat_map(|i| std::mem::take(&mut i.renewals))
                 .collect();
-            let reply = WriteReply::from_raft(
-                self.raft
-                    .client_write(Command::Renew { renewals })
-                    .await
-                    .map(|r| r.data),
-            );
-            if matches!(reply, WriteReply::Done(_)) {
-                self.metrics.checkpoints.inc();
-            }
-            for item in items {
-                if let Some(done) = item.done {
-                    let _ = done.send(reply.clone());
+            // Proposed here, in order; the wait for the commit runs apart, so
+            // the next entry can be proposed while this one is replicated.
+            let proposed = self.raft.client_write_ff(Command::Renew { renewals }).await;
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let reply = match proposed {
+                    Err(fatal) => {
+                        WriteReply::from_raft(Err(openraft::error::RaftError::Fatal(fatal)))
+                    }
+                    Ok(rx) => match rx.await {
+                        Err(_) => WriteReply::Unavailable("the node is stopping".into()),
+                        Ok(r) => WriteReply::from_raft(
+                            r.map(|resp| resp.data)
+                                .map_err(openraft::error::RaftError::APIError),
+                        ),
+                    },
+                };
+                drop(slot);
+                if matches!(reply, WriteReply::Done(_)) {
+                    metrics.checkpoints.inc();
                 }
-            }
+                for item in items {
+                    if let Some(done) = item.done {
+                        let _ = done.send(reply.clone());
+                    }
+                }
+            });
         }
     }
 
