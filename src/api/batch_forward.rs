@@ -24,7 +24,7 @@ use crate::raft::NodeId;
 /// Most writes in one call.
 pub const MAX_BATCH: usize = 64;
 /// Calls to the leader out at once.
-pub const MAX_IN_FLIGHT: usize = 4;
+pub const MAX_IN_FLIGHT: usize = 2;
 
 /// A forwarded write as it goes on the wire: with the caller (so that the
 /// leader checks the token again and audits who it was), or bare when this
