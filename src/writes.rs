@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use openraft::error::Fatal;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::api::WriteReply;
 use crate::metrics::Metrics;
@@ -72,22 +72,7 @@ async fn propose(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let first = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            p = rx.recv() => match p { Some(p) => p, None => return },
-        };
-        // While every slot is taken, later writes queue behind `first`.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    while let Some((mut batch, slot)) = next_batch(&mut rx, &slots, MAX_BATCH, &mut stop).await {
         metrics.write_entries.inc();
         metrics.write_commands.inc_by(batch.len() as u64);
         let (cmd, dones): (Command, Vec<_>) = if batch.len() == 1 {
@@ -111,6 +96,32 @@ async fn propose(
             answer(dones, result);
         });
     }
+}
+
+/// Group commit's queue discipline, shared by the leader's write queue and
+/// the follower's forwarding queue: waits for a first item, then for a free
+/// slot (meanwhile later items queue behind it), then takes whatever else is
+/// queued, at most `max` in all. `None` once `stop` turns true or the queue
+/// closes.
+pub async fn next_batch<T>(
+    rx: &mut mpsc::UnboundedReceiver<T>,
+    slots: &Arc<Semaphore>,
+    max: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(Vec<T>, OwnedSemaphorePermit)> {
+    let first = tokio::select! {
+        _ = stop.wait_for(|s| *s) => return None,
+        item = rx.recv() => item?,
+    };
+    let slot = slots.clone().acquire_owned().await.ok()?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some((batch, slot))
 }
 
 /// Hands each write its answer: a batch's results one by one, an error to

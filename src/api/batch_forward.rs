@@ -101,22 +101,9 @@ async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        let first = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            q = rx.recv() => match q { Some(q) => q, None => return },
-        };
-        // While every slot is taken, later writes queue behind `first`.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
+    while let Some((batch, slot)) =
+        crate::writes::next_batch(&mut rx, &slots, MAX_BATCH, &mut stop).await
+    {
         // Writes queued around a leader change may name different leaders.
         let mut by_leader: HashMap<String, Vec<Queued>> = HashMap::new();
         for q in batch {
