@@ -186,12 +186,21 @@ pub fn router(state: Arc<AppState>, limits: &LimitConfig) -> Router {
             access::public_guard,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY));
-    public
+    let app = public
         .merge(internal::router(state.clone()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(limits, limits::guard))
+        .layer(axum::middleware::from_fn_with_state(limits, limits::guard));
+    // Request traces only when asked for (`RUST_LOG=tower_http=debug`): with
+    // its events filtered out the layer still wraps every request and
+    // response body and reads the clock twice per request.
+    let app = if tracing::enabled!(target: "tower_http::trace", Level::DEBUG) {
         // 503s are routine during elections; handlers log real failures.
-        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
-        .with_state(state)
+        app.layer(
+            TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+    } else {
+        app
+    };
+    app.with_state(state)
 }
