@@ -410,12 +410,9 @@ async fn the_leader_expires_instances_whose_ttl_ran_out() {
     c.shutdown().await;
 }
 
-/// Reads a counter's value from a node's `/metrics` text.
+/// A counter's value in a node's `/metrics` text.
 fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    common::metric(metrics, name) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

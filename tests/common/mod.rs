@@ -53,6 +53,16 @@ pub fn client_from(ip: &str) -> reqwest::Client {
 }
 
 /// Sends `req`: (status, headers, the body as JSON, `Null` when it is not).
+/// The value of the first line of Prometheus text `text` that starts with
+/// `line_start` (a metric name with its labels); 0 when there is none.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub async fn send(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, Value) {
     let r = req.send().await.unwrap();
     let (status, headers) = (r.status(), r.headers().clone());
