@@ -299,21 +299,10 @@ impl Leases {
                 .collect();
             // Proposed here, in order; the wait for the commit runs apart, so
             // the next entry can be proposed while this one is replicated.
-            let proposed = self.raft.client_write_ff(Command::Renew { renewals }).await;
+            let committed = crate::writes::propose(&self.raft, Command::Renew { renewals }).await;
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
-                let reply = match proposed {
-                    Err(fatal) => {
-                        WriteReply::from_raft(Err(openraft::error::RaftError::Fatal(fatal)))
-                    }
-                    Ok(rx) => match rx.await {
-                        Err(_) => WriteReply::Unavailable("the node is stopping".into()),
-                        Ok(r) => WriteReply::from_raft(
-                            r.map(|resp| resp.data)
-                                .map_err(openraft::error::RaftError::APIError),
-                        ),
-                    },
-                };
+                let reply = committed.await;
                 drop(slot);
                 if matches!(reply, WriteReply::Done(_)) {
                     metrics.checkpoints.inc();

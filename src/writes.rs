@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::api::WriteReply;
 use crate::metrics::Metrics;
-use crate::raft::{ClientWriteError, Raft, RaftError};
+use crate::raft::{Raft, RaftError};
 use crate::registry::{Command, CommandResult};
 
 /// Most writes in one entry (a registration is at most ~10 KiB).
@@ -50,7 +50,7 @@ impl Writes {
         stop: watch::Receiver<bool>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(propose(raft, metrics, rx, stop));
+        let task = tokio::spawn(run(raft, metrics, rx, stop));
         (Arc::new(Self { tx }), task)
     }
 
@@ -65,7 +65,7 @@ impl Writes {
     }
 }
 
-async fn propose(
+async fn run(
     raft: Raft,
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
@@ -83,18 +83,32 @@ async fn propose(
             (Command::Batch { commands }, dones)
         };
         // Proposed here, in arrival order; the wait for the commit runs apart.
-        let proposed = raft.client_write_ff(cmd).await;
+        let committed = propose(&raft, cmd).await;
         tokio::spawn(async move {
-            let result = match proposed {
-                Err(fatal) => Err(RaftError::Fatal(fatal)),
-                Ok(rx) => match rx.await {
-                    Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
-                    Ok(r) => r.map(|resp| resp.data).map_err(RaftError::APIError),
-                },
-            };
+            let reply = committed.await;
             drop(slot);
-            answer(dones, result);
+            answer(dones, reply);
         });
+    }
+}
+
+/// Proposes `cmd` now (entries keep the order of these calls) and returns
+/// the wait for its commit, to run apart, so that the next entry can be
+/// proposed while this one is replicated.
+pub async fn propose(
+    raft: &Raft,
+    cmd: Command,
+) -> impl std::future::Future<Output = WriteReply> + Send + 'static {
+    let proposed = raft.client_write_ff(cmd).await;
+    async move {
+        let result = match proposed {
+            Err(fatal) => Err(RaftError::Fatal(fatal)),
+            Ok(rx) => match rx.await {
+                Err(_) => Err(RaftError::Fatal(Fatal::Stopped)),
+                Ok(r) => r.map(|resp| resp.data).map_err(RaftError::APIError),
+            },
+        };
+        WriteReply::from_raft(result)
     }
 }
 
@@ -124,28 +138,25 @@ pub async fn next_batch<T>(
     Some((batch, slot))
 }
 
-/// Hands each write its answer: a batch's results one by one, an error to
-/// every write of the entry.
-fn answer(
-    dones: Vec<oneshot::Sender<WriteReply>>,
-    result: Result<CommandResult, RaftError<ClientWriteError>>,
-) {
-    let shared = match result {
-        Ok(CommandResult::Batch(results)) if results.len() == dones.len() => {
+/// Hands each write its answer: a batch's results one by one, anything
+/// else (an error) to every write of the entry.
+fn answer(dones: Vec<oneshot::Sender<WriteReply>>, reply: WriteReply) {
+    let shared = match reply {
+        WriteReply::Done(CommandResult::Batch(results)) if results.len() == dones.len() => {
             for (done, r) in dones.into_iter().zip(results) {
                 let _ = done.send(WriteReply::Done(r));
             }
             return;
         }
-        Ok(r) if dones.len() == 1 => WriteReply::Done(r),
-        Ok(other) => {
+        WriteReply::Done(r) if dones.len() == 1 => WriteReply::Done(r),
+        WriteReply::Done(other) => {
             // Cannot happen: apply answers a batch with one result per command.
             tracing::error!(result = ?other, writes = dones.len(), "a batched write got a result of the wrong shape");
             WriteReply::Unavailable(
                 "internal error: the write's result was lost; retrying it is safe".into(),
             )
         }
-        Err(e) => WriteReply::from_raft(Err(e)),
+        other => other,
     };
     for done in dones {
         let _ = done.send(shared.clone());
