@@ -10,14 +10,17 @@
 #
 #   scripts/bench.sh [--seconds 10] [--clients 32] [--workloads a,b,..]
 #                    [--rounds 10] [--fill 100000] [--skip-etcd] [--keep DIR]
+#                    [--node-args "FLAGS"]
 #
 # --workloads: any of lookup,consistent-lookup,list,heartbeat,heartbeat-cold,
 #   mixed,register (default all, in that order); --rounds: leader kills per
 #   system (0 skips failover); --fill: instances for the memory, disk and
 #   startup figures (0 skips them; memory is also taken at 10,000 when the
-#   fill is larger); --keep DIR: copy the raw JSON reports there.
+#   fill is larger); --keep DIR: copy the raw JSON reports there;
+#   --node-args: extra flags for every vertice-register node (e.g.
+#   "--unsafe-no-fsync" to measure what the fsyncs cost).
 set -euo pipefail
-SECS=10; CLIENTS=32; ROUNDS=10; FILL=100000; SKIP_ETCD=0; KEEP=""
+SECS=10; CLIENTS=32; ROUNDS=10; FILL=100000; SKIP_ETCD=0; KEEP=""; NODE_ARGS=""
 WORKLOADS=lookup,consistent-lookup,list,heartbeat,heartbeat-cold,mixed,register
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,7 +31,8 @@ while [ $# -gt 0 ]; do
     --fill) FILL=$2; shift 2 ;;
     --skip-etcd) SKIP_ETCD=1; shift ;;
     --keep) KEEP=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --node-args) NODE_ARGS=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -104,7 +108,7 @@ start_node() {
   if [ "$SYS" = reg ]; then
     local peers="1=${URL[reg1]#http://},2=${URL[reg2]#http://},3=${URL[reg3]#http://}"
     RUST_LOG=warn "$BIN" node --id "$id" --addr "${URL[$SYS$id]#http://}" --data-dir "$dir" \
-      --peers "$peers" --cluster-secret bench >>"$WORK/$SYS$id.log" 2>&1 &
+      --peers "$peers" --cluster-secret bench $NODE_ARGS >>"$WORK/$SYS$id.log" 2>&1 &
   else
     "$ETCD" --name "e$id" --data-dir "$dir" --log-level error \
       --listen-client-urls "${URL[$SYS$id]}" --advertise-client-urls "${URL[$SYS$id]}" \

@@ -304,6 +304,13 @@ pub struct NodeArgs {
     /// that its checker catches stale reads. Never set it in production.
     #[arg(long, hide = true)]
     pub test_stale_reads: bool,
+    /// UNSAFE: acknowledge appends and votes once sled has flushed, without
+    /// the `fdatasync` that makes them survive power loss (sled's flush alone
+    /// survives `kill -9` only). For the power-loss tests, which must show
+    /// that they catch the loss, and for measuring what the syncs cost.
+    /// Never set it in production.
+    #[arg(long, env = "REGISTRY_UNSAFE_NO_FSYNC")]
+    pub unsafe_no_fsync: bool,
 }
 
 fn parse_share(s: &str) -> Result<f64, String> {

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub read_index: IntCounterVec,
     pub write_entries: IntCounter,
     pub write_commands: IntCounter,
+    pub disk_sync: Histogram,
 }
 
 impl Metrics {
@@ -190,9 +191,21 @@ impl Metrics {
                 "Client writes (register, deregister) this leader proposed, in registry_write_entries_total entries",
             )
             .unwrap(),
+            disk_sync: Histogram::with_opts(
+                HistogramOpts::new(
+                    "registry_disk_sync_seconds",
+                    "Time to make sled's flushed writes durable (fsync of new blob files, fdatasync of sled/db), once per append, vote, truncation and snapshot save",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0,
+                ]),
+            )
+            .unwrap(),
             registry,
         };
         let r = &m.registry;
+        r.register(Box::new(m.disk_sync.clone())).unwrap();
         r.register(Box::new(m.write_entries.clone())).unwrap();
         r.register(Box::new(m.write_commands.clone())).unwrap();
         r.register(Box::new(m.operations.clone())).unwrap();

@@ -19,7 +19,9 @@ use crate::api::{self, AppState};
 use crate::config::NodeArgs;
 use crate::leases::Leases;
 use crate::metrics::Metrics;
-use crate::raft::{self, DataDirError, Faults, LogStore, Network, NodeId, Raft, StateMachineStore};
+use crate::raft::{
+    self, DataDirError, DiskSync, Faults, LogStore, Network, NodeId, Raft, StateMachineStore,
+};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -152,9 +154,24 @@ impl RunningNode {
             elapsed_ms = check.elapsed.as_secs_f64() * 1000.0,
             "data directory verified"
         );
+        let sync =
+            match args.unsafe_no_fsync {
+                true => {
+                    tracing::warn!(
+                    "--unsafe-no-fsync: acknowledged writes and votes do not survive power loss"
+                );
+                    DiskSync::disabled()
+                }
+                false => DiskSync::open(&args.data_dir, Some(metrics.disk_sync.clone())).map_err(
+                    |e| StartError::Storage {
+                        dir: args.data_dir.display().to_string(),
+                        reason: format!("cannot fsync its files: {e}"),
+                    },
+                )?,
+            };
         let loading = std::time::Instant::now();
-        let log = LogStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
-        let sm = StateMachineStore::open(&db).map_err(|e| StartError::Load(e.to_string()))?;
+        let log = LogStore::open(&db, sync.clone()).map_err(|e| StartError::Load(e.to_string()))?;
+        let sm = StateMachineStore::open(&db, sync).map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
         tracing::info!(
             elapsed_ms = loading.elapsed().as_secs_f64() * 1000.0,
@@ -311,7 +328,7 @@ impl RunningNode {
     }
 
     /// Stops gracefully: closes the listener, stops Raft and the background
-    /// tasks, and flushes sled. Safe to call on a node that is partitioned.
+    /// tasks, and flushes and syncs sled. Safe to call on a node that is partitioned.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in &self.tasks {
@@ -333,7 +350,9 @@ impl RunningNode {
         for t in self.tasks {
             let _ = t.await;
         }
-        match self.state.db.flush_async().await {
+        // Durable first: the record below must never describe more than a
+        // power cut right after the stop leaves.
+        match self.state.log.flush().await {
             Err(e) => tracing::error!(error = %e, "final flush failed"),
             // Lets the next start tell whether sled gave back all of it.
             Ok(_) => {

@@ -3,7 +3,9 @@
 
 use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
-use vertice_register::raft::{open_db, LogStore, StateMachineStore, StorageError, TypeConfig};
+use vertice_register::raft::{
+    open_db, DiskSync, LogStore, StateMachineStore, StorageError, TypeConfig,
+};
 
 struct SledBuilder;
 
@@ -11,8 +13,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open_db(dir.path()).expect("sled opens");
-        let log = LogStore::open(&db).expect("log store opens");
-        let sm = StateMachineStore::open(&db)?;
+        // The real syncs, as a node runs them.
+        let sync = DiskSync::open(dir.path(), None).expect("sled's files sync");
+        let log = LogStore::open(&db, sync.clone()).expect("log store opens");
+        let sm = StateMachineStore::open(&db, sync)?;
         Ok((dir, log, sm))
     }
 }

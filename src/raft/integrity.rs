@@ -232,7 +232,8 @@ mod tests {
             log.insert(key(i), seal(&e).unwrap()).unwrap();
             entries.push(e);
         }
-        let mut log_meta = crate::raft::LogStore::open(&db).unwrap();
+        let sync = crate::raft::DiskSync::open(dir.path(), None).unwrap();
+        let mut log_meta = crate::raft::LogStore::open(&db, sync.clone()).unwrap();
         openraft::storage::RaftLogStorage::save_vote(
             &mut log_meta,
             &openraft::Vote::new_committed(1, 1),
@@ -243,7 +244,7 @@ mod tests {
         openraft::storage::RaftLogStorage::purge(&mut log_meta, log_id(1, 0))
             .await
             .unwrap();
-        let mut sm = StateMachineStore::open(&db).unwrap();
+        let mut sm = StateMachineStore::open(&db, sync).unwrap();
         sm.apply(entries).await.unwrap();
         sm.get_snapshot_builder()
             .await

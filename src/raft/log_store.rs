@@ -1,9 +1,10 @@
 //! The Raft log and vote, stored in sled.
 //!
 //! Owns durability of what Raft promises: an append is reported flushed,
-//! and a vote saved, only after `sled::Db::flush_async` returns. Appends are
-//! written as one batch and flushed once, so a batch of entries costs one
-//! fsync (group commit). It does not know what the entries mean.
+//! and a vote saved, only after sled's flush and an `fdatasync` of its files
+//! ([`DiskSync`]) return. Appends are written as one batch and synced once,
+//! so a batch of entries costs one `fdatasync` (group commit). It does not
+//! know what the entries mean.
 //!
 //! Every value is sealed with a CRC32 (see [`super::codec`]); a value that
 //! fails it is a storage error naming the entry, never a panic. [`check`]
@@ -19,6 +20,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader, StorageIOError, Vote};
 
 use super::codec::{describe_sled, seal, show_key, unseal, Corruption};
+use super::durable::DiskSync;
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 pub(crate) const LOG_TREE: &str = "log";
@@ -38,6 +40,7 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    sync: DiskSync,
     committed_index: Arc<AtomicU64>,
 }
 
@@ -187,11 +190,13 @@ pub fn check(db: &sled::Db) -> Result<LogCheck, Corruption> {
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// The log store of `db`, made durable through `sync`.
+    pub fn open(db: &sled::Db, sync: DiskSync) -> Result<Self, sled::Error> {
         let store = Self {
             db: db.clone(),
             log: db.open_tree(LOG_TREE)?,
             meta: db.open_tree(META_TREE)?,
+            sync,
             committed_index: Arc::new(AtomicU64::new(0)),
         };
         if let Ok(Some(c)) = store.read_meta::<Option<LogId>>(COMMITTED) {
@@ -224,12 +229,10 @@ impl LogStore {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), io::Error> {
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(io::Error::from)
+    /// Makes everything written to the database so far durable: sled's
+    /// flush and an `fdatasync` (see [`DiskSync`]).
+    pub async fn flush(&self) -> Result<(), io::Error> {
+        self.sync.flush(&self.db).await
     }
 }
 
@@ -324,7 +327,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        // The entries are readable now; report them durable only once flushed.
+        // The entries are readable now; report them durable only once synced.
         match self.flush().await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));

@@ -5,10 +5,11 @@
 //! Raft log (`log`), Raft's own metadata (`raft`: vote, committed, last
 //! purged), the applied registry (`sm`) and the current snapshot
 //! (`snapshot`). sled writes all trees through one log, so whatever survives
-//! a crash is a prefix of what was written; the log store flushes before it
-//! reports an append or a vote durable, which makes every acknowledged write
-//! survive `kill -9`. The state machine does not flush on apply: after a
-//! crash it is at or behind the flushed log, and openraft re-applies the rest.
+//! a crash is a prefix of what was written; the log store flushes and then
+//! `fdatasync`s sled's files ([`durable`]) before it reports an append or a
+//! vote durable, which makes every acknowledged write survive `kill -9` and
+//! power loss. The state machine does not flush on apply: after a crash it
+//! is at or behind the synced log, and openraft re-applies the rest.
 //!
 //! Every stored value carries a CRC32 ([`codec`]), the `raft` tree holds a
 //! storage format marker, and a node verifies its whole database before it
@@ -28,11 +29,13 @@ use std::io::Cursor;
 use crate::registry::{Command, CommandResult};
 
 pub mod codec;
+pub mod durable;
 pub mod integrity;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
 
+pub use durable::DiskSync;
 pub use integrity::{open_checked, CheckReport, DataDirError};
 pub use log_store::LogStore;
 pub use network::{Faults, Network};
@@ -75,8 +78,8 @@ pub fn open_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
         .path(dir.join("sled"))
         .cache_capacity(DB_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
-        // We flush explicitly wherever durability is promised; the periodic
-        // flush is only a backstop.
+        // We flush and fsync explicitly wherever durability is promised
+        // (`durable`); the periodic flush is only a backstop.
         .flush_every_ms(Some(1000))
         .open()
 }

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::codec::{describe_sled, seal, show_key, unseal, Corruption};
+use super::durable::DiskSync;
 use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 use crate::registry::{Change, Command, CommandResult, Instance, Registry};
 
@@ -266,6 +267,7 @@ pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
 pub struct StateMachineStore {
     replica: Arc<Replica>,
     db: sled::Db,
+    sync: DiskSync,
     sm: sled::Tree,
     snapshots: sled::Tree,
 }
@@ -273,10 +275,12 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine, loading the applied registry from sled, or
     /// from the current snapshot when that is newer (a crash during install).
-    pub fn open(db: &sled::Db) -> Result<Self, StorageError> {
+    /// Snapshots are made durable through `sync`.
+    pub fn open(db: &sled::Db, sync: DiskSync) -> Result<Self, StorageError> {
         let store = Self {
             replica: Arc::new(Replica::default()),
             db: db.clone(),
+            sync,
             sm: db
                 .open_tree(SM_TREE)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?,
@@ -331,8 +335,8 @@ impl StateMachineStore {
         self.snapshots
             .insert(CURRENT_SNAPSHOT, encode(snap))
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.db
-            .flush_async()
+        self.sync
+            .flush(&self.db)
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         Ok(())
