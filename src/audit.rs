@@ -156,7 +156,7 @@ impl AuditLog {
     }
 
     /// Waits (blocking, at most `timeout`) until everything queued so far
-    /// is written and flushed. For a clean stop.
+    /// is written, flushed and fsynced. For a clean stop.
     pub fn sync(&self, timeout: Duration) {
         let Some(inner) = &self.inner else { return };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -217,6 +217,10 @@ impl Writer {
             Msg::Line(line) => self.write(&line),
             Msg::Sync(done) => {
                 self.flush();
+                // A clean stop: what the log holds survives power loss too.
+                if let Err(e) = self.out.get_ref().sync_data() {
+                    self.failed("cannot fsync the audit log", &e);
+                }
                 let _ = done.send(());
             }
         }
