@@ -265,9 +265,12 @@ async fn p6_mass_silence_pauses_expiry_until_renewals_return() {
     .await;
     let leader = c.wait_for_leader().await;
     let ids: Vec<String> = (0..10).map(|i| format!("i-{i}")).collect();
-    for id in &ids {
-        register(&c, leader, "fleet", id, 5).await;
-    }
+    // All at once, so that the eight that go silent fall due together: one
+    // after another, on a loaded machine with a disk sync per entry, their
+    // deadlines spread over more than an expiry round, and a round that
+    // finds only half of them due expires those (a share of 0.5 does not
+    // pause).
+    futures::future::join_all(ids.iter().map(|id| register(&c, leader, "fleet", id, 5))).await;
     let urls: Vec<String> = (1..=3).map(|id| c.url(id)).collect();
     let beat = |who: Vec<String>| {
         let (http, urls) = (c.http.clone(), urls.clone());

@@ -82,7 +82,7 @@ impl DiskSync {
             blobs: Mutex::new(HashMap::new()),
             timer,
         };
-        sync_path(&sync.dir.join("conf"))?;
+        // `conf`, which sled never syncs, and any snapshot file of sled's.
         for entry in std::fs::read_dir(&sync.dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
@@ -93,14 +93,14 @@ impl DiskSync {
         sync.db.sync_all()?;
         sync_path(&sync.dir)?;
         sync_path(data_dir)?;
+        // The directory holding the data directory, which may be new too;
+        // best effort, since the node may not be allowed to open it.
+        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = sync_path(parent);
+        }
         Ok(Self {
             inner: Some(Arc::new(sync)),
         })
-    }
-
-    /// Whether syncs are on.
-    pub fn enabled(&self) -> bool {
-        self.inner.is_some()
     }
 
     /// sled's flush, then the sync that makes it durable. Returns once
@@ -113,15 +113,6 @@ impl DiskSync {
         tokio::task::spawn_blocking(move || inner.sync())
             .await
             .map_err(io::Error::other)?
-    }
-
-    /// The same, from blocking code (start-up, tests, a clean stop).
-    pub fn flush_blocking(&self, db: &sled::Db) -> io::Result<()> {
-        db.flush().map_err(io::Error::from)?;
-        match &self.inner {
-            Some(inner) => inner.sync(),
-            None => Ok(()),
-        }
     }
 }
 
