@@ -294,6 +294,17 @@ fn force_unmount(path: &Path) {
     }
 }
 
+/// Whether an entry may go (unlink, rmdir, or replaced by a rename): a
+/// directory only for a directory operation, and only when empty.
+fn removable(body: &Body, as_dir: bool) -> Res<()> {
+    match (body, as_dir) {
+        (Body::Dir(_), false) => Err(Errno::EISDIR),
+        (Body::File { .. }, true) => Err(Errno::ENOTDIR),
+        (Body::Dir(dir), true) if !dir.entries.is_empty() => Err(Errno::ENOTEMPTY),
+        _ => Ok(()),
+    }
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
@@ -601,12 +612,7 @@ impl State {
 
     fn remove(&mut self, parent: u64, name: &OsStr, want_dir: bool) -> Res<()> {
         let ino = self.child(parent, name)?;
-        match (&self.inode(ino)?.body, want_dir) {
-            (Body::Dir(_), false) => return Err(Errno::EISDIR),
-            (Body::File { .. }, true) => return Err(Errno::ENOTDIR),
-            (Body::Dir(dir), true) if !dir.entries.is_empty() => return Err(Errno::ENOTEMPTY),
-            _ => {}
-        }
+        removable(&self.inode(ino)?.body, want_dir)?;
         self.dir_mut(parent)?.remove(name);
         self.touch_dir(parent);
         self.unref(ino);
@@ -641,12 +647,7 @@ impl State {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                 return Err(Errno::EEXIST);
             }
-            match (&self.inode(target)?.body, src_is_dir) {
-                (Body::Dir(_), false) => return Err(Errno::EISDIR),
-                (Body::File { .. }, true) => return Err(Errno::ENOTDIR),
-                (Body::Dir(dir), true) if !dir.entries.is_empty() => return Err(Errno::ENOTEMPTY),
-                _ => {}
-            }
+            removable(&self.inode(target)?.body, src_is_dir)?;
             self.dir_mut(newparent)?.remove(newname);
             self.unref(target);
         }
