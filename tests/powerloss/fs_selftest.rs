@@ -317,13 +317,28 @@ fn value(i: u32) -> Vec<u8> {
 
 /// Opens sled at `path` the way src/raft/mod.rs does, without the periodic
 /// flusher (whose fsync would make the outcome depend on timing).
+/// Opens sled at `path`. A `Db` dropped in this process releases its file
+/// lock only once sled's background threads let go of the file, a moment
+/// later: a lock still held is waited for (10 s at most), by polling.
 fn open_sled(path: &Path) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(32 * 1024 * 1024)
-        .mode(sled::Mode::HighThroughput)
-        .flush_every_ms(None)
-        .open()
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(32 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Err(e)
+                if format!("{e:?}").contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How many of the keys `from..from + KEYS` are present with their value.
