@@ -3,27 +3,15 @@
 
 mod blocking;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blocking::{http, poll};
+use blocking::{free_ports, http, poll};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
 const SECRET: &str = "e2e-secret";
-
-/// Free loopback ports: bound, read, and released for the child to take.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
 
 /// Three node processes; every one still running is killed on drop.
 struct Procs {

@@ -1,8 +1,20 @@
 //! Helpers for the tests that drive the real binary with blocking HTTP
-//! (`binary.rs`, `corruption.rs`).
+//! (`binary.rs`, `corruption.rs`, `powerloss/`).
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
+
+/// Free loopback ports: bound, read, and released for the child to take.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
 
 pub fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()

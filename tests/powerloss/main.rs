@@ -13,6 +13,8 @@
 //! Needs `/dev/fuse` (root, or `fusermount3` from Debian's `fuse3`); without
 //! it each test says SKIPPED, except in CI (`CI` set), where it fails.
 
+#[path = "../blocking/mod.rs"]
+mod blocking;
 mod fs_selftest;
 mod lazyfs;
 mod scenarios;

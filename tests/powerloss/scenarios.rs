@@ -12,7 +12,6 @@
 //! acknowledged writes are lost.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,12 +21,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::blocking::{free_ports, http, poll};
 use crate::lazyfs::{LazyFs, Mode};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
 const SECRET: &str = "powerloss-secret";
 /// Long enough that nothing expires during a test.
 const TTL: u64 = 86_400;
+/// How long a restarted node may take to answer consistent reads.
+const READS: Duration = Duration::from_secs(60);
 
 /// Mounts a [`LazyFs`] on a new temporary directory. Where FUSE cannot be
 /// used (no `/dev/fuse`, no `fusermount3`), the test is skipped with a
@@ -42,23 +44,6 @@ pub fn mount(mode: Mode) -> Option<(LazyFs, tempfile::TempDir)> {
         }
         Err(e) => panic!("cannot mount the test file system: {e}"),
     }
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap()
 }
 
 /// Node processes with their data on a [`LazyFs`] and their logs beside
@@ -329,15 +314,9 @@ impl Load {
 
     /// Waits until at least `n` registrations were acknowledged.
     fn wait_for(&self, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.count() < n {
-            assert!(
-                Instant::now() < deadline,
-                "only {} registrations acknowledged within {timeout:?}",
-                self.count()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(&format!("{n} acknowledged registrations"), timeout, || {
+            (self.count() >= n).then_some(())
+        });
     }
 
     fn finish(self) -> Vec<(String, String)> {
@@ -455,17 +434,10 @@ pub fn power_cut(n: usize, victims: Victims, mode: Mode, extra: &[&str]) -> Opti
             let client = http();
             // Every node, once it has caught up, must hold every
             // acknowledged registration; a consistent read waits for that.
-            let deadline = Instant::now() + Duration::from_secs(60);
             for id in 1..=n {
-                let held = loop {
-                    match instances_on(&client, &c.url(id), &services) {
-                        Ok(held) => break held,
-                        Err(e) if Instant::now() > deadline => {
-                            panic!("node {id} does not answer reads: {e}")
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                    }
-                };
+                let held = poll(&format!("node {id} to answer reads"), READS, || {
+                    instances_on(&client, &c.url(id), &services).ok()
+                });
                 let missing = acked.difference(&held).count();
                 outcome.missing = outcome.missing.max(missing);
             }
