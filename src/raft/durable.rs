@@ -74,7 +74,7 @@ impl DiskSync {
     /// exist): syncs its files and directories once, then keeps `sled/db`
     /// open for the syncs to come.
     pub fn open(data_dir: &Path, timer: Option<SyncTimer>) -> io::Result<Self> {
-        let dir = data_dir.join("sled");
+        let dir = data_dir.join(super::SLED_DIR);
         let db = File::open(dir.join("db"))?;
         let sync = Inner {
             dir,
@@ -82,7 +82,7 @@ impl DiskSync {
             blobs: Mutex::new(HashMap::new()),
             timer,
         };
-        // `conf`, which sled never syncs, and any snapshot file of sled's.
+        // `db`, `conf` (which sled never syncs) and any snapshot file of sled's.
         for entry in std::fs::read_dir(&sync.dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
@@ -90,7 +90,6 @@ impl DiskSync {
             }
         }
         sync.sync_blobs(true)?;
-        sync.db.sync_all()?;
         sync_path(&sync.dir)?;
         sync_path(data_dir)?;
         // The directory holding the data directory, which may be new too;

@@ -72,10 +72,13 @@ pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, Node>;
 /// memory with 100,000 instances.
 pub const DB_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// The sled database's directory inside a node's data directory.
+pub const SLED_DIR: &str = "sled";
+
 /// Opens (or creates) the node's sled database in `dir`.
 pub fn open_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
     sled::Config::new()
-        .path(dir.join("sled"))
+        .path(dir.join(SLED_DIR))
         .cache_capacity(DB_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
         // We flush and fsync explicitly wherever durability is promised
