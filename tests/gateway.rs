@@ -648,3 +648,76 @@ async fn a_flood_from_one_address_gets_429_and_other_addresses_pass() {
     gw.shutdown().await;
     up.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_gateways_environment_variables_are_fallbacks_in_order() {
+    let seed = Upstream::start("seed").await;
+    let plain = Upstream::start("plain").await;
+    let service = Upstream::start("service").await;
+    let endpoint = Upstream::start("endpoint").await;
+    let legacy = Upstream::start("legacy").await;
+    let env = HashMap::from([
+        // Every form for `a`: SERVICE_<NAME>_URL wins.
+        ("SERVICE_A_URL".to_string(), seed.url()),
+        ("A_URL".to_string(), plain.url()),
+        ("A_SERVICE_URL".to_string(), service.url()),
+        ("A_ENDPOINT".to_string(), endpoint.url()),
+        // `b-c.d`: <NAME>_URL before <NAME>_SERVICE_URL; not a URL: skipped.
+        (
+            "SERVICE_B_C_D_URL".to_string(),
+            "redis://r:6379".to_string(),
+        ),
+        ("B_C_D_URL".to_string(), format!("{}/", plain.url())),
+        ("B_C_D_SERVICE_URL".to_string(), service.url()),
+        // Only the later forms.
+        ("E_SERVICE_URL".to_string(), service.url()),
+        ("F_ENDPOINT".to_string(), endpoint.url()),
+        ("G_URL".to_string(), String::new()),
+        ("G_ENDPOINT".to_string(), endpoint.url()),
+        // The legacy mapping: MAXIMUS_CORE_URL names maximus_core_service.
+        ("MAXIMUS_CORE_URL".to_string(), legacy.url()),
+        ("NMAP_ENDPOINT".to_string(), legacy.url()),
+    ]);
+    let mut cfg = GatewayConfig::new(vec!["http://127.0.0.1:1".into()]).with_env_map(env);
+    cfg.registry_timeout = Duration::from_millis(200);
+    let gw = start_gateway(cfg).await;
+    let http = client();
+    for (service, instance) in [
+        ("a", "seed"),
+        ("b-c.d", "plain"),
+        ("e", "service"),
+        ("f", "endpoint"),
+        ("g", "endpoint"),
+        ("maximus_core_service", "legacy"),
+        ("nmap_service", "legacy"),
+        // <NAME>_URL and <NAME>_ENDPOINT themselves.
+        ("maximus_core", "legacy"),
+        ("nmap", "legacy"),
+    ] {
+        assert_eq!(
+            echo_instance(&http, &gw, service).await,
+            instance,
+            "{service}"
+        );
+    }
+    for unknown in ["h", "maximus", "core_service", "maximus_core_service_x"] {
+        let (code, _, body) = get_json(&http, &format!("{}/v2/{unknown}/x", gw.url())).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{unknown}: {body}");
+    }
+    let s = status(&http, &gw).await;
+    assert_eq!(s["routes"]["maximus_core_service"]["source"], "environment");
+    assert_eq!(
+        s["routes"]["maximus_core_service"]["variable"],
+        "MAXIMUS_CORE_URL"
+    );
+    assert_eq!(s["routes"]["b-c.d"]["variable"], "B_C_D_URL");
+    assert_eq!(
+        s["routes"]["b-c.d"]["instances"][0]["url"],
+        plain.url(),
+        "the trailing / is dropped"
+    );
+    gw.shutdown().await;
+    for u in [seed, plain, service, endpoint, legacy] {
+        u.kill().await;
+    }
+}

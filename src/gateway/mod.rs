@@ -2,12 +2,31 @@
 //! `{service}` found through the registry.
 //!
 //! Resolution, as in the seed: the local route cache → the registry (any
-//! node; the next one on failure) → the environment variable
-//! `SERVICE_<NAME>_URL` → `503`. Each cached registry route is kept fresh by
-//! a watch task running Consul-style blocking queries
-//! (`GET /services/{name}?index=N&wait=30s`); a registry that ignores them
-//! (answers at once with the same `X-Registry-Index`) is asked at most once
-//! a second. A request also refreshes a route older than `cache_ttl`.
+//! node; the next one on failure) → the environment → `503`. In the
+//! environment, with `<NAME>` the service name upper-cased and `-`, `.` as
+//! `_`, the first of these that holds an `http(s)://` URL wins (see
+//! [`env_var_names`]):
+//!
+//! 1. `SERVICE_<NAME>_URL` (the seed's),
+//! 2. `<NAME>_URL`, 3. `<NAME>_SERVICE_URL`, 4. `<NAME>_ENDPOINT` (the old
+//!    gateway's),
+//! 5. for a name ending in `_service`, `<BASE>_URL` then `<BASE>_ENDPOINT`
+//!    with `<BASE>` the name without it: the old gateway's legacy mapping
+//!    (a variable, lower-cased, its `_url`/`_endpoint` dropped and
+//!    `_service` appended unless there, names a service; see
+//!    [`legacy_service_name`]), so `MAXIMUS_CORE_URL` and
+//!    `MAXIMUS_CORE_SERVICE_URL` both serve `/v2/maximus_core_service/`.
+//!
+//! A value that is not an `http(s)://` URL (empty, `redis://...`) is
+//! skipped, so that unrelated variables such as `REDIS_URL` are never
+//! proxied to. A registry answer wins over the environment: once a service
+//! registers, its fallback route is replaced within `cache_ttl`.
+//!
+//! Each cached registry route is kept fresh by a watch task running
+//! Consul-style blocking queries (`GET /services/{name}?index=N&wait=30s`);
+//! a registry that ignores them (answers at once with the same
+//! `X-Registry-Index`) is asked at most once a second. A request also
+//! refreshes a route older than `cache_ttl`.
 //!
 //! Routes are dropped only when the registry answers 404 for the service (or
 //! nobody asked for it for `watch_idle`): while every registry node is down
@@ -71,7 +90,7 @@ use metrics::GatewayMetrics;
 use routes::Routes;
 
 pub use proxy::split_path;
-pub use routes::env_var_name;
+pub use routes::{env_var_name, env_var_names, legacy_service_name};
 
 /// Looks up an environment variable: `std::env::var` in the binary, a map
 /// in tests.
@@ -109,7 +128,7 @@ pub struct GatewayConfig {
     /// Most services cached (and watched) at once; the least recently used
     /// is forgotten first.
     pub max_services: usize,
-    /// Where `SERVICE_<NAME>_URL` is read from.
+    /// Where the fallback variables (`SERVICE_<NAME>_URL`, ...) are read from.
     pub env: EnvLookup,
     /// API token for registry lookups (`Authorization: Bearer`).
     pub token: Option<crate::auth::Secret>,

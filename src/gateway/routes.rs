@@ -8,7 +8,7 @@
 //! cannot be reached never drops a route: the last-known instances keep
 //! serving, and their age says how stale they are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,17 +27,18 @@ const MIN_WATCH_PERIOD: Duration = Duration::from_secs(1);
 /// Longest pause between watch attempts while the registry is unreachable.
 const MAX_WATCH_BACKOFF: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Registry,
-    Environment,
+    /// The environment variable the URL came from.
+    Environment(String),
 }
 
 impl Source {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Source::Registry => "registry",
-            Source::Environment => "environment",
+            Source::Environment(_) => "environment",
         }
     }
 }
@@ -166,12 +167,11 @@ impl Routes {
         } else if cached.is_some() {
             return cached;
         }
-        let url = (self.cfg.env)(&env_var_name(name))?;
-        let url = url.trim().trim_end_matches('/').to_string();
-        if url.is_empty() {
-            return None;
-        }
-        Some(self.store(name, vec![url], None, Source::Environment))
+        let (var, url) = env_var_names(name)
+            .into_iter()
+            .find_map(|var| Some((var.clone(), env_url(&(self.cfg.env)(&var)?)?)))?;
+        tracing::debug!(service = name, variable = %var, "route from the environment");
+        Some(self.store(name, vec![url], None, Source::Environment(var)))
     }
 
     fn registry_ok(&self) {
@@ -217,9 +217,10 @@ impl Routes {
                 }
             }
         }
+        let registry = source == Source::Registry;
         let entry = entries.entry(name.to_string()).or_insert_with(|| Entry {
             route: Arc::new(Route {
-                source,
+                source: source.clone(),
                 instances: Vec::new(),
                 confirmed: Instant::now(),
                 index: None,
@@ -256,11 +257,11 @@ impl Routes {
             rr: old.rr.clone(),
         });
         entry.route = route.clone();
-        if source == Source::Registry && entry.watcher.is_none() {
+        if registry && entry.watcher.is_none() {
             let me = self.clone();
             let service = name.to_string();
             entry.watcher = Some(tokio::spawn(me.watch(service)).abort_handle());
-        } else if source == Source::Environment {
+        } else if !registry {
             if let Some(w) = entry.watcher.take() {
                 w.abort();
             }
@@ -448,14 +449,15 @@ impl Routes {
                     json!({"url": i.url, "breaker": b.name(), "failures": b.failures()})
                 })
                 .collect();
-            routes.insert(
-                name.to_string(),
-                json!({
-                    "age_seconds": r.age().as_secs(),
-                    "source": r.source.name(),
-                    "instances": instances,
-                }),
-            );
+            let mut route = json!({
+                "age_seconds": r.age().as_secs(),
+                "source": r.source.name(),
+                "instances": instances,
+            });
+            if let Source::Environment(var) = &r.source {
+                route["variable"] = json!(var);
+            }
+            routes.insert(name.to_string(), route);
         }
         json!({
             "gateway": "operational",
@@ -471,16 +473,74 @@ impl Routes {
     }
 }
 
-/// `SERVICE_<NAME>_URL`: upper case, `-` and `.` as `_`.
-pub fn env_var_name(service: &str) -> String {
-    let name: String = service
+/// `<NAME>`: the service name upper-cased, `-` and `.` as `_`.
+fn env_name(service: &str) -> String {
+    service
         .chars()
         .map(|c| match c {
             '-' | '.' => '_',
             c => c.to_ascii_uppercase(),
         })
-        .collect();
-    format!("SERVICE_{name}_URL")
+        .collect()
+}
+
+/// `SERVICE_<NAME>_URL`: upper case, `-` and `.` as `_`.
+pub fn env_var_name(service: &str) -> String {
+    format!("SERVICE_{}_URL", env_name(service))
+}
+
+/// Every environment variable that may name `service`'s URL, in the order
+/// they are tried: `SERVICE_<NAME>_URL` (the seed's), then the old
+/// gateway's `<NAME>_URL`, `<NAME>_SERVICE_URL`, `<NAME>_ENDPOINT`, then
+/// the variables whose old-gateway legacy name (see [`legacy_service_name`])
+/// is `service`, i.e. for `x_service` also `X_URL` and `X_ENDPOINT`.
+pub fn env_var_names(service: &str) -> Vec<String> {
+    let name = env_name(service);
+    let mut vars = vec![
+        format!("SERVICE_{name}_URL"),
+        format!("{name}_URL"),
+        format!("{name}_SERVICE_URL"),
+        format!("{name}_ENDPOINT"),
+    ];
+    // `X_SERVICE_URL` and `X_SERVICE_ENDPOINT` are in the list already;
+    // `X_URL` and `X_ENDPOINT` name `x_service` too.
+    if let Some(base) = name.strip_suffix("_SERVICE").filter(|b| !b.is_empty()) {
+        vars.push(format!("{base}_URL"));
+        vars.push(format!("{base}_ENDPOINT"));
+    }
+    let mut seen = HashSet::new();
+    vars.retain(|v| seen.insert(v.clone()));
+    vars
+}
+
+/// The service an environment variable names under the old gateway's
+/// legacy mapping: lower-cased, the `_url` or `_endpoint` suffix dropped,
+/// `_service` appended unless already there (`MAXIMUS_CORE_SERVICE_URL` and
+/// `MAXIMUS_CORE_URL` both name `maximus_core_service`). `None` for a
+/// variable without either suffix. [`env_var_names`] is its inverse.
+pub fn legacy_service_name(var: &str) -> Option<String> {
+    let lower = var.to_ascii_lowercase();
+    let base = lower
+        .strip_suffix("_url")
+        .or_else(|| lower.strip_suffix("_endpoint"))
+        .filter(|b| !b.is_empty())?;
+    Some(if base.ends_with("_service") {
+        base.to_string()
+    } else {
+        format!("{base}_service")
+    })
+}
+
+/// A variable's value as an upstream base URL: `http(s)://...` without a
+/// trailing `/`. Anything else (empty, `redis://...`, a bare `host:port`)
+/// is not a route: the next variable is tried.
+fn env_url(value: &str) -> Option<String> {
+    let url = value.trim().trim_end_matches('/');
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))?;
+    (!rest.is_empty()).then(|| url.to_string())
 }
 
 /// The sorted, distinct `http://host:port` of a `GET /services/{name}` body.
@@ -513,6 +573,61 @@ mod tests {
     fn env_names() {
         assert_eq!(env_var_name("osint_service"), "SERVICE_OSINT_SERVICE_URL");
         assert_eq!(env_var_name("a-b.c"), "SERVICE_A_B_C_URL");
+        assert_eq!(
+            env_var_names("maximus_core_service"),
+            vec![
+                "SERVICE_MAXIMUS_CORE_SERVICE_URL",
+                "MAXIMUS_CORE_SERVICE_URL",
+                "MAXIMUS_CORE_SERVICE_SERVICE_URL",
+                "MAXIMUS_CORE_SERVICE_ENDPOINT",
+                "MAXIMUS_CORE_URL",
+                "MAXIMUS_CORE_ENDPOINT",
+            ]
+        );
+        assert_eq!(
+            env_var_names("a-b.c"),
+            vec![
+                "SERVICE_A_B_C_URL",
+                "A_B_C_URL",
+                "A_B_C_SERVICE_URL",
+                "A_B_C_ENDPOINT"
+            ]
+        );
+        // No empty base: `_service` alone adds nothing.
+        assert_eq!(env_var_names("_service").len(), 4);
+    }
+
+    #[test]
+    fn legacy_names_and_their_inverse() {
+        for (var, service) in [
+            ("MAXIMUS_CORE_SERVICE_URL", Some("maximus_core_service")),
+            ("MAXIMUS_CORE_URL", Some("maximus_core_service")),
+            ("OSINT_SERVICE_ENDPOINT", Some("osint_service")),
+            ("NMAP_ENDPOINT", Some("nmap_service")),
+            ("PATH", None),
+            ("_URL", None),
+        ] {
+            assert_eq!(legacy_service_name(var).as_deref(), service, "{var}");
+        }
+        // Every variable whose legacy name is the service is tried.
+        for var in [
+            "MAXIMUS_CORE_SERVICE_URL",
+            "MAXIMUS_CORE_URL",
+            "MAXIMUS_CORE_SERVICE_ENDPOINT",
+            "MAXIMUS_CORE_ENDPOINT",
+        ] {
+            let service = legacy_service_name(var).unwrap();
+            assert!(env_var_names(&service).contains(&var.to_string()), "{var}");
+        }
+    }
+
+    #[test]
+    fn only_http_urls_are_routes() {
+        assert_eq!(env_url(" http://a:1/ ").as_deref(), Some("http://a:1"));
+        assert_eq!(env_url("HTTPS://a/x").as_deref(), Some("HTTPS://a/x"));
+        for bad in ["", "  ", "http://", "redis://r:6379", "a:80", "/x"] {
+            assert_eq!(env_url(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
