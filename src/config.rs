@@ -138,6 +138,17 @@ pub struct GatewayArgs {
     /// `/health`, `/gateway/status` and `/gateway/metrics` are exempt.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_PER_IP", default_value_t = 0)]
     pub rate_limit_per_ip: u32,
+    /// Also listen here as the registry's one stable address: every request
+    /// is passed to the --registry nodes, the next one when a node cannot be
+    /// reached or has no leader (like the Nginx in front of the old
+    /// registry). Plain HTTP, no rate limit.
+    #[arg(long, env = "GATEWAY_REGISTRY_LISTEN")]
+    pub registry_listen: Option<String>,
+    /// The cluster secret: requests passed on by --registry-listen carry it
+    /// (header X-Cluster-Secret) so that nodes trust X-Registry-Caller, the
+    /// original client's address.
+    #[arg(long, env = "REGISTRY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use common::{
-    client_from, get_json, get_text, get_until_429, raw, raw_request, wait_for, SlowHead,
+    client_from, get_json, get_text, get_until_429, raw, raw_request, send, wait_for, SlowHead,
     TestCluster,
 };
 use futures::StreamExt;
@@ -720,4 +720,354 @@ async fn the_old_gateways_environment_variables_are_fallbacks_in_order() {
     for u in [seed, plain, service, endpoint, legacy] {
         u.kill().await;
     }
+}
+
+/// How a fake registry node answers every request.
+#[derive(Clone, Copy)]
+enum NodeMode {
+    /// `200` with what it received: method, path, query, headers, body.
+    Echo,
+    /// `503` as a node without a leader answers a write.
+    NoLeader,
+    /// `503` as a leader answers a write whose commit timed out: it may
+    /// have been applied.
+    Unknown,
+}
+
+/// A fake registry node on 127.0.0.1:0 that counts the requests it gets.
+struct FakeNode {
+    addr: SocketAddr,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl FakeNode {
+    async fn start(mode: NodeMode) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = Router::new().fallback(move |req: Request| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            fake_node_answer(mode, req)
+        });
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Self {
+            addr,
+            hits,
+            stop,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn kill(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+async fn fake_node_answer(mode: NodeMode, req: Request) -> Response {
+    let unavailable = |message: &str| {
+        let mut r = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "unavailable", "message": message})),
+        )
+            .into_response();
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
+        r
+    };
+    match mode {
+        NodeMode::NoLeader => {
+            unavailable("no leader reachable within 3000 ms to commit the write; retry shortly")
+        }
+        NodeMode::Unknown => unavailable(
+            "the write was not committed in time (no quorum?); its outcome is unknown and retrying it is safe",
+        ),
+        NodeMode::Echo => {
+            let (parts, body) = req.into_parts();
+            let headers: BTreeMap<String, String> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+                .collect();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            Json(json!({
+                "method": parts.method.as_str(),
+                "path": parts.uri.path(),
+                "query": parts.uri.query(),
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// An address where nothing listens: connections are refused.
+async fn dead_address() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+/// A gateway whose registry listener passes requests to `nodes`, in order.
+async fn registry_front(nodes: Vec<String>, secret: Option<&str>) -> Gateway {
+    let mut cfg = GatewayConfig::new(nodes).with_env_map(HashMap::new());
+    cfg.registry_timeout = Duration::from_secs(1);
+    cfg.timeout = Duration::from_secs(10);
+    cfg.cluster_secret = secret.map(Into::into);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    gateway::start_with_registry(l, Some(r), cfg).await.unwrap()
+}
+
+fn failovers(metrics: &str, reason: &str) -> f64 {
+    common::metric(
+        metrics,
+        &format!("gateway_registry_proxy_failovers_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_listener_fails_over_and_names_the_original_caller() {
+    let dead = dead_address().await;
+    let no_leader = FakeNode::start(NodeMode::NoLeader).await;
+    let live = FakeNode::start(NodeMode::Echo).await;
+    let gw = registry_front(
+        vec![dead.clone(), no_leader.url(), live.url()],
+        Some("s3cret"),
+    )
+    .await;
+    let lb = gw.registry_url().unwrap();
+    let http = client_from("127.0.0.77");
+
+    // A write: the dead node is skipped (connect refused), the node without
+    // a leader too (nothing applied); the live one gets the whole body.
+    let body = json!({"service_name": "old", "endpoint": "http://old-host:9000",
+                      "health_endpoint": "/health", "metadata": {}})
+    .to_string();
+    let (code, headers, seen) = send(
+        http.post(format!("{lb}/register?x=1"))
+            .header("content-type", "application/json")
+            .header("x-registry-token", "tok")
+            .header("x-registry-caller", "6.6.6.6:1")
+            .header("x-cluster-secret", "guess")
+            .body(body.clone()),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{seen}");
+    assert_eq!(headers["x-gateway-registry-node"], live.url().as_str());
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["path"], "/register");
+    assert_eq!(seen["query"], "x=1");
+    assert_eq!(seen["body"], body.as_str());
+    let h = &seen["headers"];
+    let caller = h["x-registry-caller"].as_str().unwrap();
+    assert!(caller.starts_with("127.0.0.77:"), "{h}");
+    assert_ne!(caller, "127.0.0.77:0");
+    assert_eq!(h["x-cluster-secret"], "s3cret");
+    assert_eq!(h["x-registry-token"], "tok");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.77");
+    assert_eq!(h["content-length"], body.len().to_string());
+    assert_eq!((no_leader.hits(), live.hits()), (1, 1));
+
+    // The next request starts at the node that answered.
+    let (code, _, seen) = send(http.delete(format!("{lb}/deregister/old"))).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(seen["method"], "DELETE");
+    assert_eq!(seen["body"], "");
+    assert_eq!((no_leader.hits(), live.hits()), (1, 2));
+
+    // Operator routes carry the client's secret, never the proxy's.
+    let (_, _, seen) = send(
+        http.get(format!("{lb}/cluster/status"))
+            .header("x-cluster-secret", "operator"),
+    )
+    .await;
+    assert_eq!(seen["headers"]["x-cluster-secret"], "operator");
+    let (_, _, seen) = get_json(&http, &format!("{lb}/cluster/status")).await;
+    assert!(seen["headers"].get("x-cluster-secret").is_none(), "{seen}");
+
+    // More than the nodes' 64 KiB: 413, and no node sees it.
+    let before = live.hits();
+    let r = http
+        .post(format!("{lb}/register"))
+        .body(vec![b'x'; 64 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let chunks = (0..5).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 16 * 1024])));
+    let r = http
+        .post(format!("{lb}/register"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "chunked");
+    assert_eq!(live.hits(), before);
+
+    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
+    assert_eq!(failovers(&m, "connect"), 1.0, "{m}");
+    assert_eq!(failovers(&m, "no_leader"), 1.0, "{m}");
+    assert!(
+        common::metric(&m, "gateway_registry_proxy_requests_total{status=\"2xx\"}") >= 4.0,
+        "{m}"
+    );
+    gw.shutdown().await;
+    no_leader.kill().await;
+    live.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_may_have_been_applied_is_not_sent_to_another_node() {
+    let unknown = FakeNode::start(NodeMode::Unknown).await;
+    let live = FakeNode::start(NodeMode::Echo).await;
+    let gw = registry_front(vec![unknown.url(), live.url()], None).await;
+    let lb = gw.registry_url().unwrap();
+    let http = client();
+
+    // The leader's "outcome unknown" 503 goes back to the client as is.
+    let (code, headers, body) = send(
+        http.post(format!("{lb}/heartbeat"))
+            .json(&json!({"service_name": "x"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("outcome is unknown"));
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["x-gateway-registry-node"], unknown.url().as_str());
+    assert_eq!((unknown.hits(), live.hits()), (1, 0));
+
+    // A read changes nothing: it goes on to the next node.
+    let (code, headers, seen) = get_json(&http, &format!("{lb}/services/x")).await;
+    assert_eq!(code, StatusCode::OK, "{seen}");
+    assert_eq!(headers["x-gateway-registry-node"], live.url().as_str());
+    // Without --cluster-secret no secret is sent, the caller header is.
+    assert!(seen["headers"].get("x-cluster-secret").is_none());
+    assert!(seen["headers"]["x-registry-caller"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
+    assert_eq!(failovers(&m, "read"), 1.0, "{m}");
+
+    // Every node unreachable: 503 in the nodes' format, with Retry-After.
+    let gone = registry_front(vec![dead_address().await, dead_address().await], None).await;
+    let (code, headers, body) = send(
+        http.post(format!("{}/register", gone.registry_url().unwrap()))
+            .json(&json!({"service_name": "x", "port": 1})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "unavailable");
+    assert!(headers.contains_key("retry-after"));
+    assert!(!headers.contains_key("x-gateway-registry-node"));
+
+    gone.shutdown().await;
+    gw.shutdown().await;
+    unknown.kill().await;
+    live.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_clients_keep_one_registry_url_while_nodes_stop() {
+    let mut c = TestCluster::start(3).await;
+    c.wait_for_leader().await;
+    let gw = registry_front(
+        c.running().iter().map(|id| c.url(*id)).collect(),
+        Some(common::SECRET),
+    )
+    .await;
+    let lb = gw.registry_url().unwrap();
+    let http = client();
+    let register = |port: u16| {
+        let http = http.clone();
+        let lb = lb.clone();
+        async move {
+            send(http.post(format!("{lb}/register")).json(&json!({
+                "service_name": "old-svc", "host": "10.0.0.9", "port": port,
+            })))
+            .await
+        }
+    };
+    let (code, headers, body) = register(9001).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let first = headers["x-gateway-registry-node"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // The node the listener uses stops: the next write goes to another.
+    let stopped = c
+        .running()
+        .into_iter()
+        .find(|id| c.url(*id) == first)
+        .unwrap();
+    c.stop(stopped).await;
+    let (code, headers, body) = register(9002).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_ne!(headers["x-gateway-registry-node"], first.as_str());
+    let (code, _, body) = send(
+        http.post(format!("{lb}/heartbeat"))
+            .json(&json!({"service_name": "old-svc"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (code, _, body) = get_json(&http, &format!("{lb}/services/old-svc")).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["instances"].as_array().unwrap().len(), 2, "{body}");
+
+    // The leader stops too, a follower survives: its 503 is what a real
+    // node says without a leader, which the listener must recognise. (A
+    // leader left alone says instead that the outcome is unknown.)
+    let second = c.wait_for_leader().await;
+    c.stop(second).await;
+    let (code, _, body) = register(9003).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "unavailable");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("no leader reachable"),
+        "{body}"
+    );
+
+    c.restart(stopped).await;
+    c.restart(second).await;
+    c.wait_for_leader().await;
+    let (code, _, body) = register(9003).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
+    assert!(failovers(&m, "connect") >= 1.0, "{m}");
+    gw.shutdown().await;
+    c.shutdown().await;
 }

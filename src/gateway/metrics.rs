@@ -16,6 +16,8 @@ pub struct GatewayMetrics {
     pub cache_size: IntGauge,
     pub rate_limited: IntCounter,
     pub connections_refused: IntCounterVec,
+    pub registry_proxy_requests: IntCounterVec,
+    pub registry_proxy_failovers: IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -75,7 +77,29 @@ impl GatewayMetrics {
             &["reason"],
         )
         .expect("valid metric");
+        let registry_proxy_requests = IntCounterVec::new(
+            Opts::new(
+                "gateway_registry_proxy_requests_total",
+                "Requests passed to the registry by --registry-listen, by status class",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        let registry_proxy_failovers = IntCounterVec::new(
+            Opts::new(
+                "gateway_registry_proxy_failovers_total",
+                "Requests --registry-listen sent on to the next registry node, by reason: connect (the node could not be reached), no_leader (it answered 503 without a leader), read (a read failed otherwise)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let registry = Registry::new();
+        registry
+            .register(Box::new(registry_proxy_requests.clone()))
+            .unwrap();
+        registry
+            .register(Box::new(registry_proxy_failovers.clone()))
+            .unwrap();
         registry
             .register(Box::new(connections_refused.clone()))
             .unwrap();
@@ -102,6 +126,8 @@ impl GatewayMetrics {
             cache_size,
             rate_limited,
             connections_refused,
+            registry_proxy_requests,
+            registry_proxy_failovers,
         }
     }
 

@@ -52,9 +52,15 @@
 //! (the node's [`KeyedLimit`]); over it, `429` with `Retry-After`. The
 //! gateway's own routes are not limited.
 //!
+//! With `--registry-listen` the same process also serves the registry's one
+//! stable address: every request there is passed to a registry node, the
+//! next one when a node is down or has no leader (see `registry_proxy`), so
+//! old services that know one registry URL keep working while any one node
+//! is stopped.
+//!
 //! Module map: [`breaker`] (pure breaker state), `routes` (cache, registry
 //! lookups, watches, status), `proxy` (forwarding and header hygiene),
-//! `metrics` (Prometheus).
+//! `registry_proxy` (the stable address), `metrics` (Prometheus).
 //!
 //! Known limitations: HTTP/1.1 upgrades (WebSocket) are not proxied; the
 //! per-request timeout bounds the wait for response headers and each read
@@ -64,6 +70,7 @@
 pub mod breaker;
 mod metrics;
 mod proxy;
+mod registry_proxy;
 mod routes;
 
 use std::collections::HashMap;
@@ -144,6 +151,9 @@ pub struct GatewayConfig {
     /// Requests per second per client address (IPv6: per /64), bursts of
     /// twice as many; 0 = no limit.
     pub rate_limit_per_ip: u32,
+    /// Sent as `X-Cluster-Secret` with what the registry listener passes on
+    /// to the public routes, so that nodes trust `X-Registry-Caller`.
+    pub cluster_secret: Option<crate::auth::Secret>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -162,6 +172,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("tls", &self.tls)
             .field("read_timeout", &self.read_timeout)
             .field("rate_limit_per_ip", &self.rate_limit_per_ip)
+            .field("cluster_secret", &self.cluster_secret)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +196,7 @@ impl GatewayConfig {
             read_timeout: Duration::from_secs(10),
             listener_tls: None,
             rate_limit_per_ip: 0,
+            cluster_secret: None,
         }
     }
 
@@ -197,6 +209,7 @@ impl GatewayConfig {
             token: args.token.clone(),
             read_timeout: Duration::from_millis(args.read_timeout_ms),
             rate_limit_per_ip: args.rate_limit_per_ip,
+            cluster_secret: args.cluster_secret.clone(),
             ..Self::new(args.registry.clone())
         }
     }
@@ -323,10 +336,39 @@ pub async fn serve(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    serve_with_registry(listener, None, config, shutdown).await
+}
+
+/// [`serve`], and with `registry_listener` also the registry's stable
+/// address there (`--registry-listen`), until the same `shutdown`.
+pub async fn serve_with_registry(
+    listener: TcpListener,
+    registry_listener: Option<TcpListener>,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
     config.check()?;
     let cfg = Arc::new(config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(GatewayMetrics::new());
+    let registry_server = match registry_listener {
+        Some(l) => {
+            let front = Arc::new(registry_proxy::RegistryProxy::new(&cfg, metrics.clone())?);
+            let mut opts = crate::api::server::ServeOptions::plain(cfg.read_timeout);
+            opts.refused = Some(metrics.connections_refused.clone());
+            tracing::info!(addr = ?l.local_addr().ok(), nodes = ?cfg.registry, "registry stable address listening");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::api::server::serve(
+                l,
+                registry_proxy::router(front),
+                opts,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
     let routes = Arc::new(Routes::new(cfg.clone(), metrics.clone(), stop_rx));
     let builder = cfg
         .tls
@@ -362,26 +404,51 @@ pub async fn serve(
     })
     .await;
     routes.stop_watching();
+    if let Some(server) = registry_server {
+        let _ = server.await;
+    }
     Ok(())
 }
 
 /// A running gateway, for tests and embedding.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The registry listener's address, when it has one.
+    pub registry_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), GatewayError>>,
 }
 
 /// Starts serving on `listener` in a task.
 pub async fn start(listener: TcpListener, config: GatewayConfig) -> Result<Gateway, GatewayError> {
+    start_with_registry(listener, None, config).await
+}
+
+/// Starts serving on `listener`, and the registry's stable address on
+/// `registry_listener` when given, in a task.
+pub async fn start_with_registry(
+    listener: TcpListener,
+    registry_listener: Option<TcpListener>,
+    config: GatewayConfig,
+) -> Result<Gateway, GatewayError> {
     config.check()?;
     let addr = listener.local_addr()?;
+    let registry_addr = match &registry_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, config, async move {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn(serve_with_registry(
+        listener,
+        registry_listener,
+        config,
+        async move {
+            let _ = rx.await;
+        },
+    ));
     Ok(Gateway {
         addr,
+        registry_addr,
         stop: Some(tx),
         server,
     })
@@ -390,6 +457,11 @@ pub async fn start(listener: TcpListener, config: GatewayConfig) -> Result<Gatew
 impl Gateway {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://` + the registry listener's address.
+    pub fn registry_url(&self) -> Option<String> {
+        self.registry_addr.map(|a| format!("http://{a}"))
     }
 
     /// Stops serving; connections still open after 3 s are cut.
@@ -421,6 +493,14 @@ pub async fn run_from_cli(
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    serve(listener, config, shutdown).await?;
+    let registry_listener = match &args.registry_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--registry-listen): {e}"))?,
+        ),
+        None => None,
+    };
+    serve_with_registry(listener, registry_listener, config, shutdown).await?;
     Ok(())
 }

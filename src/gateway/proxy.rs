@@ -3,7 +3,7 @@
 //! upstream failures to 502/504. Owns header hygiene (hop-by-hop headers,
 //! `X-Forwarded-*`); does not own the route cache (`routes.rs`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -130,7 +130,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 
 /// Copies end-to-end headers, dropping hop-by-hop ones (and `Host` when
 /// asked: the client sets the upstream's).
-fn end_to_end(headers: &HeaderMap, drop_host: bool) -> HeaderMap {
+pub(super) fn end_to_end(headers: &HeaderMap, drop_host: bool) -> HeaderMap {
     let listed = connection_listed(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
@@ -144,6 +144,20 @@ fn end_to_end(headers: &HeaderMap, drop_host: bool) -> HeaderMap {
         out.append(name.clone(), value.clone());
     }
     out
+}
+
+/// `X-Forwarded-For`: the client's list, if any, and then `peer`.
+pub(super) fn forwarded_for(headers: &HeaderMap, peer: IpAddr) -> String {
+    let peer_ip = peer.to_canonical().to_string();
+    match headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+    {
+        v if v.is_empty() => peer_ip,
+        v => format!("{}, {peer_ip}", v.join(", ")),
+    }
 }
 
 /// Whether a request carries no body, so it can be sent again.
@@ -264,17 +278,7 @@ async fn forward(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     let mut headers = end_to_end(&parts.headers, true);
-    let peer_ip = peer.ip().to_canonical().to_string();
-    let xff = match parts
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-    {
-        v if v.is_empty() => peer_ip,
-        v => format!("{}, {peer_ip}", v.join(", ")),
-    };
+    let xff = forwarded_for(&parts.headers, peer.ip());
     headers.remove("x-forwarded-for");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
@@ -355,7 +359,7 @@ async fn forward(
 }
 
 /// An error and its causes: reqwest's own message rarely says what failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
