@@ -190,6 +190,11 @@ pub struct NodeArgs {
     /// Listen address for the public API and the Raft routes.
     #[arg(long, env = "REGISTRY_ADDR", default_value = "127.0.0.1:8888")]
     pub addr: String,
+    /// More addresses serving the same API, comma-separated (e.g.
+    /// `0.0.0.0:80` for clients that know the registry on port 80). Peers
+    /// use --advertise; these are for clients only.
+    #[arg(long, env = "REGISTRY_ALSO_LISTEN", value_delimiter = ',')]
+    pub also_listen: Vec<String>,
     /// Address peers use to reach this node (default: --addr).
     #[arg(long, env = "REGISTRY_ADVERTISE")]
     pub advertise: Option<String>,

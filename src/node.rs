@@ -92,6 +92,18 @@ impl RunningNode {
         let addr = listener
             .local_addr()
             .map_err(|e| StartError::Config(format!("listener has no address: {e}")))?;
+        let mut also = Vec::with_capacity(args.also_listen.len());
+        for a in args
+            .also_listen
+            .iter()
+            .map(|a| a.trim())
+            .filter(|a| !a.is_empty())
+        {
+            let l = TcpListener::bind(a).await.map_err(|e| {
+                StartError::Config(format!("--also-listen: cannot listen on {a}: {e}"))
+            })?;
+            also.push(l);
+        }
         let peers = initial_members(&args)?;
         let config = Arc::new(raft_config(&args)?);
         if args.test_stale_reads {
@@ -247,13 +259,25 @@ impl RunningNode {
             refused: Some(state.metrics.connections_refused.clone()),
             open: Some(state.metrics.open_connections.clone()),
         };
-        let mut server_stop = stop_rx.clone();
-        let server = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            };
-            api::server::serve(listener, app, serve, shutdown).await;
-        });
+        // A JoinSet: aborting `server` (a stop that took too long) aborts
+        // every listener's loop with it.
+        let mut servers = tokio::task::JoinSet::new();
+        for l in std::iter::once(listener).chain(also) {
+            if let Ok(a) = l.local_addr() {
+                if a != addr {
+                    tracing::info!(addr = %a, "also serving the API on --also-listen");
+                }
+            }
+            let mut server_stop = stop_rx.clone();
+            let (app, serve) = (app.clone(), serve.clone());
+            servers.spawn(async move {
+                let shutdown = async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                };
+                api::server::serve(l, app, serve, shutdown).await;
+            });
+        }
+        let server = tokio::spawn(async move { while servers.join_next().await.is_some() {} });
         if let Some(tls) = &tls {
             let counter = state.metrics.tls_reloads.clone();
             tasks.push(tokio::spawn(tls.clone().watch_files(
