@@ -1071,3 +1071,25 @@ async fn old_clients_keep_one_registry_url_while_nodes_stop() {
     gw.shutdown().await;
     c.shutdown().await;
 }
+
+#[test]
+fn the_registry_listener_flags_parse() {
+    use clap::Parser;
+    use vertice_register::config::{Cli, Command};
+    let cli = Cli::try_parse_from([
+        "vertice-register",
+        "gateway",
+        "--registry-listen",
+        "0.0.0.0:8888",
+        "--cluster-secret",
+        "s",
+    ])
+    .unwrap();
+    let Some(Command::Gateway(g)) = cli.command else {
+        panic!("not the gateway")
+    };
+    assert_eq!(g.registry_listen.as_deref(), Some("0.0.0.0:8888"));
+    assert_eq!(g.cluster_secret.as_ref().unwrap().expose(), "s");
+    let cfg = GatewayConfig::from_args(&g);
+    assert_eq!(cfg.cluster_secret.unwrap().expose(), "s");
+}
