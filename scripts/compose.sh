@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # A thin wrapper around docker compose for cluster/docker-compose.yml
-# (project name `vertice`), run from anywhere:
+# (project name ${COMPOSE_PROJECT_NAME:-vertice}), run from anywhere:
 #
 #   scripts/compose.sh up [ARGS]     # image + cluster/cluster.env if missing, up -d, wait for 3 healthy nodes
 #   scripts/compose.sh down [-v]     # -v also removes the data volumes
 #   scripts/compose.sh ps | logs [ARGS]
 #
 # REGISTRY_IMAGE (default vertice-register:local) names the image;
-# COMPOSE_WAIT_SECS (default 120) bounds the wait for healthy nodes, 0 skips it.
+# COMPOSE_WAIT_SECS (default 120) bounds the wait for healthy nodes, 0 skips it;
+# COMPOSE_PROJECT_NAME runs a second, separate cluster (move its host ports
+# too: see the variables at the top of cluster/docker-compose.yml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILE=cluster/docker-compose.yml
-PROJECT=vertice
+PROJECT=${COMPOSE_PROJECT_NAME:-vertice}
 IMAGE=${REGISTRY_IMAGE:-vertice-register:local}
 WAIT=${COMPOSE_WAIT_SECS:-120}
 
@@ -70,7 +72,9 @@ case "$cmd" in
     start=$SECONDS
     dc up -d "$@"
     wait_healthy
-    echo "up in $((SECONDS - start))s: nodes http://127.0.0.1:8881..8883, gateway http://127.0.0.1:8000"
+    echo "up in $((SECONDS - start))s: registry http://127.0.0.1:${REGISTRY_PUBLISH_PORT:-8888} (any live node)," \
+      "nodes :${REGISTRY_1_PUBLISH_PORT:-8881} :${REGISTRY_2_PUBLISH_PORT:-8882} :${REGISTRY_3_PUBLISH_PORT:-8883}," \
+      "gateway http://127.0.0.1:${GATEWAY_PUBLISH_PORT:-8000}"
     ;;
   down|ps|logs)
     dc "$cmd" "$@"
