@@ -224,15 +224,28 @@ class DockerCluster:
     cluster/docker-compose.yml (scripts/compose.sh): nodes are the
     registry-N containers, published on 127.0.0.1:8881-8883; faults are
     `docker kill`, `docker pause` and `docker network disconnect`. Each use
-    starts from empty volumes and removes everything afterwards."""
+    starts from empty volumes and removes everything afterwards.
 
-    PROJECT = "vertice"
-    NETWORK = "vertice_default"
+    `project` (default $COMPOSE_PROJECT_NAME or `vertice`) and `ports`
+    ({1: .., 2: .., 3: .., "registry": .., "gateway": ..}, default the
+    compose file's) run a separate cluster beside another one."""
 
-    def __init__(self, n=3, extra_args=(), own_addresses=False):
+    STABLE_ALIASES = ("vertice-register-lb", "vertice-register")
+
+    def __init__(self, n=3, extra_args=(), own_addresses=False, project=None, ports=None):
         self.ids = [1, 2, 3]
         self.hosts = {i: "127.0.0.1" for i in self.ids}
-        self.ports = {i: 8880 + i for i in self.ids}
+        ports = ports or {}
+        env_port = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+        self.ports = {i: ports.get(i, env_port(f"REGISTRY_{i}_PUBLISH_PORT", 8880 + i)) for i in self.ids}
+        self.registry_port = ports.get("registry", env_port("REGISTRY_PUBLISH_PORT", 8888))
+        self.gateway_port = ports.get("gateway", env_port("GATEWAY_PUBLISH_PORT", 8000))
+        self.project = project or os.environ.get("COMPOSE_PROJECT_NAME", "vertice")
+        self.network = f"{self.project}_default"
+        self.image = os.environ.get("REGISTRY_IMAGE", "vertice-register:local")
+        self.env = dict(os.environ, COMPOSE_PROJECT_NAME=self.project,
+                        REGISTRY_PUBLISH_PORT=str(self.registry_port), GATEWAY_PUBLISH_PORT=str(self.gateway_port),
+                        **{f"REGISTRY_{i}_PUBLISH_PORT": str(p) for i, p in self.ports.items()})
         self.leader_wait = 5.0
         self.down = set()
         self.cut_off = []
@@ -240,20 +253,28 @@ class DockerCluster:
 
     def compose(self, *args, check=True):
         return subprocess.run(["bash", os.path.join(ROOT, "scripts", "compose.sh"), *args],
-                              check=check, capture_output=True, text=True)
+                              check=check, capture_output=True, text=True, env=self.env)
+
+    def env_file(self):
+        """The cluster.env the compose project reads (the cluster secret)."""
+        return os.path.join(ROOT, "cluster", os.environ.get("REGISTRY_ENV_FILE", "cluster.env"))
 
     def container(self, i):
         return self.container_of(f"registry-{i}")
 
     def container_of(self, service):
-        out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.PROJECT}",
+        out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}",
                               "--filter", f"label=com.docker.compose.service={service}"],
                              capture_output=True, text=True).stdout.split()
         return out[0] if out else None
 
     def __enter__(self):
         self.compose("down", "-v", check=False)
-        r = self.compose("up")
+        try:
+            r = self.compose("up")
+        except subprocess.CalledProcessError as e:
+            self.close()
+            raise RuntimeError(f"compose up failed:\n{e.stdout}\n{e.stderr}") from e
         print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "compose up", flush=True)
         return self
 
@@ -266,11 +287,22 @@ class DockerCluster:
     def urls(self):
         return ",".join(self.url(i) for i in self.ids)
 
+    def registry_url(self):
+        """The stable address on the host: the gateway's registry listener."""
+        return f"http://127.0.0.1:{self.registry_port}"
+
     def registry_urls_inside(self):
         return ",".join(f"http://registry-{i}:8888" for i in self.ids)
 
-    def docker(self, *args):
-        return subprocess.run(["docker", *args], check=True, capture_output=True, text=True)
+    def docker(self, *args, timeout=120):
+        return subprocess.run(["docker", *args], check=True, capture_output=True, text=True, timeout=timeout)
+
+    def run_inside(self, *args, timeout=60):
+        """Runs the image once on the compose network, with the cluster's
+        env file: (exit code, stdout + stderr)."""
+        r = subprocess.run(["docker", "run", "--rm", "--network", self.network, "--env-file", self.env_file(),
+                            self.image, *args], capture_output=True, text=True, timeout=timeout)
+        return r.returncode, (r.stdout + r.stderr).strip()
 
     def spawn(self, i):
         self.docker("start", self.container(i))
@@ -281,6 +313,12 @@ class DockerCluster:
         # No restart by the daemon: this is a crash the script controls.
         self.docker("update", "--restart", "no", self.container(i))
         self.docker("kill", "-s", "KILL", self.container(i))
+        self.down.add(i)
+
+    def stop(self, i):
+        """`docker stop`: SIGTERM, a graceful stop (the daemon does not
+        restart a container stopped so)."""
+        self.docker("stop", "-t", "10", self.container(i))
         self.down.add(i)
 
     def pause(self, i):
@@ -295,29 +333,36 @@ class DockerCluster:
     def cut(self, node, others):
         """Disconnects the node's container from the compose network: cut
         off from every other node (and from the host's published port)."""
-        self.docker("network", "disconnect", self.NETWORK, self.container(node))
+        self.docker("network", "disconnect", self.network, self.container(node))
         self.cut_off.append(node)
 
     def heal(self):
         for node in self.cut_off:
-            subprocess.run(["docker", "network", "connect", "--alias", f"registry-{node}", self.NETWORK,
-                            self.container(node)], capture_output=True)
+            aliases = [a for name in (f"registry-{node}",) + self.STABLE_ALIASES for a in ("--alias", name)]
+            subprocess.run(["docker", "network", "connect", *aliases, self.network, self.container(node)],
+                           capture_output=True)
         self.cut_off = []
 
     def start_gateway(self):
-        return "http://127.0.0.1:8000"
+        return f"http://127.0.0.1:{self.gateway_port}"
 
-    def start_demo(self, name, ttl):
-        image = os.environ.get("REGISTRY_IMAGE", "vertice-register:local")
+    def start_demo(self, name, ttl, registry=None, env=()):
+        """A demo service container on the compose network; `registry`:
+        the URLs it knows (default every node by name)."""
         cname = f"vertice-chaos-{name}-{os.getpid()}"
-        self.docker("run", "-d", "--name", cname, "--network", self.NETWORK, image, "demo-service", "--name", name,
-                    "--port", "9000", "--host", "0.0.0.0", "--registry", self.registry_urls_inside(),
-                    "--ttl-seconds", str(ttl))
+        extra = [a for kv in env for a in ("-e", kv)]
+        self.docker("run", "-d", "--name", cname, "--network", self.network, *extra, self.image, "demo-service",
+                    "--name", name, "--port", "9000", "--host", "0.0.0.0",
+                    "--registry", registry or self.registry_urls_inside(), "--ttl-seconds", str(ttl))
         self.others.append(cname)
 
         def kill():
             subprocess.run(["docker", "kill", "-s", "KILL", cname], capture_output=True)
         return kill
+
+    def logs(self, cname):
+        r = subprocess.run(["docker", "logs", cname], capture_output=True, text=True, timeout=60)
+        return r.stdout + r.stderr
 
     health = Cluster.health
     leader = Cluster.leader
