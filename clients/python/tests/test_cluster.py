@@ -149,6 +149,8 @@ async def test_a_heartbeat_answered_404_registers_again(cluster):
 
 
 async def test_the_heartbeat_loop_brings_a_removed_instance_back(cluster):
+    """The same through auto_register_service's loop (this one, too, failed
+    with re-registration disabled: the loop only logged failed heartbeats)."""
     async with new_client(cluster.urls, hostname="loop-host") as c:
         task = await auto_register_service("loop_service", 9003, client=c, ttl_seconds=5,
                                            heartbeat_interval=0.2)
