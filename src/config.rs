@@ -294,6 +294,11 @@ pub struct NodeArgs {
     /// Rotated audit logs to keep (FILE.1 .. FILE.N).
     #[arg(long, env = "REGISTRY_AUDIT_LOG_MAX_FILES", default_value_t = 5)]
     pub audit_log_max_files: usize,
+    /// The TTL of a registration that names none, in seconds (the old
+    /// registry's clients never do).
+    #[arg(long, env = "REGISTRY_DEFAULT_TTL_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(5..=86_400))]
+    pub default_ttl_secs: u32,
     /// How long an expired instance is kept as a tombstone, in seconds: a
     /// heartbeat naming it within this window brings it back with its last
     /// registration (the old clients never register again). 0 keeps none.
