@@ -693,3 +693,117 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::TombstonePolicy;
+
+    fn registry() -> Registry {
+        let inst = |id: &str| Instance {
+            service_name: "a".into(),
+            instance_id: id.into(),
+            host: "h".into(),
+            port: 1,
+            health_endpoint: "/health".into(),
+            metadata: Default::default(),
+            ttl_seconds: 5,
+            registered_at: 0,
+            last_heartbeat: 0,
+        };
+        let mut r = Registry::new();
+        for id in ["x", "y", "z"] {
+            let ext = InstanceExt {
+                origin: (id != "z").then(|| "10.0.0.1".into()),
+                https: id == "y",
+            };
+            let cmd = Command::RegisterFrom {
+                instance: inst(id),
+                ext,
+            };
+            r.apply(&cmd, 1, &mut Vec::new());
+        }
+        let expire = Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        };
+        r.apply(&expire, 1, &mut Vec::new());
+        r
+    }
+
+    #[test]
+    fn a_snapshot_keeps_origins_and_tombstones() {
+        let r = registry();
+        assert_eq!(r.tombstone_count(), 1);
+        let bytes = encode_snapshot_data(&r).unwrap();
+        assert_eq!(decode_snapshot_data(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn a_snapshot_of_the_first_release_still_loads() {
+        // The first release wrote `SnapshotData` alone.
+        let r = registry();
+        let old = SnapshotData {
+            instances: r.instances().cloned().collect(),
+            expiry_paused: true,
+        };
+        let loaded = decode_snapshot_data(&bincode::serialize(&old).unwrap()).unwrap();
+        assert_eq!(loaded.instance_count(), 2);
+        assert!(loaded.expiry_paused());
+        assert_eq!(loaded.tombstone_count(), 0);
+        // And the first release reads this release's snapshot (it ignores
+        // the extension: bincode leaves trailing bytes unread).
+        let new = encode_snapshot_data(&r).unwrap();
+        let read_by_old: SnapshotData = bincode::deserialize(&new).unwrap();
+        assert_eq!(read_by_old.instances.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn origins_and_tombstones_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut sm = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        let r = registry();
+        let mut commands = Vec::new();
+        for (i, e) in r.instances_ext() {
+            commands.push(Command::RegisterFrom {
+                instance: i.clone(),
+                ext: e.clone(),
+            });
+        }
+        let t = r.tombstones().next().unwrap().clone();
+        commands.push(Command::RegisterFrom {
+            instance: t.instance.clone(),
+            ext: t.ext.clone(),
+        });
+        commands.push(Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        });
+        let entries: Vec<Entry> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(k, cmd)| Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), k as u64 + 1),
+                payload: EntryPayload::Normal(cmd),
+            })
+            .collect();
+        sm.apply(entries).await.unwrap();
+        let before = sm.replica().read().registry.clone();
+        assert_eq!(before.tombstone_count(), 1);
+        drop(sm);
+        let again = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        assert_eq!(again.replica().read().registry, before);
+        check(&db).unwrap();
+    }
+}

@@ -856,4 +856,163 @@ mod tests {
         assert!(r.expiry_paused());
         assert_eq!(changes, vec![Change::ExpiryPaused(true)]);
     }
+    fn from(service: &str, id: &str, t: Millis, origin: &str) -> Command {
+        Command::RegisterFrom {
+            instance: inst(service, id, t),
+            ext: InstanceExt {
+                origin: Some(origin.into()),
+                https: false,
+            },
+        }
+    }
+
+    fn expire_keep(
+        now_ms: Millis,
+        keys: &[(&str, &str)],
+        retention_ms: Millis,
+        max: u32,
+    ) -> Command {
+        Command::ExpireKeep {
+            now_ms,
+            term: 1,
+            instances: keys
+                .iter()
+                .map(|(s, i)| (s.to_string(), i.to_string()))
+                .collect(),
+            keep: TombstonePolicy { retention_ms, max },
+        }
+    }
+
+    fn revive(id: &str, at: Millis, retention_ms: Millis) -> Command {
+        Command::Revive {
+            service_name: "a".into(),
+            instance_ids: vec![id.into()],
+            at,
+            retention_ms,
+        }
+    }
+
+    /// Due from ttl (10 s) + slack after its last heartbeat.
+    const DUE: Millis = 10_000 + lease::EXPIRY_SLACK_MS;
+
+    #[test]
+    fn name_only_calls_touch_the_callers_own_instances() {
+        let mut r = Registry::new();
+        apply(&mut r, from("a", "x", 0, "10.0.0.1"));
+        apply(&mut r, from("a", "y", 0, "10.0.0.2"));
+        let ids = |t: HeartbeatTargets| match t {
+            HeartbeatTargets::Live(v) => v.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ids(r.heartbeat_targets("a", None, Some("10.0.0.1"))), ["x"]);
+        // An address with no instance of its own: all of them (old behaviour).
+        assert_eq!(
+            ids(r.heartbeat_targets("a", None, Some("10.0.0.9"))),
+            ["x", "y"]
+        );
+        assert_eq!(ids(r.heartbeat_targets("a", None, None)), ["x", "y"]);
+        let dereg = |origin: &str| Command::DeregisterFrom {
+            service_name: "a".into(),
+            instance_id: None,
+            origin: Some(origin.into()),
+        };
+        assert_eq!(apply(&mut r, dereg("10.0.0.2")), CommandResult::Touched(1));
+        assert!(r.get_instance("a", "x").is_some());
+        assert_eq!(r.ext("a", "x").unwrap().origin.as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_heartbeat_revives_an_expired_instance_within_the_window_only() {
+        let mut r = Registry::new();
+        apply(&mut r, from("a", "x", 0, "10.0.0.1"));
+        apply(&mut r, from("a", "y", 0, "10.0.0.2"));
+        apply(&mut r, renew("y", 5_000));
+        assert_eq!(
+            apply(&mut r, expire_keep(DUE, &[("a", "x")], 60_000, 10)),
+            CommandResult::Expired(1)
+        );
+        assert_eq!(r.tombstone_count(), 1);
+        // The cut-off replica's heartbeat finds its own tombstone first,
+        // not the other replica's live instance.
+        assert_eq!(
+            r.heartbeat_targets("a", None, Some("10.0.0.1")),
+            HeartbeatTargets::Expired(vec!["x".into()])
+        );
+        // Past the window: nothing comes back.
+        let late = DUE + 60_001;
+        assert_eq!(
+            apply(&mut r, revive("x", late, 60_000)),
+            CommandResult::NotFound
+        );
+        let at = DUE + 60_000;
+        assert_eq!(
+            apply(&mut r, revive("x", at, 60_000)),
+            CommandResult::Revived(vec!["x".into()])
+        );
+        let x = r.get_instance("a", "x").unwrap();
+        assert_eq!((x.registered_at, x.last_heartbeat, x.port), (at, at, 80));
+        assert_eq!(r.ext("a", "x").unwrap().origin.as_deref(), Some("10.0.0.1"));
+        assert_eq!(r.tombstone_count(), 0);
+        // A second revival finds no tombstone.
+        assert_eq!(
+            apply(&mut r, revive("x", at, 60_000)),
+            CommandResult::NotFound
+        );
+    }
+
+    #[test]
+    fn deregistration_and_registration_remove_tombstones() {
+        let mut r = Registry::new();
+        for id in ["x", "y"] {
+            apply(&mut r, from("a", id, 0, "10.0.0.1"));
+        }
+        apply(
+            &mut r,
+            expire_keep(DUE, &[("a", "x"), ("a", "y")], 60_000, 10),
+        );
+        assert_eq!(r.tombstone_count(), 2);
+        // Registering again replaces the tombstone.
+        apply(&mut r, from("a", "y", DUE, "10.0.0.1"));
+        assert!(r.tombstone("a", "y").is_none());
+        // A deregistration that finds nothing live still removes the
+        // caller's tombstones: a deregistered instance never comes back.
+        let dereg = Command::DeregisterFrom {
+            service_name: "a".into(),
+            instance_id: Some("x".into()),
+            origin: None,
+        };
+        assert_eq!(apply(&mut r, dereg), CommandResult::NotFound);
+        assert_eq!(r.tombstone_count(), 0);
+        assert_eq!(
+            apply(&mut r, revive("x", DUE, 60_000)),
+            CommandResult::NotFound
+        );
+    }
+
+    #[test]
+    fn tombstones_are_bounded_and_pruned_oldest_first() {
+        let mut r = Registry::new();
+        for (k, id) in ["p", "q", "s"].iter().enumerate() {
+            apply(&mut r, from("a", id, k as Millis * 1000, "10.0.0.1"));
+            // Each expires in its own round, a second apart.
+            let now = DUE + k as Millis * 1000;
+            apply(&mut r, expire_keep(now, &[("a", id)], 60_000, 2));
+        }
+        // At most two kept: the oldest ("p") went.
+        let kept: Vec<&str> = r
+            .tombstones()
+            .map(|t| t.instance.instance_id.as_str())
+            .collect();
+        assert_eq!(kept, ["q", "s"]);
+        // An empty expiry past the window prunes what is older than it.
+        apply(&mut r, expire_keep(DUE + 1000 + 60_001, &[], 60_000, 2));
+        let kept: Vec<&str> = r
+            .tombstones()
+            .map(|t| t.instance.instance_id.as_str())
+            .collect();
+        assert_eq!(kept, ["s"]);
+        // Keeping none: the plain old expiry, and max 0.
+        apply(&mut r, expire_keep(DUE + 1000 + 60_001, &[], 60_000, 0));
+        assert_eq!(r.tombstone_count(), 0);
+    }
 }
