@@ -436,6 +436,23 @@ impl Auth {
     }
 }
 
+/// The old registry's clients send their token in this header.
+pub const REGISTRY_TOKEN_HEADER: &str = "x-registry-token";
+
+/// A request's API token: `Authorization: Bearer <token>`, or else
+/// `X-Registry-Token: <token>` (the old clients' header). Both count alike
+/// everywhere: checks, audit, rate limits.
+pub fn request_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    bearer(headers.get(axum::http::header::AUTHORIZATION)).or_else(|| {
+        headers
+            .get(REGISTRY_TOKEN_HEADER)?
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+    })
+}
+
 /// The token in an `Authorization: Bearer <token>` header value.
 pub fn bearer(value: Option<&axum::http::HeaderValue>) -> Option<&str> {
     let v = value?.to_str().ok()?.trim();

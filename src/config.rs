@@ -305,6 +305,24 @@ pub struct NodeArgs {
     /// Rotated audit logs to keep (FILE.1 .. FILE.N).
     #[arg(long, env = "REGISTRY_AUDIT_LOG_MAX_FILES", default_value_t = 5)]
     pub audit_log_max_files: usize,
+    /// The TTL of a registration that names none, in seconds (the old
+    /// registry's clients never do).
+    #[arg(long, env = "REGISTRY_DEFAULT_TTL_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(5..=86_400))]
+    pub default_ttl_secs: u32,
+    /// How long an expired instance is kept as a tombstone, in seconds: a
+    /// heartbeat naming it within this window brings it back with its last
+    /// registration (the old clients never register again). 0 keeps none.
+    #[arg(
+        long,
+        env = "REGISTRY_TOMBSTONE_RETENTION_SECS",
+        default_value_t = 86_400
+    )]
+    pub tombstone_retention_secs: u64,
+    /// Most tombstones kept (the oldest go first); each holds one expired
+    /// registration, at most ~10 KiB. 0 keeps none.
+    #[arg(long, env = "REGISTRY_MAX_TOMBSTONES", default_value_t = 10_000)]
+    pub max_tombstones: u32,
     /// Longest pause, in seconds, before expiry resumes anyway.
     #[arg(long, env = "REGISTRY_EXPIRY_PAUSE_MAX_SECS", default_value_t = 900)]
     pub expiry_pause_max_secs: u64,
@@ -386,6 +404,15 @@ impl NodeArgs {
             },
             window: Duration::from_secs(self.expiry_window_secs),
             pause_max: Duration::from_secs(self.expiry_pause_max_secs),
+            tombstones: crate::registry::TombstonePolicy {
+                retention_ms: i64::try_from(self.tombstone_retention_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
+                max: if self.tombstone_retention_secs == 0 {
+                    0
+                } else {
+                    self.max_tombstones
+                },
+            },
         }
     }
 }

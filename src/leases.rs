@@ -29,7 +29,9 @@ use crate::metrics::Metrics;
 use crate::raft::{Raft, Replica};
 use crate::read_index::ReadIndex;
 use crate::registry::lease::{can_ack, Protection};
-use crate::registry::{Command, CommandResult, HeartbeatRequest, Millis, Renewal};
+use crate::registry::{
+    Command, CommandResult, HeartbeatRequest, HeartbeatTargets, Millis, Renewal, TombstonePolicy,
+};
 
 /// Most instances one expiry entry names.
 pub const EXPIRE_BATCH: usize = 500;
@@ -50,6 +52,8 @@ pub struct ExpiryConfig {
     pub window: Duration,
     /// Longest pause before expiry resumes anyway (and says so).
     pub pause_max: Duration,
+    /// How long and how many expired instances are kept for revival.
+    pub tombstones: TombstonePolicy,
 }
 
 /// The leader's latest expiry round, for `/health`.
@@ -148,22 +152,25 @@ impl Leases {
         let mut committed_once = false;
         loop {
             let now = now_ms();
-            let targets: Vec<(String, Millis)> = {
-                let applied = self.replica.read();
-                let matching = applied
-                    .registry
-                    .service(&req.service_name)
-                    .map(|instances| {
-                        instances
-                            .filter(|i| {
-                                req.instance_id
-                                    .as_ref()
-                                    .is_none_or(|id| *id == i.instance_id)
-                            })
-                            .map(|i| (i.instance_id.clone(), i.last_heartbeat))
-                            .collect()
-                    });
-                matching.unwrap_or_default()
+            let found = self.replica.read().registry.heartbeat_targets(
+                &req.service_name,
+                req.instance_id.as_deref(),
+                req.origin.as_deref(),
+            );
+            let targets = match found {
+                HeartbeatTargets::Live(t) => t,
+                HeartbeatTargets::Nothing => Vec::new(),
+                HeartbeatTargets::Expired(ids) => {
+                    // Decided from the replica: confirm first, like a 404.
+                    if !confirmed {
+                        if let Err(reply) = self.confirm(deadline).await {
+                            return reply;
+                        }
+                        confirmed = true;
+                        continue;
+                    }
+                    return self.revive(&req.service_name, ids, deadline).await;
+                }
             };
             if targets.is_empty() {
                 if confirmed {
@@ -226,6 +233,38 @@ impl Leases {
                 Ok(other) => return other,
             }
         }
+    }
+
+    /// Brings expired instances back for a heartbeat that named them; apply
+    /// checks the tombstones and the retention window again.
+    async fn revive(&self, service: &str, ids: Vec<String>, deadline: Instant) -> WriteReply {
+        let cmd = Command::Revive {
+            service_name: service.to_string(),
+            instance_ids: ids,
+            at: now_ms(),
+            retention_ms: self.config.tombstones.retention_ms,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let committed = crate::writes::propose(&self.raft, cmd).await;
+        let reply = match tokio::time::timeout(left, committed).await {
+            Err(_) => return WriteReply::not_committed_in_time(),
+            Ok(r) => r,
+        };
+        if let WriteReply::Done(CommandResult::Revived(ids)) = &reply {
+            self.metrics.revived.inc_by(ids.len() as u64);
+            tracing::info!(service, instances = ?ids, "a heartbeat revived expired instances");
+            self.audit.record(
+                None,
+                "revive",
+                serde_json::json!(ids
+                    .iter()
+                    .map(|i| format!("{service}/{i}"))
+                    .collect::<Vec<_>>()),
+                crate::audit::Outcome::Ok,
+                None,
+            );
+        }
+        reply
     }
 
     /// Confirms leadership (a shared read-index round) and waits until the
@@ -372,14 +411,18 @@ impl Leases {
                 continue;
             }
             let now = now_ms();
-            let (total, mut due, paused) = {
+            let keep = self.config.tombstones;
+            let (total, mut due, paused, prune) = {
                 let applied = self.replica.read();
-                (
-                    applied.registry.instance_count(),
-                    applied.registry.due(now),
-                    applied.registry.expiry_paused(),
-                )
+                let r = &applied.registry;
+                let prune = r.tombstone_count() > keep.max as usize
+                    || r.oldest_tombstone()
+                        .is_some_and(|t| now.saturating_sub(t) > keep.retention_ms);
+                (r.instance_count(), r.due(now), r.expiry_paused(), prune)
             };
+            self.metrics
+                .tombstones
+                .set(self.replica.read().registry.tombstone_count() as i64);
             {
                 // Renewed since the last checkpoint: alive, whatever the log says.
                 let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -443,11 +486,25 @@ impl Leases {
                 continue;
             }
             due.truncate(MAX_EXPIRE_PER_ROUND);
+            if due.is_empty() && prune {
+                // Nothing expires, but tombstones are past the window (or
+                // the limit shrank): an empty expiry prunes them.
+                let cmd = Command::ExpireKeep {
+                    now_ms: now,
+                    term,
+                    instances: Vec::new(),
+                    keep,
+                };
+                if let Err(e) = self.raft.client_write(cmd).await {
+                    tracing::debug!(error = %e, "tombstone pruning not committed");
+                }
+            }
             for chunk in due.chunks(EXPIRE_BATCH) {
-                let cmd = Command::Expire {
+                let cmd = Command::ExpireKeep {
                     now_ms: now,
                     term,
                     instances: chunk.to_vec(),
+                    keep,
                 };
                 match self.raft.client_write(cmd).await {
                     Ok(resp) => {

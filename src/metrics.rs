@@ -23,6 +23,10 @@ pub struct Metrics {
     pub db_size: IntGauge,
     pub snapshots_installed: IntCounter,
     pub expired: IntCounter,
+    /// Expired instances a heartbeat brought back (as leader).
+    pub revived: IntCounter,
+    /// Tombstones of expired instances kept for revival.
+    pub tombstones: IntGauge,
     pub forward_latency: Histogram,
     pub renewals: IntCounterVec,
     pub checkpoints: IntCounter,
@@ -105,6 +109,16 @@ impl Metrics {
             expired: IntCounter::new(
                 "registry_expirations_total",
                 "Instances this node expired as leader",
+            )
+            .unwrap(),
+            revived: IntCounter::new(
+                "registry_revivals_total",
+                "Expired instances a heartbeat brought back, as leader",
+            )
+            .unwrap(),
+            tombstones: IntGauge::new(
+                "registry_tombstones",
+                "Expired instances kept (as tombstones) so that a heartbeat can bring them back",
             )
             .unwrap(),
             forward_latency: Histogram::with_opts(HistogramOpts::new(
@@ -213,6 +227,8 @@ impl Metrics {
         r.register(Box::new(m.forwarded.clone())).unwrap();
         r.register(Box::new(m.leader_changes.clone())).unwrap();
         r.register(Box::new(m.expired.clone())).unwrap();
+        r.register(Box::new(m.revived.clone())).unwrap();
+        r.register(Box::new(m.tombstones.clone())).unwrap();
         r.register(Box::new(m.snapshots_installed.clone())).unwrap();
         r.register(Box::new(m.renewals.clone())).unwrap();
         r.register(Box::new(m.checkpoints.clone())).unwrap();

@@ -244,6 +244,7 @@ impl RunningNode {
             stopping: stop_rx.clone(),
             read_index,
             test_stale_reads: args.test_stale_reads,
+            default_ttl: args.default_ttl_secs,
             auth,
             audit,
             tls: tls.clone(),

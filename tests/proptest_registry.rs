@@ -10,7 +10,8 @@ use serde_json::{Map, Value};
 use vertice_register::registry::lease::EXPIRY_SLACK_MS;
 use vertice_register::registry::validate::{self, is_hidden_char};
 use vertice_register::registry::{
-    parse_heartbeat, parse_register, Change, Command, CommandResult, Instance, Registry, Renewal,
+    parse_heartbeat, parse_register, Change, Command, CommandResult, Instance, InstanceExt,
+    Registry, Renewal, Tombstone, TombstonePolicy,
 };
 
 const CASES: u32 = 256;
@@ -227,6 +228,7 @@ proptest! {
 
 const SERVICES: [&str; 3] = ["a", "b", "c"];
 const IDS: [&str; 3] = ["1", "2", "3"];
+const ORIGINS: [&str; 2] = ["10.0.0.1", "10.0.0.2"];
 
 fn key() -> impl Strategy<Value = (String, String)> {
     (0..SERVICES.len(), 0..IDS.len()).prop_map(|(s, i)| (SERVICES[s].into(), IDS[i].into()))
@@ -262,31 +264,86 @@ fn command() -> impl Strategy<Value = Command> {
                 instance_id: i.map(|i| IDS[i].to_string()),
             }
         }),
-        2 => (stamp, 1u64..4, proptest::collection::vec(key(), 0..6)).prop_map(
+        2 => (stamp.clone(), 1u64..4, proptest::collection::vec(key(), 0..6)).prop_map(
             |(now_ms, term, instances)| Command::Expire { now_ms, term, instances }
         ),
+        3 => (key(), stamp.clone(), 5u32..30, proptest::option::of(0..ORIGINS.len()), any::<bool>())
+            .prop_map(|((s, i), t, ttl, o, https)| Command::RegisterFrom {
+                instance: Instance {
+                    service_name: s,
+                    instance_id: i,
+                    host: "10.0.0.1".into(),
+                    port: 80,
+                    health_endpoint: "/health".into(),
+                    metadata: BTreeMap::new(),
+                    ttl_seconds: ttl,
+                    registered_at: t,
+                    last_heartbeat: t,
+                },
+                ext: InstanceExt { origin: o.map(|o| ORIGINS[o].to_string()), https },
+            }),
+        1 => (0..SERVICES.len(), proptest::option::of(0..IDS.len()), proptest::option::of(0..ORIGINS.len()))
+            .prop_map(|(s, i, o)| Command::DeregisterFrom {
+                service_name: SERVICES[s].into(),
+                instance_id: i.map(|i| IDS[i].to_string()),
+                origin: o.map(|o| ORIGINS[o].to_string()),
+            }),
+        2 => (stamp.clone(), 1u64..4, proptest::collection::vec(key(), 0..6), 0i64..60_000, 0u32..4)
+            .prop_map(|(now_ms, term, instances, retention_ms, max)| Command::ExpireKeep {
+                now_ms, term, instances, keep: TombstonePolicy { retention_ms, max },
+            }),
+        2 => (0..SERVICES.len(), proptest::collection::vec(0..IDS.len(), 0..3), stamp, 0i64..60_000)
+            .prop_map(|(s, ids, at, retention_ms)| Command::Revive {
+                service_name: SERVICES[s].into(),
+                instance_ids: ids.into_iter().map(|i| IDS[i].to_string()).collect(),
+                at,
+                retention_ms,
+            }),
         1 => any::<bool>().prop_map(|paused| Command::SetExpiryPaused { paused }),
     ]
 }
 
+/// What the persistent copy holds, followed from the reported changes.
+#[derive(Default)]
+struct Shadow {
+    live: BTreeMap<(String, String), (Instance, InstanceExt)>,
+    tombstones: BTreeMap<(String, String), Tombstone>,
+    paused: bool,
+}
+
 /// Follows `changes` the way the persistent copy does.
-fn follow(
-    shadow: &mut BTreeMap<(String, String), Instance>,
-    paused: &mut bool,
-    changes: &[Change],
-) {
+fn follow(shadow: &mut Shadow, changes: &[Change]) {
     for c in changes {
         match c {
-            Change::Put(i) => {
-                shadow.insert((i.service_name.clone(), i.instance_id.clone()), i.clone());
+            Change::Put(i, e) => {
+                shadow.live.insert(
+                    (i.service_name.clone(), i.instance_id.clone()),
+                    (i.clone(), e.clone()),
+                );
             }
             Change::Delete {
                 service_name,
                 instance_id,
             } => {
-                shadow.remove(&(service_name.clone(), instance_id.clone()));
+                shadow
+                    .live
+                    .remove(&(service_name.clone(), instance_id.clone()));
             }
-            Change::ExpiryPaused(p) => *paused = *p,
+            Change::ExpiryPaused(p) => shadow.paused = *p,
+            Change::Bury(t) => {
+                let i = &t.instance;
+                shadow
+                    .tombstones
+                    .insert((i.service_name.clone(), i.instance_id.clone()), t.clone());
+            }
+            Change::Unbury {
+                service_name,
+                instance_id,
+            } => {
+                shadow
+                    .tombstones
+                    .remove(&(service_name.clone(), instance_id.clone()));
+            }
         }
     }
 }
@@ -299,8 +356,7 @@ proptest! {
         log in proptest::collection::vec((command(), 1u64..4), 0..40)
     ) {
         let (mut one, mut two) = (Registry::new(), Registry::new());
-        let mut shadow = BTreeMap::new();
-        let mut shadow_paused = false;
+        let mut shadow = Shadow::default();
         for (cmd, entry_term) in &log {
             let before = one.clone();
             let mut changes = Vec::new();
@@ -308,14 +364,28 @@ proptest! {
             let r2 = two.apply(cmd, *entry_term, &mut Vec::new());
             prop_assert_eq!(&r1, &r2);
             prop_assert_eq!(&one, &two);
-            follow(&mut shadow, &mut shadow_paused, &changes);
+            follow(&mut shadow, &changes);
             let now: BTreeMap<_, _> = one
-                .instances()
-                .map(|i| ((i.service_name.clone(), i.instance_id.clone()), i.clone()))
+                .instances_ext()
+                .map(|(i, e)| ((i.service_name.clone(), i.instance_id.clone()), (i.clone(), e.clone())))
                 .collect();
-            prop_assert_eq!(&shadow, &now, "the changes reported do not match the state");
-            prop_assert_eq!(shadow_paused, one.expiry_paused());
-            if let Command::Expire { now_ms, .. } = cmd {
+            prop_assert_eq!(&shadow.live, &now, "the changes reported do not match the state");
+            let graves: BTreeMap<_, _> = one
+                .tombstones()
+                .map(|t| ((t.instance.service_name.clone(), t.instance.instance_id.clone()), t.clone()))
+                .collect();
+            prop_assert_eq!(&shadow.tombstones, &graves, "the tombstone changes do not match");
+            prop_assert_eq!(one.tombstone_count(), graves.len());
+            prop_assert_eq!(shadow.paused, one.expiry_paused());
+            // An instance is never both live and a tombstone.
+            for k in graves.keys() {
+                prop_assert!(!now.contains_key(k), "{:?} is live and buried", k);
+            }
+            // (A deposed leader's expiry changes nothing, pruning included.)
+            if let Command::ExpireKeep { keep, term, .. } = cmd {
+                prop_assert!(*term != *entry_term ||graves.len() <= keep.max as usize, "more tombstones than allowed");
+            }
+            if let Command::Expire { now_ms, .. } | Command::ExpireKeep { now_ms, .. } = cmd {
                 for i in before.instances() {
                     let deadline = i.last_heartbeat + i64::from(i.ttl_seconds) * 1000 + EXPIRY_SLACK_MS;
                     if deadline > *now_ms {
@@ -328,18 +398,17 @@ proptest! {
                 }
             }
         }
-        // A snapshot round trip (as the state machine builds and loads one).
-        let data = (one.instances().cloned().collect::<Vec<Instance>>(), one.expiry_paused());
-        let bytes = bincode::serialize(&data).unwrap();
-        let (instances, paused): (Vec<Instance>, bool) = bincode::deserialize(&bytes).unwrap();
+        // A restore from what a snapshot holds gives the same registry.
         let mut restored = Registry::new();
-        restored.restore_expiry_paused(paused);
-        for i in instances {
-            restored.restore(i);
+        restored.restore_expiry_paused(one.expiry_paused());
+        for (i, e) in one.instances_ext() {
+            restored.restore(i.clone(), InstanceExt::default());
+            restored.restore_ext(&i.service_name, &i.instance_id, e.clone());
+        }
+        for t in one.tombstones() {
+            restored.restore_tombstone(t.clone());
         }
         prop_assert_eq!(&restored, &one);
-        let whole: Registry = bincode::deserialize(&bincode::serialize(&one).unwrap()).unwrap();
-        prop_assert_eq!(&whole, &one);
     }
 }
 

@@ -7,14 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header::AUTHORIZATION, Method};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState, WriteRequest};
 use crate::audit::Outcome;
-use crate::auth::{bearer, Caller, Identity, Refusal, Role, Secret};
+use crate::auth::{request_token, Caller, Identity, Refusal, Role, Secret};
 
 /// On a `/cluster/*` request one node passes to the leader: the original
 /// caller's `ip:port`. Trusted only with the right cluster secret.
@@ -110,6 +110,36 @@ impl AppState {
     }
 }
 
+/// The original client's address a proxy in front reported in
+/// `X-Registry-Caller`, when the proxy may be trusted: it sent the cluster
+/// secret, or the cluster has none (then every route is open anyway).
+fn proxied_caller(state: &AppState, req: &Request) -> Option<String> {
+    let reported = req.headers().get(CALLER_HEADER)?.to_str().ok()?.trim();
+    let trusted = match &state.net.secret {
+        None => true,
+        Some(s) => req
+            .headers()
+            .get(crate::raft::network::SECRET_HEADER)
+            .is_some_and(|g| super::internal::secret_matches(g.as_bytes(), s.as_bytes())),
+    };
+    let valid =
+        reported.parse::<SocketAddr>().is_ok() || reported.parse::<std::net::IpAddr>().is_ok();
+    (trusted && valid).then(|| reported.to_string())
+}
+
+/// The IP address in a [`Caller`]'s `addr` (`ip:port` or a bare IP),
+/// canonical (IPv4-mapped IPv6 as IPv4): what `host` defaults to and what
+/// an instance's origin records.
+pub fn caller_ip(caller: &Caller) -> Option<String> {
+    let a = caller.addr.as_deref()?;
+    let ip = a
+        .parse::<SocketAddr>()
+        .map(|s| s.ip())
+        .or_else(|_| a.parse::<std::net::IpAddr>())
+        .ok()?;
+    Some(ip.to_canonical().to_string())
+}
+
 /// In front of the public routes: with `--tokens`, every request but
 /// `GET /health` and `--public-routes` needs a valid token whose role fits
 /// the route. Puts the [`Caller`] into the request for the handlers.
@@ -119,12 +149,12 @@ pub async fn public_guard(
     next: Next,
 ) -> Response {
     let mut caller = Caller {
-        addr: peer_of(&req),
+        addr: proxied_caller(&state, &req).or_else(|| peer_of(&req)),
         ..Default::default()
     };
     if let Some(tokens) = state.auth.tokens() {
         let path = req.uri().path().to_string();
-        let token = bearer(req.headers().get(AUTHORIZATION));
+        let token = request_token(req.headers());
         let identity = token.and_then(|t| tokens.verify(t));
         caller.token = token.map(Secret::from);
         caller.identity = identity.clone();
@@ -204,7 +234,7 @@ pub async fn internal_guard(
     }
     match state.auth.tokens() {
         Some(tokens) => {
-            let token = bearer(req.headers().get(AUTHORIZATION));
+            let token = request_token(req.headers());
             let identity = token.and_then(|t| tokens.verify(t));
             caller.token = token.map(Secret::from);
             caller.identity = identity.clone();

@@ -65,6 +65,9 @@ impl AppState {
                     if let Some(auth) = headers.get(AUTHORIZATION) {
                         req = req.header(AUTHORIZATION, auth.as_bytes());
                     }
+                    if let Some(t) = headers.get(crate::auth::REGISTRY_TOKEN_HEADER) {
+                        req = req.header(crate::auth::REGISTRY_TOKEN_HEADER, t.as_bytes());
+                    }
                     if let Some(b) = body {
                         req = req.json(b);
                     }

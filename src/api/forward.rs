@@ -24,7 +24,7 @@ use crate::auth::Caller;
 use crate::clock::now_ms;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 use crate::registry::{
-    Command, CommandResult, HeartbeatRequest, Instance, Millis, RegisterRequest,
+    Command, CommandResult, HeartbeatRequest, Instance, InstanceExt, Millis, RegisterRequest,
 };
 
 /// A validated write as it travels from the receiving node to the leader.
@@ -37,6 +37,9 @@ pub enum WriteRequest {
     Deregister {
         service_name: String,
         instance_id: Option<String>,
+        /// The caller's IP address, filled in by the receiving node.
+        #[serde(default)]
+        origin: Option<String>,
     },
 }
 
@@ -126,7 +129,11 @@ fn register_command(r: &RegisterRequest, now_ms: Millis) -> Command {
         .instance_id
         .clone()
         .unwrap_or_else(|| format!("{host}:{}", r.port));
-    Command::Register {
+    Command::RegisterFrom {
+        ext: InstanceExt {
+            origin: r.origin.clone(),
+            https: r.https,
+        },
         instance: Instance {
             service_name: r.service_name.clone(),
             instance_id,
@@ -285,9 +292,11 @@ impl AppState {
             WriteRequest::Deregister {
                 service_name,
                 instance_id,
-            } => Command::Deregister {
+                origin,
+            } => Command::DeregisterFrom {
                 service_name: service_name.clone(),
                 instance_id: instance_id.clone(),
+                origin: origin.clone(),
             },
         };
         match tokio::time::timeout(remaining, self.writes.write(cmd)).await {

@@ -15,9 +15,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::access::caller_ip;
 use super::{ApiError, AppState, WriteRequest};
 use crate::auth::Caller;
-use crate::registry::{self, validate, CommandResult, Instance, Millis};
+use crate::registry::{self, validate, CommandResult, Instance, InstanceExt, Millis};
 
 /// A JSON body whose every rejection is one of our errors (400, 413, 415).
 /// An object with a key given twice is refused: parsers disagree on which
@@ -73,9 +74,16 @@ fn rfc3339(ms: Millis) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// The `endpoint` URL of an instance, as the old clients registered it.
+pub fn endpoint_url(i: &Instance, https: bool) -> String {
+    let scheme = if https { "https" } else { "http" };
+    format!("{scheme}://{}:{}", url_host(&i.host), i.port)
+}
+
 /// The contract's JSON form of a stored instance.
-pub fn instance_json(i: &Instance) -> Value {
+pub fn instance_json(i: &Instance, https: bool) -> Value {
     json!({
+        "endpoint": endpoint_url(i, https),
         "service_name": i.service_name,
         "instance_id": i.instance_id,
         "host": i.host,
@@ -150,11 +158,21 @@ pub async fn register(
     let result = async {
         let JsonBody(body) = body?;
         let mut req = registry::parse_register(&body)?;
-        if req.host.is_none() {
-            req.host = Some(peer.ip().to_canonical().to_string());
+        if body.get("ttl_seconds").is_none_or(Value::is_null) {
+            req.ttl_seconds = state.default_ttl;
         }
+        let ip = caller_ip(&caller).unwrap_or_else(|| peer.ip().to_canonical().to_string());
+        if req.host.is_none() {
+            req.host = Some(ip.clone());
+        }
+        req.origin = Some(ip);
+        let https = req.https;
         match state.write(WriteRequest::Register(req), &caller).await? {
-            CommandResult::Registered(inst) => Ok(Json(instance_json(&inst)).into_response()),
+            CommandResult::Registered(inst) => {
+                let mut body = instance_json(&inst, https);
+                body["message"] = json!("Service registered successfully");
+                Ok(Json(body).into_response())
+            }
             other => Err(ApiError::Internal(format!(
                 "unexpected result of register: {other:?}"
             ))),
@@ -172,14 +190,31 @@ pub async fn heartbeat(
     let started = Instant::now();
     let result = async {
         let JsonBody(body) = body?;
-        let req = registry::parse_heartbeat(&body)?;
+        let mut req = registry::parse_heartbeat(&body)?;
+        req.origin = caller_ip(&caller);
         let (service, instance) = (req.service_name.clone(), req.instance_id.clone());
         match state.write(WriteRequest::Heartbeat(req), &caller).await? {
             CommandResult::Touched(n) => Ok(Json(json!({
                 "status": "ok",
+                "message": "Heartbeat received",
                 "service_name": service,
                 "instance_id": instance,
                 "renewed": n,
+                "revived": [],
+            }))
+            .into_response()),
+            // Expired instances a heartbeat brought back (old clients never
+            // register again after a 404).
+            CommandResult::Revived(ids) => Ok(Json(json!({
+                "status": "ok",
+                "message": format!(
+                    "Heartbeat received; the expired instance(s) {} registered again with their last registration",
+                    ids.join(", ")
+                ),
+                "service_name": service,
+                "instance_id": instance,
+                "renewed": 0,
+                "revived": ids,
             }))
             .into_response()),
             CommandResult::NotFound => Err(not_registered(&service, instance.as_deref())),
@@ -219,10 +254,12 @@ pub async fn deregister(
         let req = WriteRequest::Deregister {
             service_name: service.clone(),
             instance_id: q.instance_id.clone(),
+            origin: caller_ip(&caller),
         };
         match state.write(req, &caller).await? {
             CommandResult::Touched(n) => Ok(Json(json!({
                 "status": "deregistered",
+                "message": "Service deregistered",
                 "service_name": service,
                 "instance_id": q.instance_id,
                 "removed": n,
@@ -297,28 +334,36 @@ pub async fn get_service(
         let (body, index) = {
             let applied = state.replica.read();
             let index = applied.applied_index();
-            let Some(instances) = applied.registry.service(&service) else {
+            let Some(instances) = applied.registry.service_ext(&service) else {
                 drop(applied);
                 not_found_at = Some(index);
                 return Err(ApiError::NotFound(format!(
                     "service '{service}' is not registered"
                 )));
             };
-            let instances: Vec<&Instance> = instances.collect();
-            // Clients written for the seed read one instance's fields at the
-            // top level: give them the one heard from most recently.
-            let latest = instances
+            let instances: Vec<(&Instance, &InstanceExt)> = instances.collect();
+            // Clients written for the seed and the old registry read one
+            // instance's fields at the top level: give them the one heard
+            // from most recently.
+            let (latest, latest_ext) = instances
                 .iter()
-                .max_by_key(|i| (i.last_heartbeat, std::cmp::Reverse(&i.instance_id)))
+                .max_by_key(|(i, _)| (i.last_heartbeat, std::cmp::Reverse(&i.instance_id)))
+                .copied()
                 .expect("a registered service has an instance");
+            let secs = |ms: Millis| ms as f64 / 1000.0;
+            let ttl_remaining = (latest.deadline() - crate::clock::now_ms()).max(0) / 1000;
             let body = json!({
                 "service_name": service,
-                "instances": instances.iter().map(|i| instance_json(i)).collect::<Vec<_>>(),
+                "instances": instances.iter().map(|(i, e)| instance_json(i, e.https)).collect::<Vec<_>>(),
                 "host": latest.host,
                 "port": latest.port,
                 "health_endpoint": latest.health_endpoint,
                 "metadata": latest.metadata,
                 "url": format!("http://{}:{}", url_host(&latest.host), latest.port),
+                "endpoint": endpoint_url(latest, latest_ext.https),
+                "registered_at": secs(latest.registered_at),
+                "last_heartbeat": secs(latest.last_heartbeat),
+                "ttl_remaining": ttl_remaining,
             });
             (body, index)
         };

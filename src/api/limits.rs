@@ -41,7 +41,7 @@ use serde_json::json;
 use super::access::{peer_of, public_route};
 use super::{ApiError, MAX_BODY};
 use crate::audit::{AuditLog, Outcome};
-use crate::auth::{bearer, Auth, Caller, Identity};
+use crate::auth::{request_token, Auth, Caller, Identity};
 
 /// How often idle keys are swept out of the limiters.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -236,8 +236,8 @@ impl Limits {
             }
         }
         if let Some(limit) = &self.per_token {
-            if let Some(auth) = req.headers().get(header::AUTHORIZATION) {
-                let key = self.hasher.hash_one(auth.as_bytes());
+            if let Some(token) = request_token(req.headers()) {
+                let key = self.hasher.hash_one(token.as_bytes());
                 if let Err(wait) = limit.check(&key) {
                     return Some(self.refuse(
                         req,
@@ -368,8 +368,7 @@ impl RefusalAudit {
 
     fn sample(&self, req: &Request) -> Sample {
         let path = req.uri().path();
-        let identity = bearer(req.headers().get(header::AUTHORIZATION))
-            .and_then(|t| self.auth.tokens()?.verify(t));
+        let identity = request_token(req.headers()).and_then(|t| self.auth.tokens()?.verify(t));
         Sample {
             caller: peer_of(req),
             identity,

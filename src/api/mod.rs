@@ -104,6 +104,8 @@ pub struct AppState {
     pub read_index: Arc<crate::read_index::ReadIndex>,
     /// Test only (`--test-stale-reads`): consistent reads skip the read index.
     pub test_stale_reads: bool,
+    /// `ttl_seconds` of a registration that gives none (`--default-ttl-secs`).
+    pub default_ttl: u32,
     /// API tokens (`--tokens`) and the routes open without one.
     pub auth: Arc<crate::auth::Auth>,
     /// The audit log (`--audit-log`), or a no-op.

@@ -23,12 +23,16 @@ use tokio::sync::watch;
 use super::codec::{describe_sled, seal, show_key, unseal, Corruption};
 use super::durable::DiskSync;
 use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
-use crate::registry::{Change, Command, CommandResult, Instance, Registry};
+use crate::registry::{Change, Command, CommandResult, Instance, InstanceExt, Registry, Tombstone};
 
 pub(crate) const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const EXPIRY_PAUSED: &[u8] = b"m/expiry_paused";
 const INSTANCE_PREFIX: &[u8] = b"i/";
+/// What is kept beside an instance ([`InstanceExt`]), when not the default.
+const EXT_PREFIX: &[u8] = b"x/";
+/// Tombstones of expired instances.
+const TOMBSTONE_PREFIX: &[u8] = b"t/";
 const CURRENT_SNAPSHOT: &[u8] = b"current";
 pub(crate) const SM_TREE: &str = "sm";
 pub(crate) const SNAPSHOT_TREE: &str = "snapshot";
@@ -136,20 +140,102 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The serialized form of the registry inside a snapshot.
+/// The serialized form of the registry inside a snapshot: this, then (from
+/// this release on) a [`SnapshotExt`] right after it. A snapshot of an
+/// earlier release ends after this part; one of this release read by an
+/// earlier release has its extension ignored (bincode leaves trailing bytes).
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     instances: Vec<Instance>,
     expiry_paused: bool,
 }
 
-fn instance_key(service: &str, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(INSTANCE_PREFIX.len() + service.len() + 1 + id.len());
-    k.extend_from_slice(INSTANCE_PREFIX);
+/// The part of a snapshot added after the first release.
+#[derive(Serialize, Deserialize, Default)]
+struct SnapshotExt {
+    /// `(service, instance id, ext)` of each instance whose ext is not the
+    /// default.
+    ext: Vec<(String, String, InstanceExt)>,
+    tombstones: Vec<Tombstone>,
+}
+
+/// A snapshot's registry, both parts.
+fn encode_snapshot_data(registry: &Registry) -> Result<Vec<u8>, bincode::Error> {
+    let data = SnapshotData {
+        instances: registry.instances().cloned().collect(),
+        expiry_paused: registry.expiry_paused(),
+    };
+    let ext = SnapshotExt {
+        ext: registry
+            .instances_ext()
+            .filter(|(_, e)| **e != InstanceExt::default())
+            .map(|(i, e)| (i.service_name.clone(), i.instance_id.clone(), e.clone()))
+            .collect(),
+        tombstones: registry.tombstones().cloned().collect(),
+    };
+    let mut out = bincode::serialize(&data)?;
+    bincode::serialize_into(&mut out, &ext)?;
+    Ok(out)
+}
+
+/// Reads a snapshot's registry, with or without the extension.
+fn decode_snapshot_data(bytes: &[u8]) -> Result<Registry, bincode::Error> {
+    let mut cursor = Cursor::new(bytes);
+    let data: SnapshotData = bincode::deserialize_from(&mut cursor)?;
+    let ext: SnapshotExt = if (cursor.position() as usize) < bytes.len() {
+        bincode::deserialize_from(&mut cursor)?
+    } else {
+        SnapshotExt::default()
+    };
+    let mut registry = Registry::new();
+    registry.restore_expiry_paused(data.expiry_paused);
+    for inst in data.instances {
+        registry.restore(inst, InstanceExt::default());
+    }
+    for (service, id, e) in ext.ext {
+        registry.restore_ext(&service, &id, e);
+    }
+    for t in ext.tombstones {
+        registry.restore_tombstone(t);
+    }
+    Ok(registry)
+}
+
+fn prefixed_key(prefix: &[u8], service: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + service.len() + 1 + id.len());
+    k.extend_from_slice(prefix);
     k.extend_from_slice(service.as_bytes());
     k.push(0);
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+fn instance_key(service: &str, id: &str) -> Vec<u8> {
+    prefixed_key(INSTANCE_PREFIX, service, id)
+}
+
+/// `(service, instance id)` of a key made by [`prefixed_key`].
+fn split_key(rest: &[u8]) -> Option<(String, String)> {
+    let at = rest.iter().position(|&b| b == 0)?;
+    Some((
+        String::from_utf8(rest[..at].to_vec()).ok()?,
+        String::from_utf8(rest[at + 1..].to_vec()).ok()?,
+    ))
+}
+
+/// An instance's records: `i/` always, `x/` only when its ext is not the
+/// default (so a registry of an earlier release stores exactly what it did).
+fn put_instance(batch: &mut sled::Batch, inst: &Instance, ext: &InstanceExt) {
+    batch.insert(
+        instance_key(&inst.service_name, &inst.instance_id),
+        encode(inst),
+    );
+    let k = prefixed_key(EXT_PREFIX, &inst.service_name, &inst.instance_id);
+    if *ext == InstanceExt::default() {
+        batch.remove(k);
+    } else {
+        batch.insert(k, encode(ext));
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -162,6 +248,8 @@ enum Record {
     Membership(StoredMembership<NodeId, Node>),
     ExpiryPaused(bool),
     Instance(Instance),
+    Ext(String, String, InstanceExt),
+    Tombstone(Tombstone),
 }
 
 /// What a record's key names, for messages: `instance a/10.0.0.1:80`.
@@ -170,13 +258,20 @@ fn record_name(k: &[u8]) -> String {
         APPLIED => "state machine applied log id".into(),
         MEMBERSHIP => "state machine membership".into(),
         EXPIRY_PAUSED => "state machine expiry flag".into(),
-        _ => match k.strip_prefix(INSTANCE_PREFIX) {
-            Some(rest) => {
-                let name = String::from_utf8_lossy(rest).replacen('\0', "/", 1);
-                format!("state machine instance {name}")
+        _ => {
+            let named = [
+                (INSTANCE_PREFIX, "instance"),
+                (EXT_PREFIX, "instance origin"),
+                (TOMBSTONE_PREFIX, "tombstone"),
+            ];
+            for (prefix, what) in named {
+                if let Some(rest) = k.strip_prefix(prefix) {
+                    let name = String::from_utf8_lossy(rest).replacen('\0', "/", 1);
+                    return format!("state machine {what} {name}");
+                }
             }
-            None => format!("state machine record {}", show_key(k)),
-        },
+            format!("state machine record {}", show_key(k))
+        }
     }
 }
 
@@ -198,6 +293,26 @@ fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, Corruption> {
             }
             Record::Instance(inst)
         }
+        _ if k.starts_with(EXT_PREFIX) => {
+            let (service, id) = split_key(&k[EXT_PREFIX.len()..]).ok_or_else(|| {
+                Corruption::new(record_name(k), "its key names no service and instance")
+            })?;
+            Record::Ext(service, id, unseal(v).map_err(bad)?)
+        }
+        _ if k.starts_with(TOMBSTONE_PREFIX) => {
+            let t: Tombstone = unseal(v).map_err(bad)?;
+            let i = &t.instance;
+            if prefixed_key(TOMBSTONE_PREFIX, &i.service_name, &i.instance_id) != k {
+                return Err(Corruption::new(
+                    record_name(k),
+                    format!(
+                        "holds the tombstone of {}/{}",
+                        i.service_name, i.instance_id
+                    ),
+                ));
+            }
+            Record::Tombstone(t)
+        }
         _ => {
             return Err(Corruption::new(
                 "state machine",
@@ -208,9 +323,9 @@ fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, Corruption> {
 }
 
 /// Decodes the stored snapshot, and the registry inside it.
-fn decode_snapshot(v: &[u8]) -> Result<(StoredSnapshot, SnapshotData), Corruption> {
+fn decode_snapshot(v: &[u8]) -> Result<(StoredSnapshot, Registry), Corruption> {
     let snap: StoredSnapshot = unseal(v).map_err(|why| Corruption::new("current snapshot", why))?;
-    let data = bincode::deserialize(&snap.data).map_err(|e| {
+    let data = decode_snapshot_data(&snap.data).map_err(|e| {
         Corruption::new(
             format!("snapshot {}", snap.meta.snapshot_id),
             format!("its registry does not decode ({e})"),
@@ -242,7 +357,10 @@ pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
         match decode_record(&k, &v)? {
             Record::Applied(a) => found.applied = a,
             Record::Instance(_) => found.instances += 1,
-            Record::Membership(_) | Record::ExpiryPaused(_) => {}
+            Record::Membership(_)
+            | Record::ExpiryPaused(_)
+            | Record::Ext(..)
+            | Record::Tombstone(_) => {}
         }
     }
     let snapshots = db
@@ -295,7 +413,10 @@ impl StateMachineStore {
                 Record::Applied(a) => applied.last_applied = a,
                 Record::Membership(m) => applied.membership = m,
                 Record::ExpiryPaused(p) => applied.registry.restore_expiry_paused(p),
-                Record::Instance(inst) => applied.registry.restore(inst),
+                Record::Instance(inst) => applied.registry.restore(inst, InstanceExt::default()),
+                // Keys sort `i/` < `m/` < `t/` < `x/`: instances come first.
+                Record::Ext(service, id, ext) => applied.registry.restore_ext(&service, &id, ext),
+                Record::Tombstone(t) => applied.registry.restore_tombstone(t),
             }
         }
         let floor = applied.applied_index();
@@ -345,24 +466,25 @@ impl StateMachineStore {
     /// Replaces the applied state, in memory and in sled, with a snapshot's.
     fn load_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
         let sig = Some(snap.meta.signature());
-        let data: SnapshotData = bincode::deserialize(&snap.data)
+        let registry = decode_snapshot_data(&snap.data)
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        let mut registry = Registry::new();
-        registry.restore_expiry_paused(data.expiry_paused);
         let mut batch = sled::Batch::default();
         for item in self.sm.iter().keys() {
             batch.remove(item.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?);
         }
-        for inst in data.instances {
+        for (inst, ext) in registry.instances_ext() {
+            put_instance(&mut batch, inst, ext);
+        }
+        for t in registry.tombstones() {
+            let i = &t.instance;
             batch.insert(
-                instance_key(&inst.service_name, &inst.instance_id),
-                encode(&inst),
+                prefixed_key(TOMBSTONE_PREFIX, &i.service_name, &i.instance_id),
+                encode(t),
             );
-            registry.restore(inst);
         }
         batch.insert(APPLIED, encode(&snap.meta.last_log_id));
         batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
-        batch.insert(EXPIRY_PAUSED, encode(&data.expiry_paused));
+        batch.insert(EXPIRY_PAUSED, encode(&registry.expiry_paused()));
         self.sm
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
@@ -385,18 +507,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (data, last_log_id, last_membership) = {
             let applied = self.replica.read();
             (
-                SnapshotData {
-                    instances: applied.registry.instances().cloned().collect(),
-                    expiry_paused: applied.registry.expiry_paused(),
-                },
+                encode_snapshot_data(&applied.registry),
                 applied.last_applied,
                 applied.membership.clone(),
             )
         };
         // Plain bincode: this travels to followers as is. At rest the whole
         // stored snapshot is sealed.
-        let data =
-            bincode::serialize(&data).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let data = data.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // The id only has to be unique; the wall clock is fine here because
         // building a snapshot is not part of apply.
         let nanos = std::time::SystemTime::now()
@@ -505,15 +623,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             for change in changes.drain(..) {
                 match change {
-                    Change::Put(inst) => batch.insert(
-                        instance_key(&inst.service_name, &inst.instance_id),
-                        encode(&inst),
-                    ),
+                    Change::Put(inst, ext) => put_instance(&mut batch, &inst, &ext),
                     Change::Delete {
                         service_name,
                         instance_id,
-                    } => batch.remove(instance_key(&service_name, &instance_id)),
+                    } => {
+                        batch.remove(instance_key(&service_name, &instance_id));
+                        batch.remove(prefixed_key(EXT_PREFIX, &service_name, &instance_id));
+                    }
                     Change::ExpiryPaused(p) => batch.insert(EXPIRY_PAUSED, encode(&p)),
+                    Change::Bury(t) => batch.insert(
+                        prefixed_key(
+                            TOMBSTONE_PREFIX,
+                            &t.instance.service_name,
+                            &t.instance.instance_id,
+                        ),
+                        encode(&t),
+                    ),
+                    Change::Unbury {
+                        service_name,
+                        instance_id,
+                    } => batch.remove(prefixed_key(TOMBSTONE_PREFIX, &service_name, &instance_id)),
                 }
             }
             batch.insert(APPLIED, encode(&applied.last_applied));
@@ -561,5 +691,119 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::TombstonePolicy;
+
+    fn registry() -> Registry {
+        let inst = |id: &str| Instance {
+            service_name: "a".into(),
+            instance_id: id.into(),
+            host: "h".into(),
+            port: 1,
+            health_endpoint: "/health".into(),
+            metadata: Default::default(),
+            ttl_seconds: 5,
+            registered_at: 0,
+            last_heartbeat: 0,
+        };
+        let mut r = Registry::new();
+        for id in ["x", "y", "z"] {
+            let ext = InstanceExt {
+                origin: (id != "z").then(|| "10.0.0.1".into()),
+                https: id == "y",
+            };
+            let cmd = Command::RegisterFrom {
+                instance: inst(id),
+                ext,
+            };
+            r.apply(&cmd, 1, &mut Vec::new());
+        }
+        let expire = Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        };
+        r.apply(&expire, 1, &mut Vec::new());
+        r
+    }
+
+    #[test]
+    fn a_snapshot_keeps_origins_and_tombstones() {
+        let r = registry();
+        assert_eq!(r.tombstone_count(), 1);
+        let bytes = encode_snapshot_data(&r).unwrap();
+        assert_eq!(decode_snapshot_data(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn a_snapshot_of_the_first_release_still_loads() {
+        // The first release wrote `SnapshotData` alone.
+        let r = registry();
+        let old = SnapshotData {
+            instances: r.instances().cloned().collect(),
+            expiry_paused: true,
+        };
+        let loaded = decode_snapshot_data(&bincode::serialize(&old).unwrap()).unwrap();
+        assert_eq!(loaded.instance_count(), 2);
+        assert!(loaded.expiry_paused());
+        assert_eq!(loaded.tombstone_count(), 0);
+        // And the first release reads this release's snapshot (it ignores
+        // the extension: bincode leaves trailing bytes unread).
+        let new = encode_snapshot_data(&r).unwrap();
+        let read_by_old: SnapshotData = bincode::deserialize(&new).unwrap();
+        assert_eq!(read_by_old.instances.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn origins_and_tombstones_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut sm = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        let r = registry();
+        let mut commands = Vec::new();
+        for (i, e) in r.instances_ext() {
+            commands.push(Command::RegisterFrom {
+                instance: i.clone(),
+                ext: e.clone(),
+            });
+        }
+        let t = r.tombstones().next().unwrap().clone();
+        commands.push(Command::RegisterFrom {
+            instance: t.instance.clone(),
+            ext: t.ext.clone(),
+        });
+        commands.push(Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        });
+        let entries: Vec<Entry> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(k, cmd)| Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), k as u64 + 1),
+                payload: EntryPayload::Normal(cmd),
+            })
+            .collect();
+        sm.apply(entries).await.unwrap();
+        let before = sm.replica().read().registry.clone();
+        assert_eq!(before.tombstone_count(), 1);
+        drop(sm);
+        let again = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        assert_eq!(again.replica().read().registry, before);
+        check(&db).unwrap();
     }
 }

@@ -43,6 +43,55 @@ impl Instance {
     }
 }
 
+/// What the registry keeps about a live instance beside its [`Instance`]
+/// record (whose layout older log entries and snapshots fix).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceExt {
+    /// The IP address the instance registered from, as the node that
+    /// received the registration saw it (or a trusted proxy reported it).
+    /// Name-only heartbeats and deregistrations from that address touch
+    /// only its instances.
+    pub origin: Option<String>,
+    /// The instance registered an `https://` endpoint.
+    pub https: bool,
+}
+
+/// An instance that expired: kept for the retention window so that a
+/// heartbeat naming it brings it back (old clients never register again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub instance: Instance,
+    pub ext: InstanceExt,
+    /// The leader's time of the expiry.
+    pub expired_at: Millis,
+}
+
+/// How long and how many expired instances are kept as tombstones. The
+/// leader stamps its flags into each expiry, so every node keeps the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstonePolicy {
+    pub retention_ms: Millis,
+    /// Most tombstones kept; beyond it the oldest go. 0 keeps none.
+    pub max: u32,
+}
+
+/// What a heartbeat renews or revives (see [`Registry::heartbeat_targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatTargets {
+    /// Live instances: `(instance id, committed last_heartbeat)`.
+    Live(Vec<(String, Millis)>),
+    /// Expired instances whose tombstones a heartbeat may revive.
+    Expired(Vec<String>),
+    Nothing,
+}
+
+/// A live instance and what is kept beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Live {
+    instance: Instance,
+    ext: InstanceExt,
+}
+
 /// A change to the registry, as it travels through the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -74,6 +123,39 @@ pub enum Command {
     /// commit, see `crate::writes`) and applied in order, each with its
     /// own result. Added last so older entries decode unchanged.
     Batch { commands: Vec<Command> },
+    // Variants below were added later, after every older one, so that
+    // entries written by earlier releases decode unchanged.
+    /// `Register`, plus where the instance registered from and its scheme.
+    RegisterFrom {
+        instance: Instance,
+        ext: InstanceExt,
+    },
+    /// `Deregister` by a caller at `origin`: without an instance id, the
+    /// instances (live or tombstoned) registered from `origin` when there
+    /// are any, else the whole service. Tombstones it covers go too.
+    DeregisterFrom {
+        service_name: String,
+        instance_id: Option<String>,
+        origin: Option<String>,
+    },
+    /// `Expire` that keeps what it removes as tombstones, under `keep`
+    /// (which also prunes old ones).
+    ExpireKeep {
+        now_ms: Millis,
+        term: u64,
+        instances: Vec<(String, String)>,
+        keep: TombstonePolicy,
+    },
+    /// A heartbeat for expired instances: each listed one whose tombstone
+    /// is still there, expired at most `retention_ms` before `at` and not
+    /// live again, comes back with its last registration, as registered
+    /// at `at`.
+    Revive {
+        service_name: String,
+        instance_ids: Vec<String>,
+        at: Millis,
+        retention_ms: Millis,
+    },
 }
 
 /// One acknowledged renewal: the instance and the leader's time of it.
@@ -99,33 +181,46 @@ pub enum CommandResult {
     None,
     /// The result of each command of a `Batch`, in order.
     Batch(Vec<CommandResult>),
+    /// The instance ids a `Revive` brought back (never empty: `NotFound`).
+    Revived(Vec<String>),
 }
 
-/// The whole registry: service name → instance id → instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole registry: service name → instance id → instance, and the
+/// tombstones of expired instances the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    services: BTreeMap<String, BTreeMap<String, Instance>>,
+    services: BTreeMap<String, BTreeMap<String, Live>>,
     expiry_paused: bool,
+    tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
+    tombstone_count: usize,
 }
 
 /// A key change made by `apply`, so a persistent copy can follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put(Instance),
+    Put(Instance, InstanceExt),
     Delete {
         service_name: String,
         instance_id: String,
     },
     ExpiryPaused(bool),
+    /// A tombstone was added (or replaced).
+    Bury(Tombstone),
+    /// A tombstone went (revived, deregistered, registered again, pruned).
+    Unbury {
+        service_name: String,
+        instance_id: String,
+    },
 }
 
 impl Change {
     /// The service a change touches, if it touches one.
     pub fn service_name(&self) -> Option<&str> {
         match self {
-            Self::Put(i) => Some(&i.service_name),
+            Self::Put(i, _) => Some(&i.service_name),
             Self::Delete { service_name, .. } => Some(service_name),
-            Self::ExpiryPaused(_) => None,
+            // Tombstones are not part of any read view.
+            Self::ExpiryPaused(_) | Self::Bury(_) | Self::Unbury { .. } => None,
         }
     }
 }
@@ -144,24 +239,12 @@ impl Registry {
         changes: &mut Vec<Change>,
     ) -> CommandResult {
         match cmd {
-            Command::Register { instance } => {
-                let mut stored = instance.clone();
-                let instances = self
-                    .services
-                    .entry(instance.service_name.clone())
-                    .or_default();
-                if let Some(old) = instances.get(&instance.instance_id) {
-                    stored.registered_at = old.registered_at;
-                    stored.last_heartbeat = stored.last_heartbeat.max(old.last_heartbeat);
-                }
-                instances.insert(stored.instance_id.clone(), stored.clone());
-                changes.push(Change::Put(stored.clone()));
-                CommandResult::Registered(stored)
-            }
+            Command::Register { instance } => self.register(instance, None, changes),
+            Command::RegisterFrom { instance, ext } => self.register(instance, Some(ext), changes),
             Command::Renew { renewals } => {
                 let mut touched = 0;
                 for r in renewals {
-                    let Some(inst) = self
+                    let Some(live) = self
                         .services
                         .get_mut(&r.service_name)
                         .and_then(|m| m.get_mut(&r.instance_id))
@@ -169,9 +252,9 @@ impl Registry {
                         continue;
                     };
                     touched += 1;
-                    if r.at > inst.last_heartbeat {
-                        inst.last_heartbeat = r.at;
-                        changes.push(Change::Put(inst.clone()));
+                    if r.at > live.instance.last_heartbeat {
+                        live.instance.last_heartbeat = r.at;
+                        changes.push(Change::Put(live.instance.clone(), live.ext.clone()));
                     }
                 }
                 CommandResult::Touched(touched)
@@ -179,47 +262,56 @@ impl Registry {
             Command::Deregister {
                 service_name,
                 instance_id,
-            } => {
-                let removed: Vec<Instance> = match instance_id {
-                    None => self
-                        .services
-                        .remove(service_name)
-                        .map(|m| m.into_values().collect())
-                        .unwrap_or_default(),
-                    Some(id) => self.remove_instance(service_name, id).into_iter().collect(),
-                };
-                if removed.is_empty() {
-                    return CommandResult::NotFound;
-                }
-                let n = removed.len();
-                changes.extend(removed.into_iter().map(|i| Change::Delete {
-                    service_name: i.service_name,
-                    instance_id: i.instance_id,
-                }));
-                CommandResult::Touched(n)
-            }
+            } => self.deregister(service_name, instance_id.as_deref(), None, changes),
+            Command::DeregisterFrom {
+                service_name,
+                instance_id,
+                origin,
+            } => self.deregister(
+                service_name,
+                instance_id.as_deref(),
+                origin.as_deref(),
+                changes,
+            ),
             Command::Expire {
                 now_ms,
                 term,
                 instances,
+            } => self.expire(*now_ms, *term, entry_term, instances, None, changes),
+            Command::ExpireKeep {
+                now_ms,
+                term,
+                instances,
+                keep,
+            } => self.expire(*now_ms, *term, entry_term, instances, Some(keep), changes),
+            Command::Revive {
+                service_name,
+                instance_ids,
+                at,
+                retention_ms,
             } => {
-                if *term != entry_term {
-                    return CommandResult::Expired(0);
-                }
-                let mut n = 0;
-                for (service, id) in instances {
-                    let due = self
-                        .get_instance(service, id)
-                        .is_some_and(|i| lease::is_due(i, *now_ms));
-                    if due && self.remove_instance(service, id).is_some() {
-                        n += 1;
-                        changes.push(Change::Delete {
-                            service_name: service.clone(),
-                            instance_id: id.clone(),
-                        });
+                let mut revived = Vec::new();
+                for id in instance_ids {
+                    let fresh = self
+                        .tombstone(service_name, id)
+                        .is_some_and(|t| at.saturating_sub(t.expired_at) <= *retention_ms);
+                    if !fresh || self.get_instance(service_name, id).is_some() {
+                        continue;
                     }
+                    let Some(t) = self.unbury(service_name, id, changes) else {
+                        continue;
+                    };
+                    let mut instance = t.instance;
+                    instance.registered_at = *at;
+                    instance.last_heartbeat = *at;
+                    self.put(instance, t.ext, changes);
+                    revived.push(id.clone());
                 }
-                CommandResult::Expired(n)
+                if revived.is_empty() {
+                    CommandResult::NotFound
+                } else {
+                    CommandResult::Revived(revived)
+                }
             }
             Command::SetExpiryPaused { paused } => {
                 if self.expiry_paused != *paused {
@@ -237,7 +329,189 @@ impl Registry {
         }
     }
 
-    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Instance> {
+    /// Inserts or replaces a registration; `ext` `None` (a `Register` of an
+    /// earlier release) keeps what was known beside the instance.
+    fn register(
+        &mut self,
+        instance: &Instance,
+        ext: Option<&InstanceExt>,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
+        let mut stored = instance.clone();
+        let mut kept = InstanceExt::default();
+        if let Some(old) = self.live(&instance.service_name, &instance.instance_id) {
+            stored.registered_at = old.instance.registered_at;
+            stored.last_heartbeat = stored.last_heartbeat.max(old.instance.last_heartbeat);
+            kept = old.ext.clone();
+        }
+        let ext = ext.cloned().unwrap_or(kept);
+        self.unbury(&instance.service_name, &instance.instance_id, changes);
+        self.put(stored.clone(), ext, changes);
+        CommandResult::Registered(stored)
+    }
+
+    fn put(&mut self, instance: Instance, ext: InstanceExt, changes: &mut Vec<Change>) {
+        changes.push(Change::Put(instance.clone(), ext.clone()));
+        self.services
+            .entry(instance.service_name.clone())
+            .or_default()
+            .insert(instance.instance_id.clone(), Live { instance, ext });
+    }
+
+    fn deregister(
+        &mut self,
+        service: &str,
+        instance_id: Option<&str>,
+        origin: Option<&str>,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
+        let ids: Vec<String> = match instance_id {
+            Some(id) => vec![id.to_string()],
+            None => {
+                let all = self.known_ids(service, |_| true);
+                let mine = origin.map_or_else(Vec::new, |o| {
+                    self.known_ids(service, |e| e.origin.as_deref() == Some(o))
+                });
+                if mine.is_empty() {
+                    all
+                } else {
+                    mine
+                }
+            }
+        };
+        let mut removed = 0;
+        for id in &ids {
+            self.unbury(service, id, changes);
+            if self.remove_instance(service, id).is_some() {
+                removed += 1;
+                changes.push(Change::Delete {
+                    service_name: service.to_string(),
+                    instance_id: id.clone(),
+                });
+            }
+        }
+        if removed == 0 {
+            CommandResult::NotFound
+        } else {
+            CommandResult::Touched(removed)
+        }
+    }
+
+    /// The ids of `service`'s live and tombstoned instances whose
+    /// [`InstanceExt`] passes `pick`, sorted, without repeats.
+    fn known_ids(&self, service: &str, pick: impl Fn(&InstanceExt) -> bool) -> Vec<String> {
+        let live = self
+            .services
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|(_, l)| pick(&l.ext))
+            .map(|(id, _)| id);
+        let dead = self
+            .tombstones
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter(|(_, t)| pick(&t.ext))
+            .map(|(id, _)| id);
+        let ids: std::collections::BTreeSet<&String> = live.chain(dead).collect();
+        ids.into_iter().cloned().collect()
+    }
+
+    fn expire(
+        &mut self,
+        now_ms: Millis,
+        term: u64,
+        entry_term: u64,
+        instances: &[(String, String)],
+        keep: Option<&TombstonePolicy>,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
+        if term != entry_term {
+            return CommandResult::Expired(0);
+        }
+        let mut n = 0;
+        for (service, id) in instances {
+            let due = self
+                .get_instance(service, id)
+                .is_some_and(|i| lease::is_due(i, now_ms));
+            if !due {
+                continue;
+            }
+            let Some(live) = self.remove_instance(service, id) else {
+                continue;
+            };
+            n += 1;
+            changes.push(Change::Delete {
+                service_name: service.clone(),
+                instance_id: id.clone(),
+            });
+            if keep.is_some_and(|k| k.max > 0) {
+                let t = Tombstone {
+                    instance: live.instance,
+                    ext: live.ext,
+                    expired_at: now_ms,
+                };
+                changes.push(Change::Bury(t.clone()));
+                if self
+                    .tombstones
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(id.clone(), t)
+                    .is_none()
+                {
+                    self.tombstone_count += 1;
+                }
+            }
+        }
+        if let Some(k) = keep {
+            self.prune_tombstones(now_ms, k, changes);
+        }
+        CommandResult::Expired(n)
+    }
+
+    /// Drops tombstones older than the retention window, then the oldest
+    /// ones beyond the most kept (ties: by service, then instance id).
+    fn prune_tombstones(
+        &mut self,
+        now_ms: Millis,
+        keep: &TombstonePolicy,
+        changes: &mut Vec<Change>,
+    ) {
+        let mut all: Vec<(Millis, String, String)> = self
+            .tombstones
+            .iter()
+            .flat_map(|(s, m)| {
+                m.iter()
+                    .map(move |(id, t)| (t.expired_at, s.clone(), id.clone()))
+            })
+            .collect();
+        all.sort();
+        let old = all
+            .iter()
+            .take_while(|(at, _, _)| now_ms.saturating_sub(*at) > keep.retention_ms)
+            .count();
+        let over = all.len().saturating_sub(keep.max as usize);
+        for (_, service, id) in all.into_iter().take(old.max(over)) {
+            self.unbury(&service, &id, changes);
+        }
+    }
+
+    fn unbury(&mut self, service: &str, id: &str, changes: &mut Vec<Change>) -> Option<Tombstone> {
+        let graves = self.tombstones.get_mut(service)?;
+        let t = graves.remove(id)?;
+        if graves.is_empty() {
+            self.tombstones.remove(service);
+        }
+        self.tombstone_count -= 1;
+        changes.push(Change::Unbury {
+            service_name: service.to_string(),
+            instance_id: id.to_string(),
+        });
+        Some(t)
+    }
+
+    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Live> {
         let instances = self.services.get_mut(service)?;
         let removed = instances.remove(id);
         if instances.is_empty() {
@@ -246,21 +520,137 @@ impl Registry {
         removed
     }
 
+    fn live(&self, service: &str, id: &str) -> Option<&Live> {
+        self.services.get(service)?.get(id)
+    }
+
     /// Inserts an instance as loaded from disk or a snapshot.
-    pub fn restore(&mut self, instance: Instance) {
+    pub fn restore(&mut self, instance: Instance, ext: InstanceExt) {
         self.services
             .entry(instance.service_name.clone())
             .or_default()
-            .insert(instance.instance_id.clone(), instance);
+            .insert(instance.instance_id.clone(), Live { instance, ext });
+    }
+
+    /// Sets what is kept beside a restored instance (loaded from disk).
+    pub fn restore_ext(&mut self, service: &str, id: &str, ext: InstanceExt) {
+        if let Some(live) = self.services.get_mut(service).and_then(|m| m.get_mut(id)) {
+            live.ext = ext;
+        }
+    }
+
+    /// Inserts a tombstone as loaded from disk or a snapshot.
+    pub fn restore_tombstone(&mut self, t: Tombstone) {
+        let replaced = self
+            .tombstones
+            .entry(t.instance.service_name.clone())
+            .or_default()
+            .insert(t.instance.instance_id.clone(), t);
+        if replaced.is_none() {
+            self.tombstone_count += 1;
+        }
     }
 
     pub fn get_instance(&self, service: &str, id: &str) -> Option<&Instance> {
-        self.services.get(service)?.get(id)
+        self.live(service, id).map(|l| &l.instance)
+    }
+
+    /// What is kept beside a live instance.
+    pub fn ext(&self, service: &str, id: &str) -> Option<&InstanceExt> {
+        self.live(service, id).map(|l| &l.ext)
     }
 
     /// The instances of `service`, ordered by instance id.
     pub fn service(&self, service: &str) -> Option<impl Iterator<Item = &Instance>> {
-        self.services.get(service).map(|m| m.values())
+        self.services
+            .get(service)
+            .map(|m| m.values().map(|l| &l.instance))
+    }
+
+    /// The instances of `service` with what is kept beside each, ordered by
+    /// instance id.
+    pub fn service_ext(
+        &self,
+        service: &str,
+    ) -> Option<impl Iterator<Item = (&Instance, &InstanceExt)>> {
+        self.services
+            .get(service)
+            .map(|m| m.values().map(|l| (&l.instance, &l.ext)))
+    }
+
+    /// What a heartbeat for `service` renews: the named instance, or, for
+    /// a name-only heartbeat from `origin`, the instances registered from
+    /// there, else every instance of the service (the old clients' way).
+    /// A caller's own expired instances come before other callers' live
+    /// ones, so that of two replicas the one that was cut off comes back
+    /// instead of renewing the other. Expired ones count only while their
+    /// tombstones are kept; the `Revive` command checks the retention.
+    pub fn heartbeat_targets(
+        &self,
+        service: &str,
+        instance_id: Option<&str>,
+        origin: Option<&str>,
+    ) -> HeartbeatTargets {
+        let live = |pick: &dyn Fn(&Instance, &InstanceExt) -> bool| -> Vec<(String, Millis)> {
+            self.service_ext(service)
+                .into_iter()
+                .flatten()
+                .filter(|(i, e)| pick(i, e))
+                .map(|(i, _)| (i.instance_id.clone(), i.last_heartbeat))
+                .collect()
+        };
+        let dead = |pick: &dyn Fn(&Tombstone) -> bool| -> Vec<String> {
+            self.service_tombstones(service)
+                .filter(|t| pick(t))
+                .map(|t| t.instance.instance_id.clone())
+                .collect()
+        };
+        let from = |e: &InstanceExt| origin.is_some() && e.origin.as_deref() == origin;
+        let found = |live: Vec<(String, Millis)>, dead: Vec<String>| {
+            if !live.is_empty() {
+                Some(HeartbeatTargets::Live(live))
+            } else if !dead.is_empty() {
+                Some(HeartbeatTargets::Expired(dead))
+            } else {
+                None
+            }
+        };
+        let result = match instance_id {
+            Some(id) => found(
+                live(&|i, _| i.instance_id == id),
+                dead(&|t| t.instance.instance_id == id),
+            ),
+            None => found(live(&|_, e| from(e)), dead(&|t| from(&t.ext)))
+                .or_else(|| found(live(&|_, _| true), dead(&|_| true))),
+        };
+        result.unwrap_or(HeartbeatTargets::Nothing)
+    }
+
+    /// The tombstone of an expired instance, if one is kept.
+    pub fn tombstone(&self, service: &str, id: &str) -> Option<&Tombstone> {
+        self.tombstones.get(service)?.get(id)
+    }
+
+    /// The tombstones of `service`, ordered by instance id.
+    pub fn service_tombstones(&self, service: &str) -> impl Iterator<Item = &Tombstone> {
+        self.tombstones
+            .get(service)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// Every tombstone, ordered by service and instance id.
+    pub fn tombstones(&self) -> impl Iterator<Item = &Tombstone> {
+        self.tombstones.values().flat_map(BTreeMap::values)
+    }
+
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstone_count
+    }
+
+    /// When the oldest tombstone expired, if there is one.
+    pub fn oldest_tombstone(&self) -> Option<Millis> {
+        self.tombstones().map(|t| t.expired_at).min()
     }
 
     /// Service names in sorted order.
@@ -295,7 +685,18 @@ impl Registry {
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
-        self.services.values().flat_map(BTreeMap::values)
+        self.services
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(|l| &l.instance)
+    }
+
+    /// Every live instance with what is kept beside it.
+    pub fn instances_ext(&self) -> impl Iterator<Item = (&Instance, &InstanceExt)> {
+        self.services
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(|l| (&l.instance, &l.ext))
     }
 }
 
@@ -454,5 +855,164 @@ mod tests {
         r.apply(&Command::SetExpiryPaused { paused: true }, 1, &mut changes);
         assert!(r.expiry_paused());
         assert_eq!(changes, vec![Change::ExpiryPaused(true)]);
+    }
+    fn from(service: &str, id: &str, t: Millis, origin: &str) -> Command {
+        Command::RegisterFrom {
+            instance: inst(service, id, t),
+            ext: InstanceExt {
+                origin: Some(origin.into()),
+                https: false,
+            },
+        }
+    }
+
+    fn expire_keep(
+        now_ms: Millis,
+        keys: &[(&str, &str)],
+        retention_ms: Millis,
+        max: u32,
+    ) -> Command {
+        Command::ExpireKeep {
+            now_ms,
+            term: 1,
+            instances: keys
+                .iter()
+                .map(|(s, i)| (s.to_string(), i.to_string()))
+                .collect(),
+            keep: TombstonePolicy { retention_ms, max },
+        }
+    }
+
+    fn revive(id: &str, at: Millis, retention_ms: Millis) -> Command {
+        Command::Revive {
+            service_name: "a".into(),
+            instance_ids: vec![id.into()],
+            at,
+            retention_ms,
+        }
+    }
+
+    /// Due from ttl (10 s) + slack after its last heartbeat.
+    const DUE: Millis = 10_000 + lease::EXPIRY_SLACK_MS;
+
+    #[test]
+    fn name_only_calls_touch_the_callers_own_instances() {
+        let mut r = Registry::new();
+        apply(&mut r, from("a", "x", 0, "10.0.0.1"));
+        apply(&mut r, from("a", "y", 0, "10.0.0.2"));
+        let ids = |t: HeartbeatTargets| match t {
+            HeartbeatTargets::Live(v) => v.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ids(r.heartbeat_targets("a", None, Some("10.0.0.1"))), ["x"]);
+        // An address with no instance of its own: all of them (old behaviour).
+        assert_eq!(
+            ids(r.heartbeat_targets("a", None, Some("10.0.0.9"))),
+            ["x", "y"]
+        );
+        assert_eq!(ids(r.heartbeat_targets("a", None, None)), ["x", "y"]);
+        let dereg = |origin: &str| Command::DeregisterFrom {
+            service_name: "a".into(),
+            instance_id: None,
+            origin: Some(origin.into()),
+        };
+        assert_eq!(apply(&mut r, dereg("10.0.0.2")), CommandResult::Touched(1));
+        assert!(r.get_instance("a", "x").is_some());
+        assert_eq!(r.ext("a", "x").unwrap().origin.as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_heartbeat_revives_an_expired_instance_within_the_window_only() {
+        let mut r = Registry::new();
+        apply(&mut r, from("a", "x", 0, "10.0.0.1"));
+        apply(&mut r, from("a", "y", 0, "10.0.0.2"));
+        apply(&mut r, renew("y", 5_000));
+        assert_eq!(
+            apply(&mut r, expire_keep(DUE, &[("a", "x")], 60_000, 10)),
+            CommandResult::Expired(1)
+        );
+        assert_eq!(r.tombstone_count(), 1);
+        // The cut-off replica's heartbeat finds its own tombstone first,
+        // not the other replica's live instance.
+        assert_eq!(
+            r.heartbeat_targets("a", None, Some("10.0.0.1")),
+            HeartbeatTargets::Expired(vec!["x".into()])
+        );
+        // Past the window: nothing comes back.
+        let late = DUE + 60_001;
+        assert_eq!(
+            apply(&mut r, revive("x", late, 60_000)),
+            CommandResult::NotFound
+        );
+        let at = DUE + 60_000;
+        assert_eq!(
+            apply(&mut r, revive("x", at, 60_000)),
+            CommandResult::Revived(vec!["x".into()])
+        );
+        let x = r.get_instance("a", "x").unwrap();
+        assert_eq!((x.registered_at, x.last_heartbeat, x.port), (at, at, 80));
+        assert_eq!(r.ext("a", "x").unwrap().origin.as_deref(), Some("10.0.0.1"));
+        assert_eq!(r.tombstone_count(), 0);
+        // A second revival finds no tombstone.
+        assert_eq!(
+            apply(&mut r, revive("x", at, 60_000)),
+            CommandResult::NotFound
+        );
+    }
+
+    #[test]
+    fn deregistration_and_registration_remove_tombstones() {
+        let mut r = Registry::new();
+        for id in ["x", "y"] {
+            apply(&mut r, from("a", id, 0, "10.0.0.1"));
+        }
+        apply(
+            &mut r,
+            expire_keep(DUE, &[("a", "x"), ("a", "y")], 60_000, 10),
+        );
+        assert_eq!(r.tombstone_count(), 2);
+        // Registering again replaces the tombstone.
+        apply(&mut r, from("a", "y", DUE, "10.0.0.1"));
+        assert!(r.tombstone("a", "y").is_none());
+        // A deregistration that finds nothing live still removes the
+        // caller's tombstones: a deregistered instance never comes back.
+        let dereg = Command::DeregisterFrom {
+            service_name: "a".into(),
+            instance_id: Some("x".into()),
+            origin: None,
+        };
+        assert_eq!(apply(&mut r, dereg), CommandResult::NotFound);
+        assert_eq!(r.tombstone_count(), 0);
+        assert_eq!(
+            apply(&mut r, revive("x", DUE, 60_000)),
+            CommandResult::NotFound
+        );
+    }
+
+    #[test]
+    fn tombstones_are_bounded_and_pruned_oldest_first() {
+        let mut r = Registry::new();
+        for (k, id) in ["p", "q", "s"].iter().enumerate() {
+            apply(&mut r, from("a", id, k as Millis * 1000, "10.0.0.1"));
+            // Each expires in its own round, a second apart.
+            let now = DUE + k as Millis * 1000;
+            apply(&mut r, expire_keep(now, &[("a", id)], 60_000, 2));
+        }
+        // At most two kept: the oldest ("p") went.
+        let kept: Vec<&str> = r
+            .tombstones()
+            .map(|t| t.instance.instance_id.as_str())
+            .collect();
+        assert_eq!(kept, ["q", "s"]);
+        // An empty expiry past the window prunes what is older than it.
+        apply(&mut r, expire_keep(DUE + 1000 + 60_001, &[], 60_000, 2));
+        let kept: Vec<&str> = r
+            .tombstones()
+            .map(|t| t.instance.instance_id.as_str())
+            .collect();
+        assert_eq!(kept, ["s"]);
+        // Keeping none: the plain old expiry, and max 0.
+        apply(&mut r, expire_keep(DUE + 1000 + 60_001, &[], 60_000, 0));
+        assert_eq!(r.tombstone_count(), 0);
     }
 }

@@ -44,6 +44,13 @@ pub struct RegisterRequest {
     pub metadata: BTreeMap<String, String>,
     pub instance_id: Option<String>,
     pub ttl_seconds: u32,
+    /// The `endpoint` given was `https://`.
+    #[serde(default)]
+    pub https: bool,
+    /// The caller's IP address, filled in by the receiving node (never
+    /// from the body); forwarded to the leader with the request.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 /// A validated `POST /heartbeat` body.
@@ -51,6 +58,9 @@ pub struct RegisterRequest {
 pub struct HeartbeatRequest {
     pub service_name: String,
     pub instance_id: Option<String>,
+    /// The caller's IP address, filled in by the receiving node.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, FieldError> {
@@ -209,15 +219,98 @@ pub fn instance_id(id: &str) -> Result<(), FieldError> {
 }
 
 fn host(h: &str) -> Result<(), FieldError> {
+    host_in(h, "host")
+}
+
+fn host_in(h: &str, field: &'static str) -> Result<(), FieldError> {
     if h.is_empty() || h.len() > MAX_HOST {
-        return err("host", format!("host must be 1-{MAX_HOST} characters long"));
+        return err(
+            field,
+            format!("{field}: the host must be 1-{MAX_HOST} characters long"),
+        );
     }
     if !h.bytes().all(|b| {
         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']' | b'%')
     }) {
-        return err("host", "host must be a hostname or an IP address");
+        return err(
+            field,
+            format!("{field}: the host must be an ASCII hostname or an IP address"),
+        );
     }
     Ok(())
+}
+
+/// An `endpoint` as the old clients send it: `http(s)://host:port`, with
+/// nothing else (no user info, no path beyond `/`, no query, no fragment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub https: bool,
+    /// The host, IPv6 literals without their brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+/// Parses an `endpoint` field.
+pub fn endpoint(e: &str) -> Result<Endpoint, FieldError> {
+    const WANT: &str = "endpoint must look like http://host:port or https://host:port";
+    let lower = e.get(..8).map(str::to_ascii_lowercase).unwrap_or_default();
+    let (https, rest) = if lower.starts_with("http://") {
+        (false, &e[7..])
+    } else if lower.starts_with("https://") {
+        (true, &e[8..])
+    } else {
+        return err(
+            "endpoint",
+            format!("{WANT} (the scheme is missing or not http/https)"),
+        );
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return err("endpoint", format!("{WANT}: no path, query or fragment"));
+    }
+    if authority.contains('@') {
+        return err("endpoint", format!("{WANT}: no user name or password"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once("]:") {
+            Some((h, p)) if !h.is_empty() && h.parse::<std::net::Ipv6Addr>().is_ok() => (h, p),
+            _ => {
+                return err(
+                    "endpoint",
+                    format!("{WANT}: an IPv6 host goes in brackets, [::1]:8080"),
+                )
+            }
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => {
+                return err(
+                    "endpoint",
+                    format!("{WANT}: an IPv6 host goes in brackets, [::1]:8080"),
+                )
+            }
+            Some((h, p)) => (h, p),
+            None => return err("endpoint", format!("{WANT}: the port is missing")),
+        }
+    };
+    if host.is_empty() {
+        return err("endpoint", format!("{WANT}: the host is missing"));
+    }
+    host_in(host, "endpoint")?;
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 && !port.starts_with('+') => p,
+        _ => {
+            return err(
+                "endpoint",
+                format!("{WANT}: the port must be a number from 1 to 65535"),
+            )
+        }
+    };
+    Ok(Endpoint {
+        https,
+        host: host.to_owned(),
+        port,
+    })
 }
 
 fn health_endpoint(p: &str) -> Result<(), FieldError> {
@@ -312,13 +405,45 @@ pub fn parse_register(body: &Value) -> Result<RegisterRequest, FieldError> {
         return err("service_name", "service_name is required");
     };
     service_name(name, "service_name")?;
-    let Some(port) = integer(obj, "port", 1, 65_535)? else {
-        return err("port", "port is required");
-    };
+    let endpoint = string(obj, "endpoint")?.map(endpoint).transpose()?;
+    let port = integer(obj, "port", 1, 65_535)?;
     let host_v = string(obj, "host")?;
     if let Some(h) = host_v {
         host(h)?;
     }
+    // `endpoint` (the old clients' form) stands for host and port; given
+    // with either, they must agree.
+    let (port, host_v) = match (&endpoint, port) {
+        (None, None) => {
+            return err(
+                "port",
+                "port is required (or an endpoint, http://host:port)",
+            )
+        }
+        (None, Some(p)) => (p as u16, host_v.map(str::to_owned)),
+        (Some(e), p) => {
+            if p.is_some_and(|p| p != u64::from(e.port)) {
+                return err(
+                    "port",
+                    format!(
+                        "port {} disagrees with the endpoint's port {}",
+                        p.unwrap_or(0),
+                        e.port
+                    ),
+                );
+            }
+            if let Some(h) = host_v {
+                let bare = h.trim_start_matches('[').trim_end_matches(']');
+                if !bare.eq_ignore_ascii_case(&e.host) {
+                    return err(
+                        "host",
+                        format!("host '{h}' disagrees with the endpoint's host '{}'", e.host),
+                    );
+                }
+            }
+            (e.port, Some(e.host.clone()))
+        }
+    };
     let health = string(obj, "health_endpoint")?.unwrap_or("/health");
     health_endpoint(health)?;
     let id = string(obj, "instance_id")?;
@@ -328,12 +453,14 @@ pub fn parse_register(body: &Value) -> Result<RegisterRequest, FieldError> {
     let ttl = integer(obj, "ttl_seconds", MIN_TTL, MAX_TTL)?.map_or(DEFAULT_TTL, |t| t as u32);
     Ok(RegisterRequest {
         service_name: name.to_owned(),
-        port: port as u16,
-        host: host_v.map(str::to_owned),
+        port,
+        host: host_v,
         health_endpoint: health.to_owned(),
         metadata: metadata(field(obj, "metadata"))?,
         instance_id: id.map(str::to_owned),
         ttl_seconds: ttl,
+        https: endpoint.is_some_and(|e| e.https),
+        origin: None,
     })
 }
 
@@ -351,6 +478,7 @@ pub fn parse_heartbeat(body: &Value) -> Result<HeartbeatRequest, FieldError> {
     Ok(HeartbeatRequest {
         service_name: name.to_owned(),
         instance_id: id.map(str::to_owned),
+        origin: None,
     })
 }
 
@@ -423,6 +551,69 @@ mod tests {
         assert_eq!(
             field_of(json!({"service_name": "a", "port": 1, "instance_id": "a/b"})),
             "instance_id"
+        );
+    }
+
+    #[test]
+    fn the_old_clients_endpoint_stands_for_host_and_port() {
+        let r = parse_register(&json!({
+            "service_name": "osint_service",
+            "endpoint": "http://osint-service:8049",
+            "health_endpoint": "/health",
+            "metadata": {"version": "1"}
+        }))
+        .unwrap();
+        assert_eq!(
+            (r.host.as_deref(), r.port, r.https),
+            (Some("osint-service"), 8049, false)
+        );
+        let r = parse_register(&json!({"service_name": "a", "endpoint": "HTTPS://[::1]:443/"}))
+            .unwrap();
+        assert_eq!(
+            (r.host.as_deref(), r.port, r.https),
+            (Some("::1"), 443, true)
+        );
+        // Both forms, agreeing.
+        let r = parse_register(
+            &json!({"service_name": "a", "endpoint": "http://h:1", "host": "H", "port": 1}),
+        );
+        assert!(r.is_ok());
+        assert_eq!(
+            field_of(json!({"service_name": "a", "endpoint": "http://h:1", "port": 2})),
+            "port"
+        );
+        assert_eq!(
+            field_of(json!({"service_name": "a", "endpoint": "http://h:1", "host": "g"})),
+            "host"
+        );
+        for bad in [
+            "h:80",
+            "ftp://h:80",
+            "http://h",
+            "http://h:",
+            "http://:80",
+            "http://h:80/api",
+            "http://h:80?x=1",
+            "http://h:80#f",
+            "http://u:p@h:80",
+            "http://h:0",
+            "http://h:65536",
+            "http://h:+80",
+            "http://bücher.de:80",
+            "http://::1:80",
+            "http://[zz]:80",
+            "http://h h:80",
+            "",
+        ] {
+            assert_eq!(
+                field_of(json!({"service_name": "a", "endpoint": bad})),
+                "endpoint",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            field_of(json!({"service_name": "a", "endpoint": 5})),
+            "endpoint"
         );
     }
 
