@@ -1007,18 +1007,21 @@ async fn old_clients_keep_one_registry_url_while_nodes_stop() {
     )
     .await;
     let lb = gw.registry_url().unwrap();
-    let http = client();
-    let register = |port: u16| {
-        let http = http.clone();
-        let lb = lb.clone();
-        async move {
-            send(http.post(format!("{lb}/register")).json(&json!({
-                "service_name": "old-svc", "host": "10.0.0.9", "port": port,
-            })))
-            .await
-        }
+    // Two old services on two hosts, one replica each, knowing one URL.
+    let (a, b) = (client_from("127.0.0.78"), client_from("127.0.0.79"));
+    let register = |http: &reqwest::Client, host: &str| {
+        send(
+            http.post(format!("{lb}/register"))
+                .header("x-registry-token", "unused")
+                .json(&json!({
+                    "service_name": "old_svc",
+                    "endpoint": format!("http://{host}:9000"),
+                    "health_endpoint": "/health",
+                    "metadata": {},
+                })),
+        )
     };
-    let (code, headers, body) = register(9001).await;
+    let (code, headers, body) = register(&a, "host-a").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     let first = headers["x-gateway-registry-node"]
         .to_str()
@@ -1032,25 +1035,46 @@ async fn old_clients_keep_one_registry_url_while_nodes_stop() {
         .find(|id| c.url(*id) == first)
         .unwrap();
     c.stop(stopped).await;
-    let (code, headers, body) = register(9002).await;
+    let (code, headers, body) = register(&b, "host-b").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_ne!(headers["x-gateway-registry-node"], first.as_str());
     let (code, _, body) = send(
-        http.post(format!("{lb}/heartbeat"))
-            .json(&json!({"service_name": "old-svc"})),
+        a.post(format!("{lb}/heartbeat"))
+            .json(&json!({"service_name": "old_svc"})),
     )
     .await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    let (code, _, body) = get_json(&http, &format!("{lb}/services/old-svc")).await;
+    let (code, _, body) = get_json(&a, &format!("{lb}/services/old_svc")).await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert_eq!(body["instances"].as_array().unwrap().len(), 2, "{body}");
+
+    // The nodes saw each client's own address, not the listener's: a
+    // deregistration by name from b removes b's replica only, and a
+    // registration without a host records the client's address.
+    let (code, _, body) = send(b.delete(format!("{lb}/deregister/old_svc"))).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, _, body) = get_json(&a, &format!("{lb}/services/old_svc")).await;
+    let hosts: Vec<&str> = body["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["host-a"], "{body}");
+    let (code, _, body) = send(
+        b.post(format!("{lb}/register"))
+            .json(&json!({"service_name": "plain", "port": 9001})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["host"], "127.0.0.79", "{body}");
 
     // The leader stops too, a follower survives: its 503 is what a real
     // node says without a leader, which the listener must recognise. (A
     // leader left alone says instead that the outcome is unknown.)
     let second = c.wait_for_leader().await;
     c.stop(second).await;
-    let (code, _, body) = register(9003).await;
+    let (code, _, body) = register(&a, "host-a").await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"], "unavailable");
     assert!(
@@ -1064,9 +1088,9 @@ async fn old_clients_keep_one_registry_url_while_nodes_stop() {
     c.restart(stopped).await;
     c.restart(second).await;
     c.wait_for_leader().await;
-    let (code, _, body) = register(9003).await;
+    let (code, _, body) = register(&a, "host-a").await;
     assert_eq!(code, StatusCode::OK, "{body}");
-    let m = get_text(&http, &format!("{}/gateway/metrics", gw.url())).await;
+    let m = get_text(&a, &format!("{}/gateway/metrics", gw.url())).await;
     assert!(failovers(&m, "connect") >= 1.0, "{m}");
     gw.shutdown().await;
     c.shutdown().await;
