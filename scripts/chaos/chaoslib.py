@@ -374,7 +374,8 @@ class DockerCluster:
         for i in self.ids:
             subprocess.run(["docker", "unpause", self.container(i) or "none"], capture_output=True)
         for cname in self.others:
-            subprocess.run(["docker", "rm", "-f", cname], capture_output=True)
+            # -v: the image's /data volume too, else one is left per container.
+            subprocess.run(["docker", "rm", "-f", "-v", cname], capture_output=True)
         self.compose("down", "-v", check=False)
 
 
