@@ -253,7 +253,8 @@ pub struct NodeArgs {
     /// `429`. 0 = no limit. `/health` and the internal routes are exempt.
     #[arg(long, env = "REGISTRY_RATE_LIMIT_PER_IP", default_value_t = 0)]
     pub rate_limit_per_ip: u32,
-    /// Requests per second per `Authorization` header value (kept hashed),
+    /// Requests per second per API token (`Authorization: Bearer` or
+    /// `X-Registry-Token`; kept hashed),
     /// bursts of twice as many; beyond it `429`. 0 = no limit.
     #[arg(long, env = "REGISTRY_RATE_LIMIT_PER_TOKEN", default_value_t = 0)]
     pub rate_limit_per_token: u32,

@@ -1,5 +1,6 @@
 //! Guards in front of the public API: rate limits per client address and
-//! per `Authorization` value, and a deadline for reading a request body.
+//! per API token (`Authorization: Bearer` or `X-Registry-Token`), and a
+//! deadline for reading a request body.
 //!
 //! Not guarded: the internal routes (`/raft/*`, `/cluster/*`: other nodes
 //! and operators, behind the cluster secret) and `GET /health` (load
@@ -64,7 +65,7 @@ const AUDIT_FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct LimitConfig {
     /// Requests per second per client address (IPv6: per /64); 0 = no limit.
     pub per_ip: u32,
-    /// Requests per second per `Authorization` value; 0 = no limit.
+    /// Requests per second per API token (either header); 0 = no limit.
     pub per_token: u32,
     /// A request's head (from its first byte), and then its body, must each
     /// arrive within this.
@@ -153,7 +154,7 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 pub struct Limits {
     per_ip: Option<KeyedLimit<IpAddr>>,
     per_token: Option<KeyedLimit<u64>>,
-    /// Keyed per process: `Authorization` values are kept only as hashes
+    /// Keyed per process: tokens are kept only as hashes
     /// nobody outside can predict.
     hasher: RandomState,
     read_timeout: Duration,
