@@ -543,13 +543,18 @@ fn env_url(value: &str) -> Option<String> {
     (!rest.is_empty()).then(|| url.to_string())
 }
 
-/// The sorted, distinct `http://host:port` of a `GET /services/{name}` body.
+/// The sorted, distinct base URLs of a `GET /services/{name}` body: each
+/// instance's `endpoint` (`https://` when it registered one), or, from a
+/// registry that gives none, `http://host:port`.
 fn instance_urls(body: &Value) -> Option<Vec<String>> {
     let mut urls: Vec<String> = body
         .get("instances")?
         .as_array()?
         .iter()
         .filter_map(|i| {
+            if let Some(url) = i.get("endpoint").and_then(Value::as_str).and_then(env_url) {
+                return Some(url);
+            }
             let host = i.get("host")?.as_str()?;
             let port = i.get("port")?.as_u64()?;
             let host = if host.contains(':') && !host.starts_with('[') {
@@ -637,13 +642,15 @@ mod tests {
             {"host": "::1", "port": 81},
             {"host": "10.0.0.1", "port": 80},
             {"host": "10.0.0.1", "port": 80},
+            {"host": "s", "port": 443, "endpoint": "https://s:443"},
         ]});
         assert_eq!(
             instance_urls(&body).unwrap(),
             vec![
                 "http://10.0.0.1:80",
                 "http://10.0.0.2:80",
-                "http://[::1]:81"
+                "http://[::1]:81",
+                "https://s:443"
             ]
         );
         assert!(instance_urls(&json!({})).is_none());
