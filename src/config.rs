@@ -289,8 +289,8 @@ pub struct NodeArgs {
     /// Most blocking queries (`?index=&wait=`) waiting on this node at once.
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 4096)]
     pub max_watchers: usize,
-    /// API tokens (JSON file, see README "Security"). With it, every request
-    /// but GET /health and --public-routes needs Authorization: Bearer.
+    /// API tokens (JSON file, see docs/security.md). With it, every request
+    /// but GET /health and --public-routes needs Authorization: Bearer (or X-Registry-Token).
     #[arg(long, env = "REGISTRY_TOKENS")]
     pub tokens: Option<PathBuf>,
     /// Routes reachable without a token when --tokens is set, comma-separated:
@@ -329,7 +329,7 @@ pub struct NodeArgs {
     pub expiry_pause_max_secs: u64,
     /// Confirm leadership with a quorum round for every batch of consistent
     /// reads and heartbeats, instead of trusting a confirmation for
-    /// --election-timeout-ms after it (the leader lease; see README
+    /// --election-timeout-ms after it (the leader lease; see docs/api.md
     /// "Consistency").
     #[arg(long, env = "REGISTRY_NO_READ_LEASE")]
     pub no_read_lease: bool,

@@ -4,7 +4,7 @@
 //!     on every node at the end, and all nodes agree;
 //! (b) per key, writes, heartbeats and consistent reads are linearizable
 //!     (Wing–Gong–Lowe, `checker.rs`);
-//! (c) default reads keep the README's promises: a node's
+//! (c) default reads keep the promises of docs/api.md: a node's
 //!     `X-Registry-Index` never goes back within one process; two answers
 //!     at the same index show the same instances (every node applies the
 //!     same log); no read shows a value nobody wrote;

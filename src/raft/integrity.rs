@@ -288,7 +288,7 @@ mod tests {
             report.state_machine.snapshot.map_or(0, |s| s.1),
             report.elapsed
         );
-        // Generous for slow CI machines; measured figures are in the README.
+        // Generous for slow CI machines; measured figures are in docs/design.md.
         assert!(report.elapsed < Duration::from_secs(5), "{report:?}");
     }
 
