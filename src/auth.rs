@@ -436,6 +436,13 @@ impl Auth {
     }
 }
 
+/// Compares a given secret (the cluster secret) with the expected one in
+/// time that does not depend on where they differ (`subtle`); a length
+/// mismatch answers at once.
+pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
+}
+
 /// The old registry's clients send their token in this header.
 pub const REGISTRY_TOKEN_HEADER: &str = "x-registry-token";
 
@@ -634,6 +641,24 @@ mod tests {
             .is_some());
         assert_eq!(Auth::open().reload(), Ok(None));
         assert!(Auth::open().tokens().is_none());
+    }
+
+    #[test]
+    fn secrets_and_the_old_clients_token_header() {
+        assert!(secret_matches(b"s3cret", b"s3cret"));
+        assert!(!secret_matches(b"s3cres", b"s3cret"));
+        assert!(!secret_matches(b"s3cre", b"s3cret"));
+        assert!(!secret_matches(b"", b"s3cret"));
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(request_token(&h), None);
+        h.insert(REGISTRY_TOKEN_HEADER, " old ".parse().unwrap());
+        assert_eq!(request_token(&h), Some("old"));
+        // Authorization wins when both come.
+        h.insert(
+            axum::http::header::AUTHORIZATION,
+            "Bearer new".parse().unwrap(),
+        );
+        assert_eq!(request_token(&h), Some("new"));
     }
 
     #[test]

@@ -397,8 +397,8 @@ impl NodeArgs {
         }
     }
 
-    pub fn expiry(&self) -> crate::leases::ExpiryConfig {
-        crate::leases::ExpiryConfig {
+    pub fn expiry(&self) -> crate::leader::leases::ExpiryConfig {
+        crate::leader::leases::ExpiryConfig {
             protection: crate::registry::lease::Protection {
                 threshold: self.expiry_pause_threshold,
                 min_instances: self.expiry_pause_min_instances,

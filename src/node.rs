@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
 use crate::config::NodeArgs;
-use crate::leases::Leases;
+use crate::leader::leases::Leases;
 use crate::metrics::Metrics;
 use crate::raft::{
     self, DataDirError, DiskSync, Faults, LogStore, Network, NodeId, Raft, StateMachineStore,
@@ -205,7 +205,7 @@ impl RunningNode {
             true => Duration::ZERO,
             false => Duration::from_millis(config.election_timeout_min),
         };
-        let read_index = crate::read_index::ReadIndex::new(
+        let read_index = crate::leader::read_index::ReadIndex::new(
             raft.clone(),
             args.leader_wait(),
             lease,
@@ -221,7 +221,7 @@ impl RunningNode {
             stop_rx.clone(),
         );
         let (writes, writes_task) =
-            crate::writes::Writes::start(raft.clone(), metrics.clone(), stop_rx.clone());
+            crate::leader::writes::Writes::start(raft.clone(), metrics.clone(), stop_rx.clone());
         tasks.push(writes_task);
         let (forwarder, forwarder_task) =
             api::batch_forward::ForwardQueue::start(net.clone(), metrics.clone(), stop_rx.clone());

@@ -120,7 +120,7 @@ fn proxied_caller(state: &AppState, req: &Request) -> Option<String> {
         Some(s) => req
             .headers()
             .get(crate::raft::network::SECRET_HEADER)
-            .is_some_and(|g| super::internal::secret_matches(g.as_bytes(), s.as_bytes())),
+            .is_some_and(|g| crate::auth::secret_matches(g.as_bytes(), s.as_bytes())),
     };
     let valid =
         reported.parse::<SocketAddr>().is_ok() || reported.parse::<std::net::IpAddr>().is_ok();
@@ -201,7 +201,7 @@ pub async fn internal_guard(
         .get(crate::raft::network::SECRET_HEADER)
         .map(|v| v.as_bytes());
     let secret_ok = match &state.net.secret {
-        Some(s) => secret_given.is_some_and(|g| super::internal::secret_matches(g, s.as_bytes())),
+        Some(s) => secret_given.is_some_and(|g| crate::auth::secret_matches(g, s.as_bytes())),
         None => false,
     };
     if !path.starts_with("/cluster/") {

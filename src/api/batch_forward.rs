@@ -13,34 +13,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::forward::{Attempt, WriteReply, WriteRequest};
+use crate::forwarding::{Attempt, Outgoing, WriteReply};
 use crate::metrics::Metrics;
 use crate::raft::network::Network;
-use crate::raft::NodeId;
 
 /// Most writes in one call.
 pub const MAX_BATCH: usize = 64;
 /// Calls to the leader out at once.
 pub const MAX_IN_FLIGHT: usize = 2;
-
-/// A forwarded write as it goes on the wire: with the caller (so that the
-/// leader checks the token again and audits who it was), or bare when this
-/// node has neither tokens nor an audit log (as earlier releases sent it).
-/// No `Debug`: it holds the caller's token.
-#[derive(Serialize)]
-#[serde(untagged)]
-pub enum Outgoing {
-    Envelope {
-        write: WriteRequest,
-        token: Option<String>,
-        caller: Option<String>,
-        via: NodeId,
-    },
-    Bare(WriteRequest),
-}
 
 struct Queued {
     addr: String,
@@ -102,7 +84,7 @@ async fn run(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some((batch, slot)) =
-        crate::writes::next_batch(&mut rx, &slots, MAX_BATCH, &mut stop).await
+        crate::leader::writes::next_batch(&mut rx, &slots, MAX_BATCH, &mut stop).await
     {
         // Writes queued around a leader change may name different leaders.
         let mut by_leader: HashMap<String, Vec<Queued>> = HashMap::new();

@@ -15,10 +15,11 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::forward::{write_outcome, IncomingWrite, ReadIndexReply, WriteReply};
+use super::forward::write_outcome;
 use super::{AppState, MAX_RAFT_BODY};
 use crate::audit::Outcome;
 use crate::auth::{Caller, Secret};
+use crate::forwarding::{IncomingWrite, ReadIndexReply, WriteReply};
 
 pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
@@ -36,18 +37,6 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
             state,
             super::access::internal_guard,
         ))
-}
-
-/// Compares secrets in time that does not depend on where they differ.
-pub fn secret_matches(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, bincode::Error> {

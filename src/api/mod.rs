@@ -24,12 +24,12 @@ use openraft::ServerState;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
+pub use crate::forwarding::{ReadIndexReply, WriteReply, WriteRequest};
 pub use access::{CALLER_HEADER, VIA_HEADER};
 pub use error::ApiError;
-pub use forward::{ReadIndexReply, WriteReply, WriteRequest};
 pub use limits::LimitConfig;
 
-use crate::leases::Leases;
+use crate::leader::leases::Leases;
 use crate::metrics::Metrics;
 use crate::raft::{LogStore, Network, NodeId, Raft, Replica};
 
@@ -87,7 +87,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub leases: Arc<Leases>,
     /// Client writes on the leader, batched into shared entries.
-    pub writes: Arc<crate::writes::Writes>,
+    pub writes: Arc<crate::leader::writes::Writes>,
     /// Writes on their way to the leader, batched into shared calls.
     pub forwarder: Arc<batch_forward::ForwardQueue>,
     pub db: sled::Db,
@@ -101,7 +101,7 @@ pub struct AppState {
     /// Turns true when the node stops: blocking queries answer at once.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Shared leadership confirmations (read index) for consistent reads.
-    pub read_index: Arc<crate::read_index::ReadIndex>,
+    pub read_index: Arc<crate::leader::read_index::ReadIndex>,
     /// Test only (`--test-stale-reads`): consistent reads skip the read index.
     pub test_stale_reads: bool,
     /// `ttl_seconds` of a registration that gives none (`--default-ttl-secs`).

@@ -120,7 +120,7 @@ pub enum Command {
     /// in the replicated state so every node reports it.
     SetExpiryPaused { paused: bool },
     /// Client writes that arrived together, committed in one entry (group
-    /// commit, see `crate::writes`) and applied in order, each with its
+    /// commit, see `crate::leader::writes`) and applied in order, each with its
     /// own result. Added last so older entries decode unchanged.
     Batch { commands: Vec<Command> },
     // Variants below were added later, after every older one, so that

@@ -40,7 +40,7 @@ use openraft::{ServerState, Vote};
 
 use tokio::sync::oneshot;
 
-use crate::api::ReadIndexReply;
+use crate::forwarding::ReadIndexReply;
 use crate::raft::{CheckIsLeaderError, NodeId, Raft, RaftError};
 
 pub struct ReadIndex {

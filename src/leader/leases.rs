@@ -23,11 +23,11 @@ use openraft::ServerState;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::{ReadIndexReply, WriteReply};
 use crate::clock::now_ms;
+use crate::forwarding::{ReadIndexReply, WriteReply};
+use crate::leader::read_index::ReadIndex;
 use crate::metrics::Metrics;
 use crate::raft::{Raft, Replica};
-use crate::read_index::ReadIndex;
 use crate::registry::lease::{can_ack, Protection};
 use crate::registry::{
     Command, CommandResult, HeartbeatRequest, HeartbeatTargets, Millis, Renewal, TombstonePolicy,
@@ -245,7 +245,7 @@ impl Leases {
             retention_ms: self.config.tombstones.retention_ms,
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let committed = crate::writes::propose(&self.raft, cmd).await;
+        let committed = crate::leader::writes::propose(&self.raft, cmd).await;
         let reply = match tokio::time::timeout(left, committed).await {
             Err(_) => return WriteReply::not_committed_in_time(),
             Ok(r) => r,
@@ -338,7 +338,8 @@ impl Leases {
                 .collect();
             // Proposed here, in order; the wait for the commit runs apart, so
             // the next entry can be proposed while this one is replicated.
-            let committed = crate::writes::propose(&self.raft, Command::Renew { renewals }).await;
+            let committed =
+                crate::leader::writes::propose(&self.raft, Command::Renew { renewals }).await;
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let reply = committed.await;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use openraft::error::Fatal;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::api::WriteReply;
+use crate::forwarding::WriteReply;
 use crate::metrics::Metrics;
 use crate::raft::{Raft, RaftError};
 use crate::registry::{Command, CommandResult};
