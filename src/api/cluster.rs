@@ -17,10 +17,12 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde_json::{json, Value};
 
 use super::access::{CALLER_HEADER, VIA_HEADER};
+use super::forward::LeaderAt;
 use super::handlers::JsonBody;
 use super::{ApiError, AppState};
 use crate::audit::Outcome;
 use crate::auth::Caller;
+use crate::forwarding::Attempt;
 use crate::raft::{ClientWriteError, NodeId, RaftError};
 
 /// Marks a request one node passed on to the leader, so it is not passed on again.
@@ -45,67 +47,46 @@ impl AppState {
         if headers.contains_key(FORWARDED) {
             return None;
         }
-        let deadline = tokio::time::Instant::now() + self.leader_wait;
-        loop {
-            let view = self.leader_view();
-            match (view.leader_id, view.leader_addr) {
-                (Some(id), _) if id == self.id => return None,
-                (Some(_), Some(addr)) => {
-                    let mut req = self
-                        .net
-                        .request(method.clone(), self.net.url(&addr, path))
-                        .header(FORWARDED, "1")
-                        .header(VIA_HEADER, self.id.to_string())
-                        .timeout(CATCH_UP + Duration::from_secs(10));
-                    if let Some(a) = &caller.addr {
-                        req = req.header(CALLER_HEADER, a);
-                    }
-                    // The leader checks an admin token itself (needed where
-                    // no cluster secret is set; names the caller in its audit).
-                    if let Some(auth) = headers.get(AUTHORIZATION) {
-                        req = req.header(AUTHORIZATION, auth.as_bytes());
-                    }
-                    if let Some(t) = headers.get(crate::auth::REGISTRY_TOKEN_HEADER) {
-                        req = req.header(crate::auth::REGISTRY_TOKEN_HEADER, t.as_bytes());
-                    }
-                    if let Some(b) = body {
-                        req = req.json(b);
-                    }
-                    match req.send().await {
-                        Ok(r) => {
-                            let status = StatusCode::from_u16(r.status().as_u16())
-                                .unwrap_or(StatusCode::BAD_GATEWAY);
-                            let body = r.bytes().await.unwrap_or_default();
-                            return Some(
-                                (
-                                    status,
-                                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                                    body,
-                                )
-                                    .into_response(),
-                            );
-                        }
-                        Err(e) if !e.is_connect() => {
-                            return Some(
-                                ApiError::Unavailable(format!(
-                                    "the leader at {addr} did not answer: {e}"
-                                ))
-                                .into_response(),
-                            )
-                        }
-                        Err(_) => {}
+        let deadline = std::time::Instant::now() + self.leader_wait;
+        let method = &method;
+        let answer = self
+            .with_leader(deadline, "pass the request on", |at, _| async move {
+                let LeaderAt::There(addr) = at else {
+                    return Ok(Attempt::Answered(None));
+                };
+                let mut req = self
+                    .net
+                    .request(method.clone(), self.net.url(&addr, path))
+                    .header(FORWARDED, "1")
+                    .header(VIA_HEADER, self.id.to_string())
+                    .timeout(CATCH_UP + Duration::from_secs(10));
+                if let Some(a) = &caller.addr {
+                    req = req.header(CALLER_HEADER, a);
+                }
+                // The leader checks an admin token itself (needed where
+                // no cluster secret is set; names the caller in its audit).
+                for name in [AUTHORIZATION.as_str(), crate::auth::REGISTRY_TOKEN_HEADER] {
+                    if let Some(v) = headers.get(name) {
+                        req = req.header(name, v.as_bytes());
                     }
                 }
-                _ => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Some(
-                    ApiError::Unavailable("no leader reachable; retry shortly".into())
-                        .into_response(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+                if let Some(b) = body {
+                    req = req.json(b);
+                }
+                Ok(match req.send().await {
+                    Ok(r) => {
+                        let status = StatusCode::from_u16(r.status().as_u16())
+                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                        let body = r.bytes().await.unwrap_or_default();
+                        let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+                        Attempt::Answered(Some((status, json, body).into_response()))
+                    }
+                    Err(e) if e.is_connect() => Attempt::Retry,
+                    Err(e) => Attempt::Unknown(format!("the leader at {addr} did not answer: {e}")),
+                })
+            })
+            .await;
+        answer.unwrap_or_else(|e| Some(e.into_response()))
     }
 
     fn membership(&self) -> (BTreeMap<NodeId, String>, BTreeSet<NodeId>) {

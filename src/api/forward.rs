@@ -70,6 +70,13 @@ fn refused(status: u16, message: String) -> ApiError {
     }
 }
 
+/// Where the leader is, as this node knows it.
+pub(super) enum LeaderAt {
+    Here,
+    /// Another node, at this address.
+    There(String),
+}
+
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl AppState {
@@ -107,33 +114,53 @@ impl AppState {
         caller: &Caller,
     ) -> Result<CommandResult, ApiError> {
         let deadline = Instant::now() + self.leader_wait;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.no_leader("commit the write"));
-            }
-            let view = self.leader_view();
-            let attempt = match (view.leader_id, view.leader_addr) {
-                (Some(id), _) if id == self.id => match self.write_local(req, remaining).await {
+        self.with_leader(deadline, "commit the write", |at, remaining| async move {
+            match at {
+                LeaderAt::Here => Ok(match self.write_local(req, remaining).await {
                     WriteReply::Done(r) => Attempt::Answered(r),
                     WriteReply::NotLeader(_) => Attempt::Retry,
                     WriteReply::Unavailable(m) => Attempt::Unknown(m),
                     WriteReply::Refused { status, message } => {
                         return Err(refused(status, message))
                     }
-                },
-                (Some(_), Some(addr)) => {
-                    match self.forward_write(&addr, req, caller, remaining).await {
-                        Ok(a) => a,
-                        Err(e) => return Err(e),
-                    }
-                }
+                }),
+                LeaderAt::There(addr) => self.forward_write(&addr, req, caller, remaining).await,
+            }
+        })
+        .await
+    }
+
+    /// The one find-the-leader-and-retry loop: runs `attempt` against the
+    /// leader this node knows (itself, or another node's address) until it
+    /// answers, says the outcome is unknown, or `deadline` passes (then
+    /// `503`, saying `what` could not be done). While no leader is known it
+    /// waits for one; it tries again only after [`Attempt::Retry`], when
+    /// the request surely did not reach a leader.
+    pub(super) async fn with_leader<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnMut(LeaderAt, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ApiError>>,
+    {
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.no_leader(what));
+            }
+            let view = self.leader_view();
+            let at = match (view.leader_id, view.leader_addr) {
+                (Some(id), _) if id == self.id => LeaderAt::Here,
+                (Some(_), Some(addr)) => LeaderAt::There(addr),
                 _ => {
                     self.wait_for_leader(remaining).await;
                     continue;
                 }
             };
-            match attempt {
+            match attempt(at, remaining).await? {
                 Attempt::Answered(r) => return Ok(r),
                 Attempt::Unknown(m) => return Err(ApiError::Unavailable(m)),
                 Attempt::Retry => tokio::time::sleep(RETRY_PAUSE.min(remaining)).await,
@@ -258,60 +285,48 @@ impl AppState {
             return Ok(());
         }
         let deadline = Instant::now() + self.leader_wait;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(self.no_leader("confirm a consistent read"));
-            }
-            let view = self.leader_view();
-            let attempt = match (view.leader_id, view.leader_addr) {
-                (Some(id), _) if id == self.id => match self.read_index_local(remaining).await {
-                    ReadIndexReply::Index(i) => Attempt::Answered(i),
-                    ReadIndexReply::NotLeader(_) => Attempt::Retry,
-                    ReadIndexReply::Unavailable(m) => Attempt::Unknown(m),
+        let index = self
+            .with_leader(
+                deadline,
+                "confirm a consistent read",
+                |at, remaining| async move {
+                    Ok(match at {
+                        LeaderAt::Here => match self.read_index_local(remaining).await {
+                            ReadIndexReply::Index(i) => Attempt::Answered(i),
+                            ReadIndexReply::NotLeader(_) => Attempt::Retry,
+                            ReadIndexReply::Unavailable(m) => Attempt::Unknown(m),
+                        },
+                        LeaderAt::There(addr) => {
+                            self.metrics
+                                .forwarded
+                                .with_label_values(&["read_index"])
+                                .inc();
+                            match self
+                                .forward::<_, ReadIndexReply>(&addr, "read-index", &(), remaining)
+                                .await
+                            {
+                                Attempt::Answered(ReadIndexReply::Index(i)) => Attempt::Answered(i),
+                                Attempt::Answered(ReadIndexReply::NotLeader(_))
+                                | Attempt::Retry => Attempt::Retry,
+                                Attempt::Answered(ReadIndexReply::Unavailable(m))
+                                | Attempt::Unknown(m) => Attempt::Unknown(m),
+                            }
+                        }
+                    })
                 },
-                (Some(_), Some(addr)) => {
-                    self.metrics
-                        .forwarded
-                        .with_label_values(&["read_index"])
-                        .inc();
-                    match self
-                        .forward::<_, ReadIndexReply>(&addr, "read-index", &(), remaining)
-                        .await
-                    {
-                        Attempt::Answered(ReadIndexReply::Index(i)) => Attempt::Answered(i),
-                        Attempt::Answered(ReadIndexReply::NotLeader(_)) | Attempt::Retry => {
-                            Attempt::Retry
-                        }
-                        Attempt::Answered(ReadIndexReply::Unavailable(m)) | Attempt::Unknown(m) => {
-                            Attempt::Unknown(m)
-                        }
-                    }
-                }
-                _ => {
-                    self.wait_for_leader(remaining).await;
-                    continue;
-                }
-            };
-            match attempt {
-                Attempt::Answered(index) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    return self
-                        .raft
-                        .wait(Some(remaining))
-                        .applied_index_at_least(Some(index), "consistent read")
-                        .await
-                        .map(|_| ())
-                        .map_err(|_| {
-                            ApiError::Unavailable(format!(
-                                "this node did not catch up to index {index} in time; retry shortly"
-                            ))
-                        });
-                }
-                Attempt::Unknown(m) => return Err(ApiError::Unavailable(m)),
-                Attempt::Retry => tokio::time::sleep(RETRY_PAUSE.min(remaining)).await,
-            }
-        }
+            )
+            .await?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "consistent read")
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                ApiError::Unavailable(format!(
+                    "this node did not catch up to index {index} in time; retry shortly"
+                ))
+            })
     }
 
     /// On the leader: confirms leadership with a quorum and returns the

@@ -15,7 +15,7 @@
 //! [`EXPIRE_BATCH`], each stamped with its time and term. Nothing here runs
 //! at takeover: a new leader continues from the committed state.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use crate::forwarding::{ReadIndexReply, WriteReply};
 use crate::leader::read_index::ReadIndex;
 use crate::metrics::Metrics;
 use crate::raft::{Raft, Replica};
-use crate::registry::lease::{can_ack, Protection};
+use crate::registry::lease::{can_ack, ExpiryGuard, Protection};
 use crate::registry::{
     Command, CommandResult, HeartbeatRequest, HeartbeatTargets, Millis, Renewal, TombstonePolicy,
 };
@@ -390,9 +390,15 @@ impl Leases {
 
     /// The leader's expiry rounds, with the mass-expiry protection.
     async fn expiry(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut recent: VecDeque<(Instant, usize)> = VecDeque::new();
-        let mut paused_since: Option<Instant> = None;
-        let mut overridden = false;
+        let c = self.config;
+        let mut guard = ExpiryGuard::new(
+            c.protection,
+            c.window.as_millis() as Millis,
+            c.pause_max.as_millis() as Millis,
+        );
+        // The guard's clock: monotonic, so a wall clock step moves no window.
+        let origin = Instant::now();
+        let mono = || origin.elapsed().as_millis() as Millis;
         loop {
             // Jitter spreads rounds, so a burst of deadlines is not one storm.
             let pause = Duration::from_millis(800 + rand::random::<u64>() % 400);
@@ -406,8 +412,7 @@ impl Leases {
                 (m.state == ServerState::Leader, m.current_term)
             };
             if !leader {
-                recent.clear();
-                paused_since = None;
+                guard.reset();
                 *self.status.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }
@@ -429,31 +434,14 @@ impl Leases {
                 let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                 due.retain(|k| !pending.contains_key(k));
             }
-            while recent
-                .front()
-                .is_some_and(|(t, _)| t.elapsed() > self.config.window)
-            {
-                recent.pop_front();
-            }
-            let recently: usize = recent.iter().map(|(_, n)| n).sum();
-            let a = self.config.protection.assess(total, due.len(), recently);
-            if !a.pause {
-                overridden = false;
-            }
-            if a.pause && !overridden {
-                let since = *paused_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > self.config.pause_max {
-                    tracing::warn!(
-                        share = a.share,
-                        "expiry was paused for longer than {:?}; resuming it anyway",
-                        self.config.pause_max
-                    );
-                    overridden = true;
-                }
-            }
-            let pause_now = a.pause && !overridden;
-            if !pause_now {
-                paused_since = None;
+            let round = guard.round(mono(), total, due.len());
+            let (a, pause_now, overridden) = (round.assessment, round.pause, round.overridden);
+            if round.just_overridden {
+                tracing::warn!(
+                    share = a.share,
+                    "expiry was paused for longer than {:?}; resuming it anyway",
+                    self.config.pause_max
+                );
             }
             *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(ExpiryStatus {
                 total: a.total,
@@ -512,7 +500,7 @@ impl Leases {
                         if let CommandResult::Expired(n) = resp.data {
                             if n > 0 {
                                 self.metrics.expired.inc_by(n as u64);
-                                recent.push_back((Instant::now(), n));
+                                guard.expired(mono(), n);
                                 tracing::info!(expired = n, "expired instances whose TTL ran out");
                                 // The round's candidates: apply skips any renewed meanwhile.
                                 let targets: Vec<String> =

@@ -103,6 +103,94 @@ impl Protection {
     }
 }
 
+/// The mass-expiry protection across the leader's rounds: the window of
+/// recent expirations, since when expiry has been paused, and whether the
+/// pause was overridden (paused for longer than allowed). Pure: every call
+/// takes the time, a monotonic clock in milliseconds.
+#[derive(Debug, Clone)]
+pub struct ExpiryGuard {
+    protection: Protection,
+    window_ms: Millis,
+    pause_max_ms: Millis,
+    /// `(when, how many)` of this leader's recent expirations.
+    recent: std::collections::VecDeque<(Millis, usize)>,
+    paused_since: Option<Millis>,
+    overridden: bool,
+}
+
+/// What one round decided.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Round {
+    pub assessment: Assessment,
+    /// Expiry pauses this round.
+    pub pause: bool,
+    /// The protection has been overridden (until the share drops).
+    pub overridden: bool,
+    /// This round overrode it: the pause lasted longer than allowed.
+    pub just_overridden: bool,
+}
+
+impl ExpiryGuard {
+    pub fn new(protection: Protection, window_ms: Millis, pause_max_ms: Millis) -> Self {
+        Self {
+            protection,
+            window_ms,
+            pause_max_ms,
+            recent: Default::default(),
+            paused_since: None,
+            overridden: false,
+        }
+    }
+
+    /// Forgets everything (this node stopped leading).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.protection, self.window_ms, self.pause_max_ms);
+    }
+
+    /// Decides a round at `now` from the registry's counts: pause when the
+    /// protection says so, unless the pause has lasted longer than allowed;
+    /// the override holds until the share drops below the threshold.
+    pub fn round(&mut self, now: Millis, total: usize, overdue: usize) -> Round {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > self.window_ms)
+        {
+            self.recent.pop_front();
+        }
+        let recently = self.recent.iter().map(|(_, n)| n).sum();
+        let a = self.protection.assess(total, overdue, recently);
+        if !a.pause {
+            self.overridden = false;
+        }
+        let mut just_overridden = false;
+        if a.pause && !self.overridden {
+            let since = *self.paused_since.get_or_insert(now);
+            if now.saturating_sub(since) > self.pause_max_ms {
+                self.overridden = true;
+                just_overridden = true;
+            }
+        }
+        let pause = a.pause && !self.overridden;
+        if !pause {
+            self.paused_since = None;
+        }
+        Round {
+            assessment: a,
+            pause,
+            overridden: self.overridden,
+            just_overridden,
+        }
+    }
+
+    /// Records `n` instances expired at `now`.
+    pub fn expired(&mut self, now: Millis, n: usize) {
+        if n > 0 {
+            self.recent.push_back((now, n));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +266,45 @@ mod tests {
             min_instances: 0,
         };
         assert!(!off.assess(10, 10, 0).pause);
+    }
+
+    #[test]
+    fn the_guard_pauses_overrides_after_the_longest_pause_and_rearms() {
+        let p = Protection {
+            threshold: 0.5,
+            min_instances: 10,
+        };
+        let mut g = ExpiryGuard::new(p, 60_000, 900_000);
+        // Healthy: nothing pauses.
+        let r = g.round(0, 100, 1);
+        assert!(!r.pause && !r.overridden);
+        // Most instances silent: pause, and keep pausing...
+        assert!(g.round(1_000, 100, 80).pause);
+        assert!(g.round(900_999, 100, 80).pause);
+        // ...until the pause has lasted longer than allowed.
+        let r = g.round(901_001, 100, 80);
+        assert!(!r.pause && r.overridden && r.just_overridden);
+        let r = g.round(902_000, 100, 80);
+        assert!(!r.pause && r.overridden && !r.just_overridden);
+        // Once the share drops, the override clears and the guard re-arms.
+        let r = g.round(903_000, 100, 0);
+        assert!(!r.pause && !r.overridden);
+        assert!(g.round(904_000, 100, 80).pause);
+    }
+
+    #[test]
+    fn recent_expirations_count_within_the_window_only() {
+        let p = Protection {
+            threshold: 0.5,
+            min_instances: 10,
+        };
+        let mut g = ExpiryGuard::new(p, 60_000, 900_000);
+        // Expiring batch after batch does not sneak past the guard...
+        g.expired(0, 40);
+        assert!(g.round(1_000, 60, 25).pause);
+        // ...but expirations older than the window no longer count.
+        assert!(!g.round(61_001, 60, 25).pause);
+        g.reset();
+        assert!(!g.round(61_002, 60, 25).pause);
     }
 }
