@@ -388,34 +388,6 @@ impl NodeArgs {
     pub fn leader_wait(&self) -> Duration {
         Duration::from_millis(self.leader_wait_ms)
     }
-
-    pub fn limits(&self) -> crate::api::LimitConfig {
-        crate::api::LimitConfig {
-            per_ip: self.rate_limit_per_ip,
-            per_token: self.rate_limit_per_token,
-            read_timeout: Duration::from_millis(self.read_timeout_ms),
-        }
-    }
-
-    pub fn expiry(&self) -> crate::leader::leases::ExpiryConfig {
-        crate::leader::leases::ExpiryConfig {
-            protection: crate::registry::lease::Protection {
-                threshold: self.expiry_pause_threshold,
-                min_instances: self.expiry_pause_min_instances,
-            },
-            window: Duration::from_secs(self.expiry_window_secs),
-            pause_max: Duration::from_secs(self.expiry_pause_max_secs),
-            tombstones: crate::registry::TombstonePolicy {
-                retention_ms: i64::try_from(self.tombstone_retention_secs.saturating_mul(1000))
-                    .unwrap_or(i64::MAX),
-                max: if self.tombstone_retention_secs == 0 {
-                    0
-                } else {
-                    self.max_tombstones
-                },
-            },
-        }
-    }
 }
 
 /// The initial voters: node id → advertised address.

@@ -77,6 +77,36 @@ pub fn raft_config(args: &NodeArgs) -> Result<openraft::Config, StartError> {
         .map_err(|e| StartError::Config(e.to_string()))
 }
 
+/// The request limits of the public API, from the node's flags.
+fn limits(args: &NodeArgs) -> api::LimitConfig {
+    api::LimitConfig {
+        per_ip: args.rate_limit_per_ip,
+        per_token: args.rate_limit_per_token,
+        read_timeout: Duration::from_millis(args.read_timeout_ms),
+    }
+}
+
+/// The leader's expiry settings, from the node's flags.
+fn expiry(args: &NodeArgs) -> crate::leader::leases::ExpiryConfig {
+    crate::leader::leases::ExpiryConfig {
+        protection: crate::registry::lease::Protection {
+            threshold: args.expiry_pause_threshold,
+            min_instances: args.expiry_pause_min_instances,
+        },
+        window: Duration::from_secs(args.expiry_window_secs),
+        pause_max: Duration::from_secs(args.expiry_pause_max_secs),
+        tombstones: crate::registry::TombstonePolicy {
+            retention_ms: i64::try_from(args.tombstone_retention_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            max: if args.tombstone_retention_secs == 0 {
+                0
+            } else {
+                args.max_tombstones
+            },
+        },
+    }
+}
+
 impl RunningNode {
     /// Opens storage, starts Raft and the HTTP server on `listener`, and
     /// bootstraps the cluster from `--peers` if this node has never run.
@@ -216,7 +246,7 @@ impl RunningNode {
             read_index.clone(),
             replica.clone(),
             metrics.clone(),
-            args.expiry(),
+            expiry(&args),
             audit.clone(),
             stop_rx.clone(),
         );
@@ -250,7 +280,7 @@ impl RunningNode {
             tls: tls.clone(),
         });
 
-        let limits = args.limits();
+        let limits = limits(&args);
         let app = api::router(state.clone(), &limits);
         let serve = api::server::ServeOptions {
             head_timeout: limits.read_timeout,
