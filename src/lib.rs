@@ -19,6 +19,7 @@
 //! - [`gateway`]: the API gateway routing `/v2/{service}/{path}` through the registry.
 //! - [`demo`]: a small demo service that registers itself through the client.
 //! - [`bench`]: the load driver `bench` (this registry or etcd) and its probes.
+//! - [`http`]: the server loop and keyed rate limits the node and the gateway share.
 //! - [`tls`]: certificates for the node's and the gateway's listeners and clients.
 //!
 //! Dependencies run one way: `main` → `node`/`gateway`/`admin`/`bench` →
@@ -35,6 +36,7 @@ pub mod config;
 pub mod demo;
 pub mod forwarding;
 pub mod gateway;
+pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod node;

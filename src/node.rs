@@ -282,7 +282,7 @@ impl RunningNode {
 
         let limits = limits(&args);
         let app = api::router(state.clone(), &limits);
-        let serve = api::server::ServeOptions {
+        let serve = crate::http::server::ServeOptions {
             head_timeout: limits.read_timeout,
             tls: tls.clone(),
             max_connections: args.max_connections,
@@ -305,7 +305,7 @@ impl RunningNode {
                 let shutdown = async move {
                     let _ = server_stop.wait_for(|s| *s).await;
                 };
-                api::server::serve(l, app, serve, shutdown).await;
+                crate::http::server::serve(l, app, serve, shutdown).await;
             });
         }
         let server = tokio::spawn(async move { while servers.join_next().await.is_some() {} });

@@ -21,10 +21,8 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -33,9 +31,6 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use governor::clock::{Clock, DefaultClock};
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
 use prometheus::IntCounterVec;
 use serde_json::json;
 
@@ -43,13 +38,9 @@ use super::access::{peer_of, public_route};
 use super::{ApiError, MAX_BODY};
 use crate::audit::{AuditLog, Outcome};
 use crate::auth::{request_token, Auth, Caller, Identity};
+pub use crate::http::limit::{ip_key, retry_after_secs, KeyedLimit};
+use crate::http::limit::{periodic, SWEEP_EVERY};
 
-/// How often idle keys are swept out of the limiters.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// A limiter holding more keys than this is swept at once, not at the next
-/// tick (checked every [`CHECK_LEN_EVERY`] requests).
-const MAX_TRACKED_KEYS: usize = 100_000;
-const CHECK_LEN_EVERY: u64 = 1024;
 /// Refusals of one key after its first are counted for this long, then
 /// written as one audit line.
 pub const AUDIT_WINDOW: Duration = Duration::from_secs(10);
@@ -80,74 +71,6 @@ impl Default for LimitConfig {
             read_timeout: Duration::from_secs(10),
         }
     }
-}
-
-type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock>;
-
-/// One keyed rate limit: `rate` requests per second per key, bursts of
-/// twice as many. The node's limits and the gateway's are made of these.
-pub struct KeyedLimit<K: Hash + Eq + Clone> {
-    limiter: Keyed<K>,
-    rate: u32,
-    checks: AtomicU64,
-}
-
-impl<K: Hash + Eq + Clone> KeyedLimit<K> {
-    /// `None` for a rate of 0 (no limit).
-    pub fn new(rate: u32) -> Option<Self> {
-        let per_second = NonZeroU32::new(rate)?;
-        let burst = NonZeroU32::new(rate.saturating_mul(2)).unwrap_or(per_second);
-        Some(Self {
-            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
-            rate,
-            checks: AtomicU64::new(0),
-        })
-    }
-
-    /// Like [`KeyedLimit::new`], shared, with (inside a Tokio runtime) a
-    /// task that sweeps idle keys until the limit is dropped.
-    pub fn swept(rate: u32) -> Option<Arc<Self>>
-    where
-        K: Send + Sync + 'static,
-    {
-        let limit = Arc::new(Self::new(rate)?);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(periodic(Arc::downgrade(&limit), SWEEP_EVERY, Self::sweep));
-        }
-        Some(limit)
-    }
-
-    pub fn rate(&self) -> u32 {
-        self.rate
-    }
-
-    /// `Err(wait)` when `key` is over its limit. A limit tracking more than
-    /// [`MAX_TRACKED_KEYS`] keys is swept at once, not at the next tick.
-    pub fn check(&self, key: &K) -> Result<(), Duration> {
-        let n = self.checks.fetch_add(1, Ordering::Relaxed);
-        if n % CHECK_LEN_EVERY == CHECK_LEN_EVERY - 1 && self.tracked() > MAX_TRACKED_KEYS {
-            self.sweep();
-        }
-        self.limiter
-            .check_key(key)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
-    }
-
-    /// Forgets the keys whose bucket is full again.
-    pub fn sweep(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
-    }
-
-    /// Keys currently tracked.
-    pub fn tracked(&self) -> usize {
-        self.limiter.len()
-    }
-}
-
-/// `Retry-After` for a wait: whole seconds, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// Shared by every request of one node.
@@ -229,7 +152,7 @@ impl Limits {
                         AuditKey::Ip(key),
                         format!(
                             "rate limit of {} requests/s for this client address exceeded",
-                            limit.rate
+                            limit.rate()
                         ),
                         wait,
                     ));
@@ -245,7 +168,7 @@ impl Limits {
                         AuditKey::Token(key),
                         format!(
                             "rate limit of {} requests/s for this token exceeded",
-                            limit.rate
+                            limit.rate()
                         ),
                         wait,
                     ));
@@ -266,20 +189,6 @@ impl Limits {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         resp
-    }
-}
-
-/// Runs `job` on `owner` every `every` until `owner` is dropped.
-async fn periodic<T>(owner: Weak<T>, every: Duration, job: fn(&T)) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(owner) = owner.upgrade() else {
-            return;
-        };
-        job(&owner);
     }
 }
 
@@ -464,15 +373,6 @@ impl Drop for RefusalAudit {
     }
 }
 
-/// The key of a client address: IPv4 addresses (also IPv4-mapped IPv6) as
-/// they are, IPv6 addresses by their /64, which one host can fill at will.
-pub fn ip_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
-        v4 => v4,
-    }
-}
-
 /// Paths the guards leave alone: the internal routes and `/health`.
 fn exempt(path: &str) -> bool {
     path == "/health" || path.starts_with("/raft/") || path.starts_with("/cluster/")
@@ -544,7 +444,7 @@ mod tests {
         let wait = l.check(&1).unwrap_err();
         assert!(wait <= Duration::from_millis(334), "{wait:?}");
         assert!(l.check(&2).is_ok());
-        assert_eq!(l.limiter.len(), 2);
+        assert_eq!(l.tracked(), 2);
         assert!(KeyedLimit::<u64>::new(0).is_none());
     }
 

@@ -10,7 +10,6 @@ mod forward;
 mod handlers;
 mod internal;
 pub mod limits;
-pub mod server;
 mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -45,7 +45,7 @@
 //! exactly as received after `/v2/{service}`; a `..` segment is refused with
 //! 400 (URL parsers would resolve it and leave the upstream's path).
 //!
-//! The listener is the node's server loop (`api::server::serve`): a request
+//! The listener is the node's server loop (`crate::http::server::serve`): a request
 //! head must be complete within `read_timeout` of its first byte
 //! (slowloris), idle keep-alive connections close after two minutes, and
 //! with `rate_limit_per_ip` each client address gets a `governor` bucket
@@ -91,8 +91,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::api::limits::{ip_key, retry_after_secs, KeyedLimit};
 use crate::config::GatewayArgs;
+use crate::http::limit::{ip_key, retry_after_secs, KeyedLimit};
 use metrics::GatewayMetrics;
 use routes::Routes;
 
@@ -354,11 +354,11 @@ pub async fn serve_with_registry(
     let registry_server = match registry_listener {
         Some(l) => {
             let front = Arc::new(registry_proxy::RegistryProxy::new(&cfg, metrics.clone())?);
-            let mut opts = crate::api::server::ServeOptions::plain(cfg.read_timeout);
+            let mut opts = crate::http::server::ServeOptions::plain(cfg.read_timeout);
             opts.refused = Some(metrics.connections_refused.clone());
             tracing::info!(addr = ?l.local_addr().ok(), nodes = ?cfg.registry, "registry stable address listening");
             let mut stop = stop_rx.clone();
-            Some(tokio::spawn(crate::api::server::serve(
+            Some(tokio::spawn(crate::http::server::serve(
                 l,
                 registry_proxy::router(front),
                 opts,
@@ -389,7 +389,7 @@ pub async fn serve_with_registry(
         metrics,
         limit,
     });
-    let mut serve_opts = crate::api::server::ServeOptions::plain(shared.cfg.read_timeout);
+    let mut serve_opts = crate::http::server::ServeOptions::plain(shared.cfg.read_timeout);
     if let Some(tls) = &shared.cfg.listener_tls {
         serve_opts.tls = Some(tls.clone());
         tokio::spawn(tls.clone().watch_files(stop_tx.subscribe(), |_| {}));
@@ -398,7 +398,7 @@ pub async fn serve_with_registry(
     tracing::info!(addr = ?listener.local_addr().ok(), https = serve_opts.tls.is_some(), "gateway listening");
     // The node's server loop: a head deadline (slowloris) and idle
     // keep-alive connections closed, which `axum::serve` does not do.
-    crate::api::server::serve(listener, router(shared), serve_opts, async move {
+    crate::http::server::serve(listener, router(shared), serve_opts, async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     })

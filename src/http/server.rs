@@ -215,20 +215,6 @@ impl Drop for ConnSlot {
     }
 }
 
-/// The address connections are counted under: IPv6 clients by /64.
-fn conn_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 /// A short answer written straight to a connection that is refused before
 /// HTTP is spoken on it.
 /// The body has the API's error shape: `{"error": code, "message": ...}`.
@@ -295,7 +281,7 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let key = conn_key(peer.ip());
+                let key = super::limit::ip_key(peer.ip());
                 let refusal = {
                     let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
                     let from_ip = o.per_ip.get(&key).copied().unwrap_or(0);
