@@ -10,6 +10,7 @@ mod forward;
 mod handlers;
 mod internal;
 pub mod limits;
+mod refusal_audit;
 mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
