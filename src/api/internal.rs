@@ -29,9 +29,9 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/raft/write", post(write))
         .route("/raft/writes", post(writes))
         .route("/raft/read-index", post(read_index))
-        .route("/cluster/status", get(super::cluster::status))
-        .route("/cluster/nodes", post(super::cluster::add))
-        .route("/cluster/nodes/{id}", delete(super::cluster::remove))
+        .route("/cluster/status", get(super::membership::status))
+        .route("/cluster/nodes", post(super::membership::add))
+        .route("/cluster/nodes/{id}", delete(super::membership::remove))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(
             state,

@@ -4,7 +4,7 @@
 
 mod access;
 pub mod batch_forward;
-mod cluster;
+mod membership;
 pub mod error;
 mod forward;
 mod handlers;
