@@ -36,6 +36,22 @@ struct Upstream {
     task: JoinHandle<()>,
 }
 
+/// Serves `app` on `l` until the returned sender is used or dropped.
+fn serve_until_stopped(
+    l: TcpListener,
+    app: Router,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (tx, task)
+}
+
 impl Upstream {
     async fn start(name: &'static str) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -58,14 +74,7 @@ impl Upstream {
             .route("/slow", get(slow_handler))
             .route("/status", get(status_handler))
             .fallback(move |req: Request| echo(name, req));
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (tx, task) = serve_until_stopped(l, app);
         Self {
             addr,
             stop: Some(tx),
@@ -752,14 +761,7 @@ impl FakeNode {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             fake_node_answer(mode, req)
         });
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let (stop, task) = serve_until_stopped(l, app);
         Self {
             addr,
             hits,

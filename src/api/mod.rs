@@ -4,12 +4,12 @@
 
 mod access;
 pub mod batch_forward;
-mod membership;
 pub mod error;
 mod forward;
 mod handlers;
 mod internal;
 pub mod limits;
+mod membership;
 mod refusal_audit;
 mod watch;
 

@@ -699,6 +699,20 @@ mod tests {
     use super::*;
     use crate::registry::TombstonePolicy;
 
+    /// Expires instance `a/x` (registered at 0 with a TTL of 5 s), keeping
+    /// a tombstone.
+    fn expire_x() -> Command {
+        Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        }
+    }
+
     fn registry() -> Registry {
         let inst = |id: &str| Instance {
             service_name: "a".into(),
@@ -723,16 +737,7 @@ mod tests {
             };
             r.apply(&cmd, 1, &mut Vec::new());
         }
-        let expire = Command::ExpireKeep {
-            now_ms: 60_000,
-            term: 1,
-            instances: vec![("a".into(), "x".into())],
-            keep: TombstonePolicy {
-                retention_ms: 1_000_000,
-                max: 10,
-            },
-        };
-        r.apply(&expire, 1, &mut Vec::new());
+        r.apply(&expire_x(), 1, &mut Vec::new());
         r
     }
 
@@ -781,15 +786,7 @@ mod tests {
             instance: t.instance.clone(),
             ext: t.ext.clone(),
         });
-        commands.push(Command::ExpireKeep {
-            now_ms: 60_000,
-            term: 1,
-            instances: vec![("a".into(), "x".into())],
-            keep: TombstonePolicy {
-                retention_ms: 1_000_000,
-                max: 10,
-            },
-        });
+        commands.push(expire_x());
         let entries: Vec<Entry> = commands
             .into_iter()
             .enumerate()
