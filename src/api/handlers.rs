@@ -448,6 +448,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metrics
             .expiry_paused
             .set(i64::from(applied.registry.expiry_paused()));
+        metrics
+            .tombstones
+            .set(applied.registry.tombstone_count() as i64);
     }
     metrics.term.set(m.current_term as i64);
     metrics

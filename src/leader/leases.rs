@@ -426,9 +426,6 @@ impl Leases {
                         .is_some_and(|t| now.saturating_sub(t) > keep.retention_ms);
                 (r.instance_count(), r.due(now), r.expiry_paused(), prune)
             };
-            self.metrics
-                .tombstones
-                .set(self.replica.read().registry.tombstone_count() as i64);
             {
                 // Renewed since the last checkpoint: alive, whatever the log says.
                 let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
