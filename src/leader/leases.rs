@@ -421,9 +421,7 @@ impl Leases {
             let (total, mut due, paused, prune) = {
                 let applied = self.replica.read();
                 let r = &applied.registry;
-                let prune = r.tombstone_count() > keep.max as usize
-                    || r.oldest_tombstone()
-                        .is_some_and(|t| now.saturating_sub(t) > keep.retention_ms);
+                let prune = r.needs_pruning(now, &keep);
                 (r.instance_count(), r.due(now), r.expiry_paused(), prune)
             };
             {

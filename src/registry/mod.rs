@@ -192,7 +192,6 @@ pub struct Registry {
     services: BTreeMap<String, BTreeMap<String, Live>>,
     expiry_paused: bool,
     tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
-    tombstone_count: usize,
 }
 
 /// A key change made by `apply`, so a persistent copy can follow it.
@@ -368,12 +367,11 @@ impl Registry {
         let ids: Vec<String> = match instance_id {
             Some(id) => vec![id.to_string()],
             None => {
-                let all = self.known_ids(service, |_| true);
                 let mine = origin.map_or_else(Vec::new, |o| {
                     self.known_ids(service, |e| e.origin.as_deref() == Some(o))
                 });
                 if mine.is_empty() {
-                    all
+                    self.known_ids(service, |_| true)
                 } else {
                     mine
                 }
@@ -453,15 +451,10 @@ impl Registry {
                     expired_at: now_ms,
                 };
                 changes.push(Change::Bury(t.clone()));
-                if self
-                    .tombstones
+                self.tombstones
                     .entry(service.clone())
                     .or_default()
-                    .insert(id.clone(), t)
-                    .is_none()
-                {
-                    self.tombstone_count += 1;
-                }
+                    .insert(id.clone(), t);
             }
         }
         if let Some(k) = keep {
@@ -478,6 +471,9 @@ impl Registry {
         keep: &TombstonePolicy,
         changes: &mut Vec<Change>,
     ) {
+        if !self.needs_pruning(now_ms, keep) {
+            return;
+        }
         let mut all: Vec<(Millis, String, String)> = self
             .tombstones
             .iter()
@@ -503,7 +499,6 @@ impl Registry {
         if graves.is_empty() {
             self.tombstones.remove(service);
         }
-        self.tombstone_count -= 1;
         changes.push(Change::Unbury {
             service_name: service.to_string(),
             instance_id: id.to_string(),
@@ -541,14 +536,10 @@ impl Registry {
 
     /// Inserts a tombstone as loaded from disk or a snapshot.
     pub fn restore_tombstone(&mut self, t: Tombstone) {
-        let replaced = self
-            .tombstones
+        self.tombstones
             .entry(t.instance.service_name.clone())
             .or_default()
             .insert(t.instance.instance_id.clone(), t);
-        if replaced.is_none() {
-            self.tombstone_count += 1;
-        }
     }
 
     pub fn get_instance(&self, service: &str, id: &str) -> Option<&Instance> {
@@ -591,38 +582,42 @@ impl Registry {
         instance_id: Option<&str>,
         origin: Option<&str>,
     ) -> HeartbeatTargets {
-        let live = |pick: &dyn Fn(&Instance, &InstanceExt) -> bool| -> Vec<(String, Millis)> {
+        // The named instance: one lookup each, live first.
+        if let Some(id) = instance_id {
+            return match (self.live(service, id), self.tombstone(service, id)) {
+                (Some(l), _) => {
+                    HeartbeatTargets::Live(vec![(id.to_string(), l.instance.last_heartbeat)])
+                }
+                (None, Some(_)) => HeartbeatTargets::Expired(vec![id.to_string()]),
+                (None, None) => HeartbeatTargets::Nothing,
+            };
+        }
+        let live = |pick: &dyn Fn(&InstanceExt) -> bool| -> Vec<(String, Millis)> {
             self.service_ext(service)
                 .into_iter()
                 .flatten()
-                .filter(|(i, e)| pick(i, e))
+                .filter(|(_, e)| pick(e))
                 .map(|(i, _)| (i.instance_id.clone(), i.last_heartbeat))
                 .collect()
         };
-        let dead = |pick: &dyn Fn(&Tombstone) -> bool| -> Vec<String> {
+        let dead = |pick: &dyn Fn(&InstanceExt) -> bool| -> Vec<String> {
             self.service_tombstones(service)
-                .filter(|t| pick(t))
+                .filter(|t| pick(&t.ext))
                 .map(|t| t.instance.instance_id.clone())
                 .collect()
         };
-        let from = |e: &InstanceExt| origin.is_some() && e.origin.as_deref() == origin;
-        let found = |live: Vec<(String, Millis)>, dead: Vec<String>| {
-            if !live.is_empty() {
-                Some(HeartbeatTargets::Live(live))
-            } else if !dead.is_empty() {
-                Some(HeartbeatTargets::Expired(dead))
-            } else {
-                None
+        // Live ones that `pick` chooses, else expired ones (looked for only
+        // when there are no live ones).
+        let found = |pick: &dyn Fn(&InstanceExt) -> bool| {
+            let l = live(pick);
+            if !l.is_empty() {
+                return Some(HeartbeatTargets::Live(l));
             }
+            let d = dead(pick);
+            (!d.is_empty()).then_some(HeartbeatTargets::Expired(d))
         };
-        let result = match instance_id {
-            Some(id) => found(
-                live(&|i, _| i.instance_id == id),
-                dead(&|t| t.instance.instance_id == id),
-            ),
-            None => found(live(&|_, e| from(e)), dead(&|t| from(&t.ext)))
-                .or_else(|| found(live(&|_, _| true), dead(&|_| true))),
-        };
+        let mine = |e: &InstanceExt| origin.is_some() && e.origin.as_deref() == origin;
+        let result = found(&mine).or_else(|| found(&|_| true));
         result.unwrap_or(HeartbeatTargets::Nothing)
     }
 
@@ -645,12 +640,16 @@ impl Registry {
     }
 
     pub fn tombstone_count(&self) -> usize {
-        self.tombstone_count
+        self.tombstones.values().map(BTreeMap::len).sum()
     }
 
-    /// When the oldest tombstone expired, if there is one.
-    pub fn oldest_tombstone(&self) -> Option<Millis> {
-        self.tombstones().map(|t| t.expired_at).min()
+    /// Whether `keep` would drop any tombstone at `now_ms`: more than its
+    /// most, or one older than its retention window.
+    pub fn needs_pruning(&self, now_ms: Millis, keep: &TombstonePolicy) -> bool {
+        self.tombstone_count() > keep.max as usize
+            || self
+                .tombstones()
+                .any(|t| now_ms.saturating_sub(t.expired_at) > keep.retention_ms)
     }
 
     /// Service names in sorted order.
