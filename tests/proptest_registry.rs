@@ -315,11 +315,24 @@ struct Shadow {
 fn follow(shadow: &mut Shadow, changes: &[Change]) {
     for c in changes {
         match c {
-            Change::Put(i, e) => {
-                shadow.live.insert(
-                    (i.service_name.clone(), i.instance_id.clone()),
-                    (i.clone(), e.clone()),
-                );
+            Change::Put(i) => {
+                // A renewal keeps what was kept beside the instance.
+                shadow
+                    .live
+                    .entry((i.service_name.clone(), i.instance_id.clone()))
+                    .and_modify(|(old, _)| *old = i.clone())
+                    .or_insert_with(|| (i.clone(), InstanceExt::default()));
+            }
+            Change::Ext {
+                service_name,
+                instance_id,
+                ext,
+            } => {
+                let live = shadow
+                    .live
+                    .get_mut(&(service_name.clone(), instance_id.clone()))
+                    .expect("an ext change follows its instance's put");
+                live.1 = ext.clone();
             }
             Change::Delete {
                 service_name,

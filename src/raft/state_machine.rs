@@ -230,7 +230,11 @@ fn put_instance(batch: &mut sled::Batch, inst: &Instance, ext: &InstanceExt) {
         instance_key(&inst.service_name, &inst.instance_id),
         encode(inst),
     );
-    let k = prefixed_key(EXT_PREFIX, &inst.service_name, &inst.instance_id);
+    put_ext(batch, &inst.service_name, &inst.instance_id, ext);
+}
+
+fn put_ext(batch: &mut sled::Batch, service: &str, id: &str, ext: &InstanceExt) {
+    let k = prefixed_key(EXT_PREFIX, service, id);
     if *ext == InstanceExt::default() {
         batch.remove(k);
     } else {
@@ -623,7 +627,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             for change in changes.drain(..) {
                 match change {
-                    Change::Put(inst, ext) => put_instance(&mut batch, &inst, &ext),
+                    Change::Put(inst) => batch.insert(
+                        instance_key(&inst.service_name, &inst.instance_id),
+                        encode(&inst),
+                    ),
+                    Change::Ext {
+                        service_name,
+                        instance_id,
+                        ext,
+                    } => put_ext(&mut batch, &service_name, &instance_id, &ext),
                     Change::Delete {
                         service_name,
                         instance_id,

@@ -197,7 +197,14 @@ pub struct Registry {
 /// A key change made by `apply`, so a persistent copy can follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put(Instance, InstanceExt),
+    Put(Instance),
+    /// What is kept beside an instance was set (registration, revival);
+    /// renewals leave it as it is.
+    Ext {
+        service_name: String,
+        instance_id: String,
+        ext: InstanceExt,
+    },
     Delete {
         service_name: String,
         instance_id: String,
@@ -216,7 +223,8 @@ impl Change {
     /// The service a change touches, if it touches one.
     pub fn service_name(&self) -> Option<&str> {
         match self {
-            Self::Put(i, _) => Some(&i.service_name),
+            Self::Put(i) => Some(&i.service_name),
+            Self::Ext { service_name, .. } => Some(service_name),
             Self::Delete { service_name, .. } => Some(service_name),
             // Tombstones are not part of any read view.
             Self::ExpiryPaused(_) | Self::Bury(_) | Self::Unbury { .. } => None,
@@ -253,7 +261,7 @@ impl Registry {
                     touched += 1;
                     if r.at > live.instance.last_heartbeat {
                         live.instance.last_heartbeat = r.at;
-                        changes.push(Change::Put(live.instance.clone(), live.ext.clone()));
+                        changes.push(Change::Put(live.instance.clone()));
                     }
                 }
                 CommandResult::Touched(touched)
@@ -350,7 +358,12 @@ impl Registry {
     }
 
     fn put(&mut self, instance: Instance, ext: InstanceExt, changes: &mut Vec<Change>) {
-        changes.push(Change::Put(instance.clone(), ext.clone()));
+        changes.push(Change::Put(instance.clone()));
+        changes.push(Change::Ext {
+            service_name: instance.service_name.clone(),
+            instance_id: instance.instance_id.clone(),
+            ext: ext.clone(),
+        });
         self.services
             .entry(instance.service_name.clone())
             .or_default()
