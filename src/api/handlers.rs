@@ -157,10 +157,7 @@ pub async fn register(
     let started = Instant::now();
     let result = async {
         let JsonBody(body) = body?;
-        let mut req = registry::parse_register(&body)?;
-        if body.get("ttl_seconds").is_none_or(Value::is_null) {
-            req.ttl_seconds = state.default_ttl;
-        }
+        let mut req = registry::parse_register_with(&body, state.default_ttl)?;
         let ip = caller_ip(&caller).unwrap_or_else(|| peer.ip().to_canonical().to_string());
         if req.host.is_none() {
             req.host = Some(ip.clone());

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use validate::{parse_heartbeat, parse_register, HeartbeatRequest, RegisterRequest};
+pub use validate::{
+    parse_heartbeat, parse_register, parse_register_with, HeartbeatRequest, RegisterRequest,
+};
 
 /// Milliseconds since the Unix epoch, as stamped by the leader.
 pub type Millis = i64;

@@ -398,8 +398,14 @@ fn integer(
     }
 }
 
-/// Validates a `POST /register` body.
+/// Validates a `POST /register` body; a body without `ttl_seconds` gets
+/// [`DEFAULT_TTL`].
 pub fn parse_register(body: &Value) -> Result<RegisterRequest, FieldError> {
+    parse_register_with(body, DEFAULT_TTL)
+}
+
+/// [`parse_register`] with the node's default TTL (`--default-ttl-secs`).
+pub fn parse_register_with(body: &Value, default_ttl: u32) -> Result<RegisterRequest, FieldError> {
     let obj = object(body)?;
     let Some(name) = string(obj, "service_name")? else {
         return err("service_name", "service_name is required");
@@ -450,7 +456,7 @@ pub fn parse_register(body: &Value) -> Result<RegisterRequest, FieldError> {
     if let Some(id) = id {
         instance_id(id)?;
     }
-    let ttl = integer(obj, "ttl_seconds", MIN_TTL, MAX_TTL)?.map_or(DEFAULT_TTL, |t| t as u32);
+    let ttl = integer(obj, "ttl_seconds", MIN_TTL, MAX_TTL)?.map_or(default_ttl, |t| t as u32);
     Ok(RegisterRequest {
         service_name: name.to_owned(),
         port,
