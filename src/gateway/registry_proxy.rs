@@ -76,9 +76,10 @@ pub const MAX_BLOCKING: Duration = Duration::from_secs(330);
 /// How much of a too large body is read (and dropped) before the `413`.
 const DRAIN_LIMIT: usize = 1024 * 1024;
 
-const CALLER: HeaderName = HeaderName::from_static("x-registry-caller");
-const VIA: HeaderName = HeaderName::from_static("x-registry-via");
-const SECRET: HeaderName = HeaderName::from_static("x-cluster-secret");
+// The nodes' own header names, so that the two sides cannot drift apart.
+const CALLER: HeaderName = HeaderName::from_static(crate::api::CALLER_HEADER);
+const VIA: HeaderName = HeaderName::from_static(crate::api::VIA_HEADER);
+const SECRET: HeaderName = HeaderName::from_static(crate::raft::network::SECRET_HEADER);
 const NODE: HeaderName = HeaderName::from_static("x-gateway-registry-node");
 
 /// Why a request went on to the next node (the metric's `reason` label).
