@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{ApiError, AppState};
-use crate::raft::state_machine::ViewIndex;
+use crate::raft::replica::ViewIndex;
 
 /// Default and largest wait.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);

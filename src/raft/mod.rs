@@ -33,13 +33,15 @@ pub mod durable;
 pub mod integrity;
 pub mod log_store;
 pub mod network;
+pub mod replica;
 pub mod state_machine;
 
 pub use durable::DiskSync;
 pub use integrity::{open_checked, CheckReport, DataDirError};
 pub use log_store::LogStore;
 pub use network::{Faults, Network};
-pub use state_machine::{Replica, StateMachineStore};
+pub use replica::Replica;
+pub use state_machine::StateMachineStore;
 
 pub type NodeId = u64;
 pub type Node = openraft::BasicNode;

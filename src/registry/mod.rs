@@ -9,73 +9,18 @@
 //! Every command is an idempotent upsert or delete: applying a retried
 //! command a second time leaves the registry as the first did.
 
+mod command;
+mod instance;
 pub mod lease;
 pub mod validate;
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
+pub use command::{Change, Command, CommandResult, Renewal};
+pub use instance::{Instance, InstanceExt, Millis, Tombstone, TombstonePolicy};
 pub use validate::{
     parse_heartbeat, parse_register, parse_register_with, HeartbeatRequest, RegisterRequest,
 };
-
-/// Milliseconds since the Unix epoch, as stamped by the leader.
-pub type Millis = i64;
-
-/// One registered instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    pub service_name: String,
-    pub instance_id: String,
-    pub host: String,
-    pub port: u16,
-    pub health_endpoint: String,
-    pub metadata: BTreeMap<String, String>,
-    pub ttl_seconds: u32,
-    pub registered_at: Millis,
-    pub last_heartbeat: Millis,
-}
-
-impl Instance {
-    /// The moment after which this instance may be expired.
-    pub fn deadline(&self) -> Millis {
-        self.last_heartbeat
-            .saturating_add(i64::from(self.ttl_seconds) * 1000)
-    }
-}
-
-/// What the registry keeps about a live instance beside its [`Instance`]
-/// record (whose layout older log entries and snapshots fix).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceExt {
-    /// The IP address the instance registered from, as the node that
-    /// received the registration saw it (or a trusted proxy reported it).
-    /// Name-only heartbeats and deregistrations from that address touch
-    /// only its instances.
-    pub origin: Option<String>,
-    /// The instance registered an `https://` endpoint.
-    pub https: bool,
-}
-
-/// An instance that expired: kept for the retention window so that a
-/// heartbeat naming it brings it back (old clients never register again).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tombstone {
-    pub instance: Instance,
-    pub ext: InstanceExt,
-    /// The leader's time of the expiry.
-    pub expired_at: Millis,
-}
-
-/// How long and how many expired instances are kept as tombstones. The
-/// leader stamps its flags into each expiry, so every node keeps the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TombstonePolicy {
-    pub retention_ms: Millis,
-    /// Most tombstones kept; beyond it the oldest go. 0 keeps none.
-    pub max: u32,
-}
 
 /// What a heartbeat renews or revives (see [`Registry::heartbeat_targets`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,99 +39,6 @@ struct Live {
     ext: InstanceExt,
 }
 
-/// A change to the registry, as it travels through the Raft log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Command {
-    /// Insert or replace an instance. A re-registration of the same
-    /// `instance_id` keeps the original `registered_at`.
-    Register { instance: Instance },
-    /// A checkpoint of renewals the leader acknowledged: raises each listed
-    /// instance's `last_heartbeat` to the given time (never lowers it).
-    /// Instances that are gone by now are skipped.
-    Renew { renewals: Vec<Renewal> },
-    /// Remove one instance, or the whole service when `instance_id` is `None`.
-    Deregister {
-        service_name: String,
-        instance_id: Option<String>,
-    },
-    /// Remove the listed instances that are due at `now_ms` (see
-    /// [`lease::is_due`]). Apply checks each deadline again, so an expiry
-    /// that arrives after a renewal removes nothing; and one stamped with a
-    /// term other than its entry's (a deposed leader's) removes nothing.
-    Expire {
-        now_ms: Millis,
-        term: u64,
-        instances: Vec<(String, String)>,
-    },
-    /// The leader paused or resumed expiry (mass-expiry protection); kept
-    /// in the replicated state so every node reports it.
-    SetExpiryPaused { paused: bool },
-    /// Client writes that arrived together, committed in one entry (group
-    /// commit, see `crate::leader::writes`) and applied in order, each with its
-    /// own result. Added last so older entries decode unchanged.
-    Batch { commands: Vec<Command> },
-    // Variants below were added later, after every older one, so that
-    // entries written by earlier releases decode unchanged.
-    /// `Register`, plus where the instance registered from and its scheme.
-    RegisterFrom {
-        instance: Instance,
-        ext: InstanceExt,
-    },
-    /// `Deregister` by a caller at `origin`: without an instance id, the
-    /// instances (live or tombstoned) registered from `origin` when there
-    /// are any, else the whole service. Tombstones it covers go too.
-    DeregisterFrom {
-        service_name: String,
-        instance_id: Option<String>,
-        origin: Option<String>,
-    },
-    /// `Expire` that keeps what it removes as tombstones, under `keep`
-    /// (which also prunes old ones).
-    ExpireKeep {
-        now_ms: Millis,
-        term: u64,
-        instances: Vec<(String, String)>,
-        keep: TombstonePolicy,
-    },
-    /// A heartbeat for expired instances: each listed one whose tombstone
-    /// is still there, expired at most `retention_ms` before `at` and not
-    /// live again, comes back with its last registration, as registered
-    /// at `at`.
-    Revive {
-        service_name: String,
-        instance_ids: Vec<String>,
-        at: Millis,
-        retention_ms: Millis,
-    },
-}
-
-/// One acknowledged renewal: the instance and the leader's time of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Renewal {
-    pub service_name: String,
-    pub instance_id: String,
-    pub at: Millis,
-}
-
-/// What applying a command produced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CommandResult {
-    /// The stored instance after a register.
-    Registered(Instance),
-    /// How many instances a heartbeat or deregister touched.
-    Touched(usize),
-    /// The service (or the named instance) is not registered.
-    NotFound,
-    /// How many instances an expiry removed.
-    Expired(usize),
-    /// A Raft-internal entry (blank or membership) that carries no command.
-    None,
-    /// The result of each command of a `Batch`, in order.
-    Batch(Vec<CommandResult>),
-    /// The instance ids a `Revive` brought back (never empty: `NotFound`).
-    Revived(Vec<String>),
-}
-
 /// The whole registry: service name → instance id → instance, and the
 /// tombstones of expired instances the same way.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -194,44 +46,6 @@ pub struct Registry {
     services: BTreeMap<String, BTreeMap<String, Live>>,
     expiry_paused: bool,
     tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
-}
-
-/// A key change made by `apply`, so a persistent copy can follow it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    Put(Instance),
-    /// What is kept beside an instance was set (registration, revival);
-    /// renewals leave it as it is.
-    Ext {
-        service_name: String,
-        instance_id: String,
-        ext: InstanceExt,
-    },
-    Delete {
-        service_name: String,
-        instance_id: String,
-    },
-    ExpiryPaused(bool),
-    /// A tombstone was added (or replaced).
-    Bury(Tombstone),
-    /// A tombstone went (revived, deregistered, registered again, pruned).
-    Unbury {
-        service_name: String,
-        instance_id: String,
-    },
-}
-
-impl Change {
-    /// The service a change touches, if it touches one.
-    pub fn service_name(&self) -> Option<&str> {
-        match self {
-            Self::Put(i) => Some(&i.service_name),
-            Self::Ext { service_name, .. } => Some(service_name),
-            Self::Delete { service_name, .. } => Some(service_name),
-            // Tombstones are not part of any read view.
-            Self::ExpiryPaused(_) | Self::Bury(_) | Self::Unbury { .. } => None,
-        }
-    }
 }
 
 impl Registry {

@@ -1,0 +1,394 @@
+//! The Raft state machine: applies committed commands to the registry, keeps
+//! a persistent copy of it in sled, and builds and installs snapshots.
+//!
+//! The live registry sits in memory behind a [`Replica`] that the HTTP layer
+//! reads; sled holds the same data (tree `sm`, laid out in [`records`]) so a
+//! restart does not replay the whole log. Apply never reads the clock: times
+//! come inside commands. The snapshot format is in [`snapshot`].
+//!
+//! Every value is sealed with a CRC32 (see [`super::codec`]); [`check`]
+//! verifies every record and the current snapshot at start-up.
+
+mod records;
+mod snapshot;
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+
+use super::codec::{unseal, Corruption};
+use super::durable::DiskSync;
+use super::replica::{Applied, Replica, ViewIndex};
+use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
+use crate::registry::{CommandResult, InstanceExt};
+
+pub use records::{check, StateMachineCheck};
+use records::{
+    decode_record, encode, put_instance, put_tombstone, write_change, Record, CURRENT_SNAPSHOT,
+    EXPIRY_PAUSED, MEMBERSHIP,
+};
+pub(crate) use records::{APPLIED, SM_TREE, SNAPSHOT_TREE};
+use snapshot::{decode_snapshot_data, encode_snapshot_data, StoredSnapshot};
+
+/// The sled-backed state machine. Clones share everything.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    replica: Arc<Replica>,
+    db: sled::Db,
+    sync: DiskSync,
+    sm: sled::Tree,
+    snapshots: sled::Tree,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine, loading the applied registry from sled, or
+    /// from the current snapshot when that is newer (a crash during install).
+    /// Snapshots are made durable through `sync`.
+    pub fn open(db: &sled::Db, sync: DiskSync) -> Result<Self, StorageError> {
+        let store = Self {
+            replica: Arc::new(Replica::default()),
+            db: db.clone(),
+            sync,
+            sm: db
+                .open_tree(SM_TREE)
+                .map_err(|e| StorageIOError::read_state_machine(&e))?,
+            snapshots: db
+                .open_tree(SNAPSHOT_TREE)
+                .map_err(|e| StorageIOError::read_state_machine(&e))?,
+        };
+        let mut applied = Applied::default();
+        for item in store.sm.iter() {
+            let (k, v) = item.map_err(|e| StorageIOError::read_state_machine(&e))?;
+            match decode_record(&k, &v).map_err(|e| StorageIOError::read_state_machine(&e))? {
+                Record::Applied(a) => applied.last_applied = a,
+                Record::Membership(m) => applied.membership = m,
+                Record::ExpiryPaused(p) => applied.registry.restore_expiry_paused(p),
+                Record::Instance(inst) => applied.registry.restore(inst, InstanceExt::default()),
+                // Keys sort `i/` < `m/` < `t/` < `x/`: instances come first.
+                Record::Ext(service, id, ext) => applied.registry.restore_ext(&service, &id, ext),
+                Record::Tombstone(t) => applied.registry.restore_tombstone(t),
+            }
+        }
+        let floor = applied.applied_index();
+        applied.views.reset(floor);
+        *store.replica.write() = applied;
+        store.replica.publish(floor);
+        if let Some(snap) = store.read_snapshot()? {
+            if snap.meta.last_log_id > store.replica.read().last_applied {
+                store.load_snapshot(&snap)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The shared applied state that HTTP handlers read.
+    pub fn replica(&self) -> Arc<Replica> {
+        self.replica.clone()
+    }
+
+    fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
+        match self
+            .snapshots
+            .get(CURRENT_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                unseal(&v)
+                    .map_err(|why| Corruption::new("current snapshot", why))
+                    .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
+            )),
+        }
+    }
+
+    async fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let sig = Some(snap.meta.signature());
+        self.snapshots
+            .insert(CURRENT_SNAPSHOT, encode(snap))
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.sync
+            .flush(&self.db)
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(())
+    }
+
+    /// Replaces the applied state, in memory and in sled, with a snapshot's.
+    fn load_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+        let sig = Some(snap.meta.signature());
+        let registry = decode_snapshot_data(&snap.data)
+            .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        let mut batch = sled::Batch::default();
+        for item in self.sm.iter().keys() {
+            batch.remove(item.map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?);
+        }
+        for (inst, ext) in registry.instances_ext() {
+            put_instance(&mut batch, inst, ext);
+        }
+        for t in registry.tombstones() {
+            put_tombstone(&mut batch, t);
+        }
+        batch.insert(APPLIED, encode(&snap.meta.last_log_id));
+        batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
+        batch.insert(EXPIRY_PAUSED, encode(&registry.expiry_paused()));
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        let floor = snap.meta.last_log_id.map_or(0, |l| l.index);
+        let mut views = ViewIndex::default();
+        views.reset(floor);
+        *self.replica.write() = Applied {
+            registry,
+            last_applied: snap.meta.last_log_id,
+            membership: snap.meta.last_membership.clone(),
+            views,
+        };
+        self.replica.publish(floor);
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_log_id, last_membership) = {
+            let applied = self.replica.read();
+            (
+                encode_snapshot_data(&applied.registry),
+                applied.last_applied,
+                applied.membership.clone(),
+            )
+        };
+        // Plain bincode: this travels to followers as is. At rest the whole
+        // stored snapshot is sealed.
+        let data = data.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // The id only has to be unique; the wall clock is fine here because
+        // building a snapshot is not part of apply.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let snapshot_id = match last_log_id {
+            Some(l) => format!("{}-{}-{nanos}", l.leader_id, l.index),
+            None => format!("none-{nanos}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.save_snapshot(&stored).await?;
+        tracing::info!(
+            snapshot = %stored.meta.snapshot_id,
+            bytes = stored.data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+        let applied = self.replica.read();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut changes = Vec::new();
+        let mut batch = sled::Batch::default();
+        let last_index = {
+            let mut guard = self.replica.write();
+            let applied = &mut *guard;
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::None,
+                    EntryPayload::Normal(cmd) => applied.apply_command(
+                        &cmd,
+                        entry.log_id.leader_id.get_term(),
+                        entry.log_id.index,
+                        &mut changes,
+                    ),
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        batch.insert(MEMBERSHIP, encode(&applied.membership));
+                        CommandResult::None
+                    }
+                };
+                results.push(result);
+            }
+            for change in changes.drain(..) {
+                write_change(&mut batch, change);
+            }
+            batch.insert(APPLIED, encode(&applied.last_applied));
+            applied.applied_index()
+        };
+        // One atomic batch per call: data and applied index move together.
+        // Not flushed: the flushed log is the source of truth after a crash.
+        self.sm
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        self.replica.publish(last_index);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        };
+        // Save first: if we crash while replacing the state, `open` finds a
+        // snapshot newer than the state and loads it again.
+        self.save_snapshot(&stored).await?;
+        self.load_snapshot(&stored)?;
+        self.replica.count_snapshot_installed();
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot from leader");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.read_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot::SnapshotData;
+    use super::*;
+    use crate::registry::{Command, Instance, Registry, TombstonePolicy};
+
+    /// Expires instance `a/x` (registered at 0 with a TTL of 5 s), keeping
+    /// a tombstone.
+    fn expire_x() -> Command {
+        Command::ExpireKeep {
+            now_ms: 60_000,
+            term: 1,
+            instances: vec![("a".into(), "x".into())],
+            keep: TombstonePolicy {
+                retention_ms: 1_000_000,
+                max: 10,
+            },
+        }
+    }
+
+    fn registry() -> Registry {
+        let inst = |id: &str| Instance {
+            service_name: "a".into(),
+            instance_id: id.into(),
+            host: "h".into(),
+            port: 1,
+            health_endpoint: "/health".into(),
+            metadata: Default::default(),
+            ttl_seconds: 5,
+            registered_at: 0,
+            last_heartbeat: 0,
+        };
+        let mut r = Registry::new();
+        for id in ["x", "y", "z"] {
+            let ext = InstanceExt {
+                origin: (id != "z").then(|| "10.0.0.1".into()),
+                https: id == "y",
+            };
+            let cmd = Command::RegisterFrom {
+                instance: inst(id),
+                ext,
+            };
+            r.apply(&cmd, 1, &mut Vec::new());
+        }
+        r.apply(&expire_x(), 1, &mut Vec::new());
+        r
+    }
+
+    #[test]
+    fn a_snapshot_keeps_origins_and_tombstones() {
+        let r = registry();
+        assert_eq!(r.tombstone_count(), 1);
+        let bytes = encode_snapshot_data(&r).unwrap();
+        assert_eq!(decode_snapshot_data(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn a_snapshot_of_the_first_release_still_loads() {
+        // The first release wrote `SnapshotData` alone.
+        let r = registry();
+        let old = SnapshotData {
+            instances: r.instances().cloned().collect(),
+            expiry_paused: true,
+        };
+        let loaded = decode_snapshot_data(&bincode::serialize(&old).unwrap()).unwrap();
+        assert_eq!(loaded.instance_count(), 2);
+        assert!(loaded.expiry_paused());
+        assert_eq!(loaded.tombstone_count(), 0);
+        // And the first release reads this release's snapshot (it ignores
+        // the extension: bincode leaves trailing bytes unread).
+        let new = encode_snapshot_data(&r).unwrap();
+        let read_by_old: SnapshotData = bincode::deserialize(&new).unwrap();
+        assert_eq!(read_by_old.instances.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn origins_and_tombstones_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut sm = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        let r = registry();
+        let mut commands = Vec::new();
+        for (i, e) in r.instances_ext() {
+            commands.push(Command::RegisterFrom {
+                instance: i.clone(),
+                ext: e.clone(),
+            });
+        }
+        let t = r.tombstones().next().unwrap().clone();
+        commands.push(Command::RegisterFrom {
+            instance: t.instance.clone(),
+            ext: t.ext.clone(),
+        });
+        commands.push(expire_x());
+        let entries: Vec<Entry> = commands
+            .into_iter()
+            .enumerate()
+            .map(|(k, cmd)| Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), k as u64 + 1),
+                payload: EntryPayload::Normal(cmd),
+            })
+            .collect();
+        sm.apply(entries).await.unwrap();
+        let before = sm.replica().read().registry.clone();
+        assert_eq!(before.tombstone_count(), 1);
+        drop(sm);
+        let again = StateMachineStore::open(&db, DiskSync::disabled()).unwrap();
+        assert_eq!(again.replica().read().registry, before);
+        check(&db).unwrap();
+    }
+}

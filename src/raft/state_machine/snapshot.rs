@@ -1,0 +1,79 @@
+//! The snapshot format: the registry as a snapshot carries it, to followers
+//! and at rest (where the whole [`StoredSnapshot`] is sealed, see
+//! [`super::records`]). Snapshots of the first release still load.
+
+use std::io::Cursor;
+
+use openraft::SnapshotMeta;
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{Node, NodeId};
+use crate::registry::{Instance, InstanceExt, Registry, Tombstone};
+
+/// A snapshot as stored in sled and sent to followers.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredSnapshot {
+    pub(super) meta: SnapshotMeta<NodeId, Node>,
+    pub(super) data: Vec<u8>,
+}
+
+/// The serialized form of the registry inside a snapshot: this, then (from
+/// this release on) a [`SnapshotExt`] right after it. A snapshot of an
+/// earlier release ends after this part; one of this release read by an
+/// earlier release has its extension ignored (bincode leaves trailing bytes).
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotData {
+    pub(super) instances: Vec<Instance>,
+    pub(super) expiry_paused: bool,
+}
+
+/// The part of a snapshot added after the first release.
+#[derive(Serialize, Deserialize, Default)]
+struct SnapshotExt {
+    /// `(service, instance id, ext)` of each instance whose ext is not the
+    /// default.
+    ext: Vec<(String, String, InstanceExt)>,
+    tombstones: Vec<Tombstone>,
+}
+
+/// A snapshot's registry, both parts.
+pub(super) fn encode_snapshot_data(registry: &Registry) -> Result<Vec<u8>, bincode::Error> {
+    let data = SnapshotData {
+        instances: registry.instances().cloned().collect(),
+        expiry_paused: registry.expiry_paused(),
+    };
+    let ext = SnapshotExt {
+        ext: registry
+            .instances_ext()
+            .filter(|(_, e)| **e != InstanceExt::default())
+            .map(|(i, e)| (i.service_name.clone(), i.instance_id.clone(), e.clone()))
+            .collect(),
+        tombstones: registry.tombstones().cloned().collect(),
+    };
+    let mut out = bincode::serialize(&data)?;
+    bincode::serialize_into(&mut out, &ext)?;
+    Ok(out)
+}
+
+/// Reads a snapshot's registry, with or without the extension.
+pub(super) fn decode_snapshot_data(bytes: &[u8]) -> Result<Registry, bincode::Error> {
+    let mut cursor = Cursor::new(bytes);
+    let data: SnapshotData = bincode::deserialize_from(&mut cursor)?;
+    let ext: SnapshotExt = if (cursor.position() as usize) < bytes.len() {
+        bincode::deserialize_from(&mut cursor)?
+    } else {
+        SnapshotExt::default()
+    };
+    let mut registry = Registry::new();
+    registry.restore_expiry_paused(data.expiry_paused);
+    for inst in data.instances {
+        registry.restore(inst, InstanceExt::default());
+    }
+    for (service, id, e) in ext.ext {
+        registry.restore_ext(&service, &id, e);
+    }
+    for t in ext.tombstones {
+        registry.restore_tombstone(t);
+    }
+    Ok(registry)
+}
