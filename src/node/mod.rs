@@ -5,12 +5,12 @@
 //! The caller binds the listener (port 0 in tests) so it always knows the
 //! address before the node starts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use openraft::{BasicNode, ServerState};
+use openraft::BasicNode;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,6 +22,13 @@ use crate::metrics::Metrics;
 use crate::raft::{
     self, DataDirError, DiskSync, Faults, LogStore, Network, NodeId, Raft, StateMachineStore,
 };
+
+mod background;
+mod settings;
+
+use background::{join, leader_changes, watchdog};
+pub use settings::raft_config;
+use settings::{expiry, initial_members, limits};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,52 +66,6 @@ pub struct RunningNode {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
-}
-
-/// Builds openraft's configuration from the node's flags.
-pub fn raft_config(args: &NodeArgs) -> Result<openraft::Config, StartError> {
-    let config = openraft::Config {
-        cluster_name: "vertice-register".into(),
-        heartbeat_interval: args.heartbeat_ms,
-        election_timeout_min: args.election_timeout_ms,
-        election_timeout_max: args.election_timeout_ms * 2,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_threshold),
-        max_in_snapshot_log_to_keep: (args.snapshot_threshold / 10).min(1000),
-        ..Default::default()
-    };
-    config
-        .validate()
-        .map_err(|e| StartError::Config(e.to_string()))
-}
-
-/// The request limits of the public API, from the node's flags.
-fn limits(args: &NodeArgs) -> api::LimitConfig {
-    api::LimitConfig {
-        per_ip: args.rate_limit_per_ip,
-        per_token: args.rate_limit_per_token,
-        read_timeout: Duration::from_millis(args.read_timeout_ms),
-    }
-}
-
-/// The leader's expiry settings, from the node's flags.
-fn expiry(args: &NodeArgs) -> crate::leader::leases::ExpiryConfig {
-    crate::leader::leases::ExpiryConfig {
-        protection: crate::registry::lease::Protection {
-            threshold: args.expiry_pause_threshold,
-            min_instances: args.expiry_pause_min_instances,
-        },
-        window: Duration::from_secs(args.expiry_window_secs),
-        pause_max: Duration::from_secs(args.expiry_pause_max_secs),
-        tombstones: crate::registry::TombstonePolicy {
-            retention_ms: i64::try_from(args.tombstone_retention_secs.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
-            max: if args.tombstone_retention_secs == 0 {
-                0
-            } else {
-                args.max_tombstones
-            },
-        },
-    }
 }
 
 impl RunningNode {
@@ -420,148 +381,3 @@ impl RunningNode {
     }
 }
 
-/// The voters this node bootstraps with: `--peers`, or itself alone.
-fn initial_members(args: &NodeArgs) -> Result<BTreeMap<NodeId, String>, StartError> {
-    let peers = match &args.peers {
-        Some(p) => p.0.clone(),
-        None => BTreeMap::from([(args.id, args.advertise().to_string())]),
-    };
-    if args.tokens.is_some() && args.cluster_secret.is_none() && !args.insecure {
-        return Err(StartError::Config(
-            "--tokens needs --cluster-secret too: without one the node-to-node /raft/* routes are open, which bypasses the tokens (or pass --insecure)"
-                .into(),
-        ));
-    }
-    if args.join.is_some() {
-        // A joining node starts empty and is added by the running cluster.
-        return Ok(BTreeMap::new());
-    }
-    if !peers.contains_key(&args.id) {
-        return Err(StartError::Config(format!(
-            "--peers does not list this node's id {}",
-            args.id
-        )));
-    }
-    if peers.len() > 1 && args.cluster_secret.is_none() && !args.insecure {
-        return Err(StartError::Config(
-            "a cluster of more than one voter needs --cluster-secret (or --insecure to run without one)"
-                .into(),
-        ));
-    }
-    Ok(peers)
-}
-
-/// openraft 0.9.25 can repeat split votes; if no leader shows up within a
-/// few election timeouts, start an election ourselves (with jitter, so two
-/// watchdogs do not collide again).
-async fn watchdog(
-    state: Arc<AppState>,
-    config: Arc<openraft::Config>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let bound = Duration::from_millis(config.election_timeout_max * 3);
-    let mut leaderless_since: Option<Instant> = None;
-    loop {
-        let pause = Duration::from_millis(config.heartbeat_interval + rand::random::<u64>() % 100);
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        let m = state.raft.metrics().borrow().clone();
-        let voter = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == state.id);
-        let view = state.leader_view();
-        if view.live || !voter || m.state == ServerState::Leader {
-            leaderless_since = None;
-            continue;
-        }
-        let since = *leaderless_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= bound {
-            tracing::warn!(
-                term = m.current_term,
-                "no leader for {:?}; triggering an election",
-                since.elapsed()
-            );
-            let _ = state.raft.trigger().elect().await;
-            leaderless_since = Some(Instant::now());
-        }
-    }
-}
-
-/// Asks a running cluster to add this node, until it says yes. An already
-/// added node is answered at once ("no change"), so restarting with the same
-/// `--join` is harmless.
-async fn join(state: Arc<AppState>, url: String, advertise: String) {
-    let url = format!("{}/cluster/nodes", url.trim_end_matches('/'));
-    let body = serde_json::json!({"id": state.id, "addr": advertise});
-    let mut attempt: u32 = 0;
-    loop {
-        let req = state
-            .net
-            .post(&url)
-            .json(&body)
-            .timeout(Duration::from_secs(90));
-        match req.send().await {
-            Ok(r) if r.status().is_success() => {
-                tracing::info!(%url, "joined the cluster");
-                return;
-            }
-            Ok(r) if r.status().is_client_error() => {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                tracing::error!(%url, %status, %text, "the cluster refused to add this node; not retrying");
-                return;
-            }
-            Ok(r) => {
-                if attempt.is_multiple_of(10) {
-                    tracing::warn!(%url, status = %r.status(), "could not join yet; retrying");
-                }
-            }
-            Err(e) => {
-                if attempt.is_multiple_of(10) {
-                    tracing::warn!(%url, error = %e, "could not reach the cluster to join; retrying");
-                }
-            }
-        }
-        attempt += 1;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// Counts and logs every change of leader this node sees.
-async fn leader_changes(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut metrics = state.raft.metrics();
-    let mut last: Option<NodeId> = None;
-    let mut members: BTreeSet<NodeId> = BTreeSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            changed = metrics.changed() => if changed.is_err() { return },
-        }
-        let (leader, term, voters) = {
-            let m = metrics.borrow();
-            (
-                m.current_leader,
-                m.current_term,
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect::<BTreeSet<_>>(),
-            )
-        };
-        if leader != last {
-            if leader.is_some() {
-                state.metrics.leader_changes.inc();
-            }
-            tracing::info!(?leader, term, "leader changed");
-            last = leader;
-        }
-        if voters != members {
-            tracing::info!(?voters, "membership changed");
-            members = voters;
-        }
-    }
-}
