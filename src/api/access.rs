@@ -43,7 +43,17 @@ pub(super) fn public_route(method: &Method, path: &str) -> (Role, &'static str) 
     }
 }
 
-impl AppState {
+/// Who may do what: API tokens (`--tokens`) and the routes open without
+/// one, the audit log (`--audit-log`, or a no-op), and TLS when the node
+/// speaks HTTPS.
+pub struct Access {
+    pub auth: Arc<crate::auth::Auth>,
+    pub audit: crate::audit::AuditLog,
+    pub tls: Option<Arc<crate::tls::Tls>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Access {
     /// Counts, logs and audits a refusal, and turns it into the answer.
     pub fn refuse(
         &self,
@@ -115,7 +125,7 @@ impl AppState {
 /// secret, or the cluster has none (then every route is open anyway).
 fn proxied_caller(state: &AppState, req: &Request) -> Option<String> {
     let reported = req.headers().get(CALLER_HEADER)?.to_str().ok()?.trim();
-    let trusted = match &state.net.secret {
+    let trusted = match &state.leadership.net.secret {
         None => true,
         Some(s) => req
             .headers()
@@ -152,13 +162,13 @@ pub async fn public_guard(
         addr: proxied_caller(&state, &req).or_else(|| peer_of(&req)),
         ..Default::default()
     };
-    if let Some(tokens) = state.auth.tokens() {
+    if let Some(tokens) = state.access.auth.tokens() {
         let path = req.uri().path().to_string();
         let token = request_token(req.headers());
         let identity = token.and_then(|t| tokens.verify(t));
         caller.token = token.map(Secret::from);
         caller.identity = identity.clone();
-        if !state.auth.is_public(&path) {
+        if !state.access.auth.is_public(&path) {
             let (needed, operation) = public_route(req.method(), &path);
             let verdict = match (token, identity) {
                 (None, _) => Err(Refusal::MissingToken),
@@ -167,6 +177,7 @@ pub async fn public_guard(
             };
             if let Err(r) = verdict {
                 return state
+                    .access
                     .refuse(&caller, operation, json!(path), &r)
                     .into_response();
             }
@@ -184,7 +195,7 @@ pub async fn internal_guard(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if state.net.faults.is_isolated() {
+    if state.leadership.net.faults.is_isolated() {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "isolated by the test fault switch",
@@ -200,12 +211,12 @@ pub async fn internal_guard(
         .headers()
         .get(crate::raft::network::SECRET_HEADER)
         .map(|v| v.as_bytes());
-    let secret_ok = match &state.net.secret {
+    let secret_ok = match &state.leadership.net.secret {
         Some(s) => secret_given.is_some_and(|g| crate::auth::secret_matches(g, s.as_bytes())),
         None => false,
     };
     if !path.starts_with("/cluster/") {
-        let needs_cert = state.tls.as_ref().is_some_and(|t| t.mutual());
+        let needs_cert = state.access.tls.as_ref().is_some_and(|t| t.mutual());
         if needs_cert
             && req
                 .extensions()
@@ -214,7 +225,7 @@ pub async fn internal_guard(
         {
             return refuse_peer_cert(&state, &caller, &path);
         }
-        if state.net.secret.is_some() && !secret_ok {
+        if state.leadership.net.secret.is_some() && !secret_ok {
             return refuse_secret(&state, &caller, &path);
         }
         return next.run(req).await;
@@ -232,7 +243,7 @@ pub async fn internal_guard(
         }
         caller.via = h(VIA_HEADER).and_then(|v| v.parse().ok());
     }
-    match state.auth.tokens() {
+    match state.access.auth.tokens() {
         Some(tokens) => {
             let token = request_token(req.headers());
             let identity = token.and_then(|t| tokens.verify(t));
@@ -245,7 +256,7 @@ pub async fn internal_guard(
                     (Some(_), Some(id)) => id.require(Role::Admin),
                 };
                 if let Err(r) = verdict {
-                    let err = state.refuse(&caller, "cluster", json!(path), &r);
+                    let err = state.access.refuse(&caller, "cluster", json!(path), &r);
                     let err = match err {
                         ApiError::TokenRequired(m) => ApiError::TokenRequired(format!(
                             "{m} (the /cluster/* routes take the cluster secret in X-Cluster-Secret, or an admin token)"
@@ -257,7 +268,7 @@ pub async fn internal_guard(
             }
         }
         None => {
-            if state.net.secret.is_some() && !secret_ok {
+            if state.leadership.net.secret.is_some() && !secret_ok {
                 return refuse_secret(&state, &caller, &path);
             }
         }
@@ -277,7 +288,7 @@ fn refuse_peer_cert(state: &AppState, caller: &Caller, path: &str) -> Response {
         caller = caller.addr.as_deref().unwrap_or("-"),
         "refused a node-to-node request without a client certificate signed by --tls-ca"
     );
-    state.audit.record(
+    state.access.audit.record(
         Some(caller),
         "raft",
         json!(path),
@@ -301,7 +312,7 @@ fn refuse_secret(state: &AppState, caller: &Caller, path: &str) -> Response {
         caller = caller.addr.as_deref().unwrap_or("-"),
         "refused a cluster request without the right secret"
     );
-    state.audit.record(
+    state.access.audit.record(
         Some(caller),
         if path.starts_with("/cluster/") {
             "cluster"

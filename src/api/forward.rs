@@ -83,7 +83,7 @@ impl AppState {
     fn no_leader(&self, what: &str) -> ApiError {
         ApiError::Unavailable(format!(
             "no leader reachable within {} ms to {what}; retry shortly",
-            self.leader_wait.as_millis()
+            self.leadership.leader_wait.as_millis()
         ))
     }
 
@@ -94,10 +94,10 @@ impl AppState {
         req: WriteRequest,
         caller: &Caller,
     ) -> Result<CommandResult, ApiError> {
-        self.authorize_write(caller, &req)?;
+        self.access.authorize_write(caller, &req)?;
         let result = self.write_via_leader(&req, caller).await;
         if req.audited() {
-            self.audit.record(
+            self.access.audit.record(
                 Some(caller),
                 req.kind(),
                 req.target(),
@@ -113,7 +113,7 @@ impl AppState {
         req: &WriteRequest,
         caller: &Caller,
     ) -> Result<CommandResult, ApiError> {
-        let deadline = Instant::now() + self.leader_wait;
+        let deadline = Instant::now() + self.leadership.leader_wait;
         self.with_leader(deadline, "commit the write", |at, remaining| async move {
             match at {
                 LeaderAt::Here => Ok(match self.write_local(req, remaining).await {
@@ -151,9 +151,9 @@ impl AppState {
             if remaining.is_zero() {
                 return Err(self.no_leader(what));
             }
-            let view = self.leader_view();
+            let view = self.leadership.leader_view();
             let at = match (view.leader_id, view.leader_addr) {
-                (Some(id), _) if id == self.id => LeaderAt::Here,
+                (Some(id), _) if id == self.leadership.id => LeaderAt::Here,
                 (Some(_), Some(addr)) => LeaderAt::There(addr),
                 _ => {
                     self.wait_for_leader(remaining).await;
@@ -204,12 +204,12 @@ impl AppState {
         // A node with neither tokens nor an audit log sends the bare request,
         // as earlier releases did, so that an open cluster can be upgraded
         // one node at a time.
-        let write = if self.auth.enabled() || self.audit.enabled() {
+        let write = if self.access.auth.enabled() || self.access.audit.enabled() {
             Outgoing::Envelope {
                 write: req.clone(),
                 token: caller.token.as_ref().map(|t| t.expose().to_string()),
                 caller: caller.addr.clone(),
-                via: self.id,
+                via: self.leadership.id,
             }
         } else {
             Outgoing::Bare(req.clone())
@@ -235,13 +235,14 @@ impl AppState {
         req: &Req,
         remaining: Duration,
     ) -> Attempt<Resp> {
-        if self.net.faults.is_isolated() {
+        if self.leadership.net.faults.is_isolated() {
             return Attempt::Retry;
         }
         let started = Instant::now();
         let sent = self
+            .leadership
             .net
-            .post(self.net.url(addr, &format!("/raft/{path}")))
+            .post(self.leadership.net.url(addr, &format!("/raft/{path}")))
             .json(req)
             .timeout(remaining)
             .send()
@@ -272,6 +273,7 @@ impl AppState {
 
     async fn wait_for_leader(&self, remaining: Duration) {
         let _ = self
+            .leadership
             .raft
             .wait(Some(remaining.min(Duration::from_millis(200))))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
@@ -284,7 +286,7 @@ impl AppState {
         if self.test_stale_reads {
             return Ok(());
         }
-        let deadline = Instant::now() + self.leader_wait;
+        let deadline = Instant::now() + self.leadership.leader_wait;
         let index = self
             .with_leader(
                 deadline,
@@ -317,7 +319,8 @@ impl AppState {
             )
             .await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        self.raft
+        self.leadership
+            .raft
             .wait(Some(remaining))
             .applied_index_at_least(Some(index), "consistent read")
             .await

@@ -124,7 +124,7 @@ impl AppState {
 
     /// The three headers every read carries.
     fn read_headers(&self, applied_index: u64) -> [(HeaderName, HeaderValue); 3] {
-        let view = self.leader_view();
+        let view = self.leadership.leader_view();
         [
             (
                 HeaderName::from_static("x-registry-index"),
@@ -282,7 +282,10 @@ pub async fn list_services(
         let consistent = q.consistent()?;
         if let Some(after) = q.index {
             let wait = super::watch::parse_wait(q.wait.as_deref())?;
-            state.block_until_changed(after, wait, |v| v.list()).await?;
+            state
+                .watching
+                .block_until_changed(after, wait, |v| v.list())
+                .await?;
         }
         if consistent {
             state.read_barrier().await?;
@@ -322,7 +325,7 @@ pub async fn get_service(
         if let Some(after) = q.index {
             let wait = super::watch::parse_wait(q.wait.as_deref())?;
             state
-                .block_until_changed(after, wait, |v| v.service(&service))
+                .watching.block_until_changed(after, wait, |v| v.service(&service))
                 .await?;
         }
         if consistent {
@@ -384,8 +387,8 @@ fn url_host(host: &str) -> String {
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let view = state.leader_view();
-    let m = state.raft.metrics().borrow().clone();
+    let view = state.leadership.leader_view();
+    let m = state.leadership.raft.metrics().borrow().clone();
     let (index, services, instances, expiry_paused) = {
         let applied = state.replica.read();
         (
@@ -400,7 +403,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let learners: Vec<u64> = membership.learner_ids().collect();
     let body = json!({
         "status": if view.live { "healthy" } else { "unhealthy" },
-        "node_id": state.id,
+        "node_id": state.leadership.id,
         "role": view.role,
         "leader_id": view.leader_id,
         "term": view.term,
@@ -431,7 +434,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let m = state.raft.metrics().borrow().clone();
+    let m = state.leadership.raft.metrics().borrow().clone();
     let metrics = &state.metrics;
     {
         let applied = state.replica.read();

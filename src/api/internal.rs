@@ -64,16 +64,16 @@ async fn append(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return bad_message(&e),
     };
-    let result = state.raft.append_entries(req).await;
+    let result = state.leadership.raft.append_entries(req).await;
     if result.is_ok() {
-        state.contact.touch();
+        state.leadership.contact.touch();
     }
     encode(&result)
 }
 
 async fn vote(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     match decode(&body) {
-        Ok(req) => encode(&state.raft.vote(req).await),
+        Ok(req) => encode(&state.leadership.raft.vote(req).await),
         Err(e) => bad_message(&e),
     }
 }
@@ -83,9 +83,9 @@ async fn snapshot(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return bad_message(&e),
     };
-    let result = state.raft.install_snapshot(req).await;
+    let result = state.leadership.raft.install_snapshot(req).await;
     if result.is_ok() {
-        state.contact.touch();
+        state.leadership.contact.touch();
     }
     encode(&result)
 }
@@ -128,14 +128,14 @@ async fn writes(
 
 /// The leader's side of one forwarded write.
 async fn leader_write(state: &AppState, incoming: IncomingWrite) -> WriteReply {
-    let view = state.leader_view();
-    if view.leader_id != Some(state.id) {
+    let view = state.leadership.leader_view();
+    if view.leader_id != Some(state.leadership.id) {
         return WriteReply::NotLeader(view.leader_id);
     }
     let (req, caller) = match incoming {
         IncomingWrite::Forwarded(f) => {
             let caller = Caller {
-                identity: state.identify(f.token.as_deref()),
+                identity: state.access.identify(f.token.as_deref()),
                 token: f.token.map(Secret::from),
                 addr: f.caller,
                 via: f.via,
@@ -144,13 +144,13 @@ async fn leader_write(state: &AppState, incoming: IncomingWrite) -> WriteReply {
         }
         IncomingWrite::Bare(req) => (req, Caller::default()),
     };
-    if let Err(e) = state.authorize_write(&caller, &req) {
+    if let Err(e) = state.access.authorize_write(&caller, &req) {
         return WriteReply::Refused {
             status: e.status().as_u16(),
             message: e.to_string(),
         };
     }
-    let reply = state.write_local(&req, state.leader_wait).await;
+    let reply = state.write_local(&req, state.leadership.leader_wait).await;
     if req.audited() {
         let outcome = match &reply {
             WriteReply::Done(r) => write_outcome(&Ok(r.clone())),
@@ -158,6 +158,7 @@ async fn leader_write(state: &AppState, incoming: IncomingWrite) -> WriteReply {
             WriteReply::Refused { status, .. } => Outcome::Status(*status),
         };
         state
+            .access
             .audit
             .record(Some(&caller), req.kind(), req.target(), outcome, None);
     }
@@ -165,9 +166,9 @@ async fn leader_write(state: &AppState, incoming: IncomingWrite) -> WriteReply {
 }
 
 async fn read_index(State(state): State<Arc<AppState>>) -> Json<ReadIndexReply> {
-    let view = state.leader_view();
-    if view.leader_id != Some(state.id) {
+    let view = state.leadership.leader_view();
+    if view.leader_id != Some(state.leadership.id) {
         return Json(ReadIndexReply::NotLeader(view.leader_id));
     }
-    Json(state.read_index_local(state.leader_wait).await)
+    Json(state.read_index_local(state.leadership.leader_wait).await)
 }

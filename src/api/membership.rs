@@ -47,7 +47,7 @@ impl AppState {
         if headers.contains_key(FORWARDED) {
             return None;
         }
-        let deadline = std::time::Instant::now() + self.leader_wait;
+        let deadline = std::time::Instant::now() + self.leadership.leader_wait;
         let method = &method;
         let answer = self
             .with_leader(deadline, "pass the request on", |at, _| async move {
@@ -55,10 +55,11 @@ impl AppState {
                     return Ok(Attempt::Answered(None));
                 };
                 let mut req = self
+                    .leadership
                     .net
-                    .request(method.clone(), self.net.url(&addr, path))
+                    .request(method.clone(), self.leadership.net.url(&addr, path))
                     .header(FORWARDED, "1")
-                    .header(VIA_HEADER, self.id.to_string())
+                    .header(VIA_HEADER, self.leadership.id.to_string())
                     .timeout(CATCH_UP + Duration::from_secs(10));
                 if let Some(a) = &caller.addr {
                     req = req.header(CALLER_HEADER, a);
@@ -90,7 +91,13 @@ impl AppState {
     }
 
     fn membership(&self) -> (BTreeMap<NodeId, String>, BTreeSet<NodeId>) {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self
+            .leadership
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .clone();
         let nodes = m
             .membership()
             .nodes()
@@ -130,7 +137,7 @@ pub async fn status(
     {
         return resp;
     }
-    let m = state.raft.metrics().borrow().clone();
+    let m = state.leadership.raft.metrics().borrow().clone();
     let is_leader = m.state == ServerState::Leader;
     let last_log = m.last_log_index.unwrap_or(0);
     let (nodes, voters) = state.membership();
@@ -138,17 +145,20 @@ pub async fn status(
     let pings = nodes.iter().map(|(id, addr)| {
         let (state, id, addr) = (state.clone(), *id, addr.clone());
         async move {
-            if id == state.id {
+            if id == state.leadership.id {
                 return (
                     id,
-                    Some(json!({"role": state.leader_view().role, "last_contact_ms": 0})),
+                    Some(
+                        json!({"role": state.leadership.leader_view().role, "last_contact_ms": 0}),
+                    ),
                 );
             }
             // `/health` is public: no secret needed.
             let req = state
+                .leadership
                 .net
                 .client
-                .get(state.net.url(&addr, "/health"))
+                .get(state.leadership.net.url(&addr, "/health"))
                 .timeout(PING);
             let health = match req.send().await {
                 Ok(r) => r.json::<Value>().await.ok(),
@@ -162,7 +172,7 @@ pub async fn status(
     let members: Vec<Value> = nodes
         .iter()
         .map(|(id, addr)| {
-            let matched = if *id == state.id && is_leader {
+            let matched = if *id == state.leadership.id && is_leader {
                 Some(last_log)
             } else {
                 m.replication
@@ -186,7 +196,7 @@ pub async fn status(
     Json(json!({
         "leader_id": m.current_leader,
         "term": m.current_term,
-        "answered_by": state.id,
+        "answered_by": state.leadership.id,
         "last_log_index": last_log,
         "committed": state.log.committed_index(),
         "members": members,
@@ -235,7 +245,9 @@ impl AppState {
         } else {
             Outcome::Status(status.as_u16())
         };
-        self.audit.record(Some(caller), op, target, outcome, None);
+        self.access
+            .audit
+            .record(Some(caller), op, target, outcome, None);
     }
 }
 
@@ -271,6 +283,7 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
     let added = tokio::time::timeout(
         CATCH_UP,
         state
+            .leadership
             .raft
             .add_learner(id, BasicNode { addr: addr.clone() }, true),
     )
@@ -285,6 +298,7 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
         Ok(Ok(_)) => {}
     }
     state
+        .leadership
         .raft
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
         .await
@@ -339,6 +353,7 @@ pub async fn remove(
         };
         tracing::info!(id, "removing a node");
         state
+            .leadership
             .raft
             .change_membership(change, false)
             .await

@@ -9,11 +9,12 @@
 //! permit owned by the handler's future, so a client that goes away frees
 //! it at once when hyper drops that future.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{ApiError, AppState};
+use super::ApiError;
 use crate::raft::replica::ViewIndex;
 
 /// Default and largest wait.
@@ -43,7 +44,17 @@ pub fn parse_wait(s: Option<&str>) -> Result<Duration, ApiError> {
     Ok(d)
 }
 
-impl AppState {
+/// Blocking queries: the slots they take and the node's stop signal.
+pub struct Watching {
+    /// Slots for blocking queries; a request that finds none gets `429`.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the node stops: blocking queries answer at once.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub replica: Arc<crate::raft::Replica>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Watching {
     /// Waits until `view(index)` exceeds `after`, or `wait` (plus up to 1/16
     /// of it as jitter, so watchers do not come back in lockstep) passes.
     pub async fn block_until_changed(
@@ -56,7 +67,7 @@ impl AppState {
         if after == 0 || view(&self.replica.read().views) > after {
             return Ok(());
         }
-        let _slot = self.watchers.clone().try_acquire_owned().map_err(|_| {
+        let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
             self.metrics.watch_rejected.inc();
             ApiError::TooManyRequests(
                 "this node has no free slot for another blocking query; retry shortly or without wait".into(),
@@ -106,10 +117,10 @@ impl AppState {
 }
 
 /// Counts a waiter in `registry_watchers` for as long as it lives.
-struct WatcherGauge<'a>(&'a AppState);
+struct WatcherGauge<'a>(&'a Watching);
 
 impl<'a> WatcherGauge<'a> {
-    fn new(state: &'a AppState) -> Self {
+    fn new(state: &'a Watching) -> Self {
         state.metrics.watchers.inc();
         Self(state)
     }

@@ -29,13 +29,13 @@ pub(super) async fn watchdog(
             _ = stop.changed() => return,
             _ = tokio::time::sleep(pause) => {}
         }
-        let m = state.raft.metrics().borrow().clone();
+        let m = state.leadership.raft.metrics().borrow().clone();
         let voter = m
             .membership_config
             .membership()
             .voter_ids()
-            .any(|id| id == state.id);
-        let view = state.leader_view();
+            .any(|id| id == state.leadership.id);
+        let view = state.leadership.leader_view();
         if view.live || !voter || m.state == ServerState::Leader {
             leaderless_since = None;
             continue;
@@ -47,7 +47,7 @@ pub(super) async fn watchdog(
                 "no leader for {:?}; triggering an election",
                 since.elapsed()
             );
-            let _ = state.raft.trigger().elect().await;
+            let _ = state.leadership.raft.trigger().elect().await;
             leaderless_since = Some(Instant::now());
         }
     }
@@ -58,10 +58,11 @@ pub(super) async fn watchdog(
 /// `--join` is harmless.
 pub(super) async fn join(state: Arc<AppState>, url: String, advertise: String) {
     let url = format!("{}/cluster/nodes", url.trim_end_matches('/'));
-    let body = serde_json::json!({"id": state.id, "addr": advertise});
+    let body = serde_json::json!({"id": state.leadership.id, "addr": advertise});
     let mut attempt: u32 = 0;
     loop {
         let req = state
+            .leadership
             .net
             .post(&url)
             .json(&body)
@@ -95,7 +96,7 @@ pub(super) async fn join(state: Arc<AppState>, url: String, advertise: String) {
 
 /// Counts and logs every change of leader this node sees.
 pub(super) async fn leader_changes(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
-    let mut metrics = state.raft.metrics();
+    let mut metrics = state.leadership.raft.metrics();
     let mut last: Option<NodeId> = None;
     let mut members: BTreeSet<NodeId> = BTreeSet::new();
     loop {

@@ -218,27 +218,36 @@ impl RunningNode {
             api::batch_forward::ForwardQueue::start(net.clone(), metrics.clone(), stop_rx.clone());
         tasks.push(forwarder_task);
         let state = Arc::new(AppState {
-            id: args.id,
-            raft: raft.clone(),
+            leadership: api::Leadership {
+                id: args.id,
+                raft: raft.clone(),
+                net,
+                contact: Default::default(),
+                leader_wait: args.leader_wait(),
+                live_bound: Duration::from_millis(config.election_timeout_max * 2),
+            },
+            access: api::Access {
+                auth,
+                audit,
+                tls: tls.clone(),
+                metrics: metrics.clone(),
+            },
+            watching: api::Watching {
+                slots: Arc::new(tokio::sync::Semaphore::new(args.max_watchers)),
+                stopping: stop_rx.clone(),
+                replica: replica.clone(),
+                metrics: metrics.clone(),
+            },
             replica,
             log,
-            net,
             metrics,
             leases,
             writes,
             forwarder,
             db,
-            contact: Default::default(),
-            leader_wait: args.leader_wait(),
-            live_bound: Duration::from_millis(config.election_timeout_max * 2),
-            watchers: Arc::new(tokio::sync::Semaphore::new(args.max_watchers)),
-            stopping: stop_rx.clone(),
             read_index,
             test_stale_reads: args.test_stale_reads,
             default_ttl: args.default_ttl_secs,
-            auth,
-            audit,
-            tls: tls.clone(),
         });
 
         let limits = limits(&args);
@@ -322,13 +331,13 @@ impl RunningNode {
     /// tokens it holds (`None` without `--tokens`). On an error the old
     /// tokens stay in force.
     pub fn reload_tokens(&self) -> Result<Option<usize>, String> {
-        self.state.auth.reload()
+        self.state.access.auth.reload()
     }
 
     /// Reads the TLS files again (`SIGHUP`; they are also checked every
     /// second). `Ok(None)` without TLS; on an error the old ones stay.
     pub fn reload_tls(&self) -> Result<Option<crate::tls::Reload>, String> {
-        let Some(tls) = &self.state.tls else {
+        let Some(tls) = &self.state.access.tls else {
             return Ok(None);
         };
         let r = tls.reload();
@@ -361,7 +370,7 @@ impl RunningNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }
-        let audit = self.state.audit.clone();
+        let audit = self.state.access.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.sync(Duration::from_secs(2))).await;
         for t in self.tasks {
             let _ = t.await;
@@ -380,4 +389,3 @@ impl RunningNode {
         tracing::info!(id = self.id, "node stopped");
     }
 }
-
