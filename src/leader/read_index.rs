@@ -49,17 +49,17 @@ pub struct ReadIndex {
     round_limit: Duration,
     /// How long after a round's start its confirmation stands (zero: every
     /// caller waits for a round).
-    lease: Duration,
+    leader_lease: Duration,
     queue: Mutex<Queue>,
     /// Batches answered, by how: `lease` or `round`.
     answered: Option<prometheus::IntCounterVec>,
     /// Set by the driver only.
-    current: Mutex<Option<Lease>>,
+    current: Mutex<Option<LeaderLease>>,
 }
 
 /// A confirmed leadership: valid until `until`, while the vote is the same.
 #[derive(Clone, Copy)]
-struct Lease {
+struct LeaderLease {
     vote: Vote<NodeId>,
     until: Instant,
     index: u64,
@@ -72,17 +72,17 @@ struct Queue {
 }
 
 impl ReadIndex {
-    /// `lease`: see the module comment; `Duration::ZERO` turns it off.
+    /// `leader_lease`: see the module comment; `Duration::ZERO` turns it off.
     pub fn new(
         raft: Raft,
         round_limit: Duration,
-        lease: Duration,
+        leader_lease: Duration,
         answered: Option<prometheus::IntCounterVec>,
     ) -> Arc<Self> {
         Arc::new(Self {
             raft,
             round_limit,
-            lease,
+            leader_lease,
             answered,
             queue: Mutex::new(Queue::default()),
             current: Mutex::new(None),
@@ -120,7 +120,7 @@ impl ReadIndex {
                 }
                 std::mem::take(&mut q.waiting)
             };
-            let (reply, how) = match self.leased().await {
+            let (reply, how) = match self.under_leader_lease().await {
                 Some(index) => (ReadIndexReply::Index(index), "lease"),
                 None => (self.round().await, "round"),
             };
@@ -151,7 +151,7 @@ impl ReadIndex {
     /// everything committed so far. (The round's own index is not enough
     /// for a follower asking on behalf of a reader: writes acknowledged
     /// since the round are applied here, but not yet there.)
-    async fn leased(&self) -> Option<u64> {
+    async fn under_leader_lease(&self) -> Option<u64> {
         let lease = (*self.current.lock().unwrap_or_else(|p| p.into_inner()))?;
         if Instant::now() >= lease.until {
             return None;
@@ -163,7 +163,7 @@ impl ReadIndex {
 
     async fn round(&self) -> ReadIndexReply {
         let started = Instant::now();
-        let vote = match self.lease.is_zero() {
+        let vote = match self.leader_lease.is_zero() {
             true => None,
             false => self.leading_vote().await.map(|(v, _)| v),
         };
@@ -173,9 +173,9 @@ impl ReadIndex {
             // The quorum confirmed the vote held before the round; it must
             // still be this node's now (the driver is the only writer).
             if self.leading_vote().await.map(|(v, _)| v) == Some(vote) {
-                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Lease {
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(LeaderLease {
                     vote,
-                    until: started + self.lease,
+                    until: started + self.leader_lease,
                     index: *index,
                 });
             }

@@ -192,14 +192,14 @@ impl RunningNode {
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let (stop, stop_rx) = watch::channel(false);
-        let lease = match args.no_read_lease {
+        let leader_lease = match args.no_read_lease {
             true => Duration::ZERO,
             false => Duration::from_millis(config.election_timeout_min),
         };
         let read_index = crate::leader::read_index::ReadIndex::new(
             raft.clone(),
             args.leader_wait(),
-            lease,
+            leader_lease,
             Some(metrics.read_index.clone()),
         );
         let (leases, mut tasks) = Leases::start(
