@@ -1,6 +1,7 @@
 //! Public API handlers: validate, write through Raft or read the local
 //! replica, and shape the JSON the seed's clients expect.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,8 +98,15 @@ pub fn instance_json(i: &Instance, https: bool) -> Value {
 }
 
 impl AppState {
-    /// Counts the operation, and turns the outcome into a response.
-    fn finish(&self, op: &str, started: Instant, result: Result<Response, ApiError>) -> Response {
+    /// Runs a handler's work, counts the operation with its time, and turns
+    /// the outcome into a response.
+    async fn timed(
+        &self,
+        op: &str,
+        work: impl Future<Output = Result<Response, ApiError>>,
+    ) -> Response {
+        let started = Instant::now();
+        let result = work.await;
         let status = match &result {
             Ok(_) => "success",
             Err(e) => e.metric_status(),
@@ -148,35 +156,38 @@ fn service_name_from_path(path: Result<Path<String>, PathRejection>) -> Result<S
     Ok(name)
 }
 
+/// A write answered with a result of another kind: a bug, never the
+/// client's fault.
+fn unexpected(op: &str, result: &CommandResult) -> ApiError {
+    ApiError::Internal(format!("unexpected result of {op}: {result:?}"))
+}
+
 pub async fn register(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
-        let JsonBody(body) = body?;
-        let mut req = registry::parse_register_with(&body, state.default_ttl)?;
-        let ip = caller_ip(&caller).unwrap_or_else(|| peer.ip().to_canonical().to_string());
-        if req.host.is_none() {
-            req.host = Some(ip.clone());
-        }
-        req.origin = Some(ip);
-        let https = req.https;
-        match state.write(WriteRequest::Register(req), &caller).await? {
-            CommandResult::Registered(inst) => {
-                let mut body = instance_json(&inst, https);
-                body["message"] = json!("Service registered successfully");
-                Ok(Json(body).into_response())
+    state
+        .timed("register", async {
+            let JsonBody(body) = body?;
+            let mut req = registry::parse_register_with(&body, state.default_ttl)?;
+            let ip = caller_ip(&caller).unwrap_or_else(|| peer.ip().to_canonical().to_string());
+            if req.host.is_none() {
+                req.host = Some(ip.clone());
             }
-            other => Err(ApiError::Internal(format!(
-                "unexpected result of register: {other:?}"
-            ))),
-        }
-    }
-    .await;
-    state.finish("register", started, result)
+            req.origin = Some(ip);
+            let https = req.https;
+            match state.write(WriteRequest::Register(req), &caller).await? {
+                CommandResult::Registered(inst) => {
+                    let mut body = instance_json(&inst, https);
+                    body["message"] = json!("Service registered successfully");
+                    Ok(Json(body).into_response())
+                }
+                other => Err(unexpected("register", &other)),
+            }
+        })
+        .await
 }
 
 pub async fn heartbeat(
@@ -184,8 +195,8 @@ pub async fn heartbeat(
     Extension(caller): Extension<Caller>,
     body: Result<JsonBody, ApiError>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
+    state
+        .timed("heartbeat", async {
         let JsonBody(body) = body?;
         let mut req = registry::parse_heartbeat(&body)?;
         req.origin = caller_ip(&caller);
@@ -215,13 +226,10 @@ pub async fn heartbeat(
             }))
             .into_response()),
             CommandResult::NotFound => Err(not_registered(&service, instance.as_deref())),
-            other => Err(ApiError::Internal(format!(
-                "unexpected result of heartbeat: {other:?}"
-            ))),
+            other => Err(unexpected("heartbeat", &other)),
         }
-    }
-    .await;
-    state.finish("heartbeat", started, result)
+    })
+        .await
 }
 
 fn not_registered(service: &str, instance: Option<&str>) -> ApiError {
@@ -241,72 +249,68 @@ pub async fn deregister(
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<DeregisterParams>, QueryRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
-        let service = service_name_from_path(path)?;
-        let Query(q) = query?;
-        if let Some(id) = &q.instance_id {
-            validate::instance_id(id)?;
-        }
-        let req = WriteRequest::Deregister {
-            service_name: service.clone(),
-            instance_id: q.instance_id.clone(),
-            origin: caller_ip(&caller),
-        };
-        match state.write(req, &caller).await? {
-            CommandResult::Touched(n) => Ok(Json(json!({
-                "status": "deregistered",
-                "message": "Service deregistered",
-                "service_name": service,
-                "instance_id": q.instance_id,
-                "removed": n,
-            }))
-            .into_response()),
-            CommandResult::NotFound => Err(not_registered(&service, q.instance_id.as_deref())),
-            other => Err(ApiError::Internal(format!(
-                "unexpected result of deregister: {other:?}"
-            ))),
-        }
-    }
-    .await;
-    state.finish("deregister", started, result)
+    state
+        .timed("deregister", async {
+            let service = service_name_from_path(path)?;
+            let Query(q) = query?;
+            if let Some(id) = &q.instance_id {
+                validate::instance_id(id)?;
+            }
+            let req = WriteRequest::Deregister {
+                service_name: service.clone(),
+                instance_id: q.instance_id.clone(),
+                origin: caller_ip(&caller),
+            };
+            match state.write(req, &caller).await? {
+                CommandResult::Touched(n) => Ok(Json(json!({
+                    "status": "deregistered",
+                    "message": "Service deregistered",
+                    "service_name": service,
+                    "instance_id": q.instance_id,
+                    "removed": n,
+                }))
+                .into_response()),
+                CommandResult::NotFound => Err(not_registered(&service, q.instance_id.as_deref())),
+                other => Err(unexpected("deregister", &other)),
+            }
+        })
+        .await
 }
 
 pub async fn list_services(
     State(state): State<Arc<AppState>>,
     query: Result<Query<ReadParams>, QueryRejection>,
 ) -> Response {
-    let started = Instant::now();
-    let result = async {
-        let Query(q) = query?;
-        let consistent = q.consistent()?;
-        if let Some(after) = q.index {
-            let wait = super::watch::parse_wait(q.wait.as_deref())?;
-            state
-                .watching
-                .block_until_changed(after, wait, |v| v.list())
-                .await?;
-        }
-        if consistent {
-            state.read_barrier().await?;
-        }
-        let (names, index) = {
-            let applied = state.replica.read();
-            let names: Vec<&str> = applied.registry.service_names().collect();
-            (
-                serde_json::to_vec(&names).expect("strings serialize"),
-                applied.applied_index(),
+    let resp = state
+        .timed("list", async {
+            let Query(q) = query?;
+            let consistent = q.consistent()?;
+            if let Some(after) = q.index {
+                let wait = super::watch::parse_wait(q.wait.as_deref())?;
+                state
+                    .watching
+                    .block_until_changed(after, wait, |v| v.list())
+                    .await?;
+            }
+            if consistent {
+                state.read_barrier().await?;
+            }
+            let (names, index) = {
+                let applied = state.replica.read();
+                let names: Vec<&str> = applied.registry.service_names().collect();
+                (
+                    serde_json::to_vec(&names).expect("strings serialize"),
+                    applied.applied_index(),
+                )
+            };
+            Ok((
+                state.read_headers(index),
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                names,
             )
-        };
-        Ok((
-            state.read_headers(index),
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            names,
-        )
-            .into_response())
-    }
-    .await;
-    let resp = state.finish("list", started, result);
+                .into_response())
+        })
+        .await;
     state.with_read_headers(resp)
 }
 
@@ -315,10 +319,10 @@ pub async fn get_service(
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadParams>, QueryRejection>,
 ) -> Response {
-    let started = Instant::now();
     // The index a `404` was decided at, so its header matches the answer.
     let mut not_found_at = None;
-    let result = async {
+    let mut resp = state
+        .timed("get", async {
         let service = service_name_from_path(path)?;
         let Query(q) = query?;
         let consistent = q.consistent()?;
@@ -368,9 +372,8 @@ pub async fn get_service(
             (body, index)
         };
         Ok((state.read_headers(index), Json(body)).into_response())
-    }
-    .await;
-    let mut resp = state.finish("get", started, result);
+    })
+        .await;
     if let Some(index) = not_found_at {
         resp.headers_mut().extend(state.read_headers(index));
     }

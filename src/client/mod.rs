@@ -180,6 +180,17 @@ struct Answer {
     body: bytes::Bytes,
 }
 
+impl Answer {
+    /// The answer if it is a 2xx, else the error it carries.
+    fn success(self) -> Result<Self, ClientError> {
+        if self.status.is_success() {
+            Ok(self)
+        } else {
+            Err(error_of(&self))
+        }
+    }
+}
+
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const RETRY_AFTER_FLOOR: Duration = Duration::from_millis(10);
@@ -263,7 +274,8 @@ impl RegistryClient {
         let body = serde_json::to_value(reg).map_err(|e| ClientError::Config(e.to_string()))?;
         let a = self
             .send(Method::POST, "/register", &[], Some(&body), None)
-            .await?;
+            .await?
+            .success()?;
         decode(&a)
     }
 
@@ -281,7 +293,8 @@ impl RegistryClient {
         }
         let a = self
             .send(Method::POST, "/heartbeat", &[], Some(&body), None)
-            .await?;
+            .await?
+            .success()?;
         count(&a, "renewed")
     }
 
@@ -296,13 +309,19 @@ impl RegistryClient {
         let query: Vec<(&str, String)> = instance_id
             .map(|id| vec![("instance_id", id.to_string())])
             .unwrap_or_default();
-        let a = self.send(Method::DELETE, &path, &query, None, None).await?;
+        let a = self
+            .send(Method::DELETE, &path, &query, None, None)
+            .await?
+            .success()?;
         count(&a, "removed")
     }
 
     /// `GET /services`: the names, sorted.
     pub async fn services(&self) -> Result<Vec<String>, ClientError> {
-        let a = self.send(Method::GET, "/services", &[], None, None).await?;
+        let a = self
+            .send(Method::GET, "/services", &[], None, None)
+            .await?
+            .success()?;
         decode(&a)
     }
 
@@ -323,14 +342,20 @@ impl RegistryClient {
         query: &[(&str, String)],
     ) -> Result<Service, ClientError> {
         let path = format!("/services/{}", encode_segment(name));
-        let a = self.send(Method::GET, &path, query, None, None).await?;
+        let a = self
+            .send(Method::GET, &path, query, None, None)
+            .await?
+            .success()?;
         decode(&a)
     }
 
     /// `GET /health` of the node the client uses: the first node, in its
     /// failover order, that reports itself healthy.
     pub async fn health(&self) -> Result<Value, ClientError> {
-        let a = self.send(Method::GET, "/health", &[], None, None).await?;
+        let a = self
+            .send(Method::GET, "/health", &[], None, None)
+            .await?
+            .success()?;
         decode(&a)
     }
 
@@ -352,7 +377,7 @@ impl RegistryClient {
         // The server may hold the request for `wait` (plus a little jitter).
         let timeout = self.inner.opts.request_timeout + wait + wait / 16;
         let a = self
-            .send_raw(Method::GET, &path, &query, None, Some(timeout))
+            .send(Method::GET, &path, &query, None, Some(timeout))
             .await?;
         match a.status {
             s if s.is_success() => Ok((Some(decode(&a)?), index_of(&a)?)),
@@ -361,26 +386,9 @@ impl RegistryClient {
         }
     }
 
-    /// Sends a request with failover and maps any non-2xx answer to an error.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<&Value>,
-        timeout: Option<Duration>,
-    ) -> Result<Answer, ClientError> {
-        let a = self.send_raw(method, path, query, body, timeout).await?;
-        if a.status.is_success() {
-            Ok(a)
-        } else {
-            Err(error_of(&a))
-        }
-    }
-
     /// Sends a request with failover: returns the first answer that is not
     /// a reason to try another node, or `Unavailable` once the budget is spent.
-    async fn send_raw(
+    async fn send(
         &self,
         method: Method,
         path: &str,
