@@ -3,7 +3,7 @@
 //! (a) every acknowledged registration that was not later deregistered is
 //!     on every node at the end, and all nodes agree;
 //! (b) per key, writes, heartbeats and consistent reads are linearizable
-//!     (Wing–Gong–Lowe, `checker.rs`);
+//!     (Wing–Gong–Lowe, `checker/`);
 //! (c) default reads keep the promises of docs/api.md: a node's
 //!     `X-Registry-Index` never goes back within one process; two answers
 //!     at the same index show the same instances (every node applies the
