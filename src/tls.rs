@@ -346,6 +346,13 @@ impl ResolvesClientCert for CurrentKey {
 #[derive(Debug)]
 struct CurrentVerifier(Arc<Tls>);
 
+impl CurrentVerifier {
+    /// The verifier of the CA in force now.
+    fn now(&self) -> Arc<WebPkiServerVerifier> {
+        self.0.material().peer_verifier.clone()
+    }
+}
+
 impl ServerCertVerifier for CurrentVerifier {
     fn verify_server_cert(
         &self,
@@ -355,13 +362,8 @@ impl ServerCertVerifier for CurrentVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.material().peer_verifier.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )
+        self.now()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -370,10 +372,7 @@ impl ServerCertVerifier for CurrentVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .material()
-            .peer_verifier
-            .verify_tls12_signature(message, cert, dss)
+        self.now().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -382,14 +381,11 @@ impl ServerCertVerifier for CurrentVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .material()
-            .peer_verifier
-            .verify_tls13_signature(message, cert, dss)
+        self.now().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.material().peer_verifier.supported_verify_schemes()
+        self.now().supported_verify_schemes()
     }
 }
 
