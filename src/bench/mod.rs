@@ -55,8 +55,8 @@ pub struct BenchArgs {
     )]
     pub targets: Vec<String>,
     /// What the targets are. `etcd` needs a binary built with `--features etcd`.
-    #[arg(long, env = "BENCH_BACKEND", value_enum, default_value_t = Backend::Registry, global = true)]
-    pub backend: Backend,
+    #[arg(long, env = "BENCH_BACKEND", value_enum, default_value_t = BackendKind::Registry, global = true)]
+    pub backend: BackendKind,
     /// Workloads to run, in this order, comma-separated.
     #[arg(
         long,
@@ -91,7 +91,7 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Backend {
+pub enum BackendKind {
     /// vertice-register nodes over HTTP.
     Registry,
     /// etcd members over gRPC (needs the cargo feature `etcd`).
@@ -231,7 +231,7 @@ pub enum Op {
 /// The report of `bench` (without a probe).
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub backend: Backend,
+    pub backend: BackendKind,
     pub targets: Vec<String>,
     pub clients: u64,
     pub results: Vec<WorkloadReport>,
@@ -241,11 +241,11 @@ pub struct Report {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.targets.is_empty(), "no --targets");
     match args.backend {
-        Backend::Registry => registry::run(args).await,
+        BackendKind::Registry => registry::run(args).await,
         #[cfg(feature = "etcd")]
-        Backend::Etcd => etcd::run(args).await,
+        BackendKind::Etcd => etcd::run(args).await,
         #[cfg(not(feature = "etcd"))]
-        Backend::Etcd => anyhow::bail!(
+        BackendKind::Etcd => anyhow::bail!(
             "this binary was built without etcd support: cargo build --release --features etcd (needs protoc)"
         ),
     }
