@@ -290,6 +290,25 @@ mod tests {
     }
 
     #[test]
+    fn what_each_workload_writes() {
+        assert_eq!(Workload::Lookup.seeded_services(), ["bench-lookup"]);
+        assert_eq!(
+            Workload::HeartbeatCold.seeded_services(),
+            ["bench-heartbeat"]
+        );
+        assert_eq!(
+            Workload::Mixed.seeded_services(),
+            ["bench-lookup", "bench-heartbeat"]
+        );
+        assert!(Workload::List.seeded_services().is_empty());
+        let registering: Vec<_> = Workload::value_variants()
+            .iter()
+            .filter(|w| w.registers())
+            .collect();
+        assert_eq!(registering, [&Workload::Register, &Workload::Mixed]);
+    }
+
+    #[test]
     fn workload_names_round_trip() {
         for w in Workload::value_variants() {
             assert_eq!(Workload::from_str(w.name(), false).unwrap(), *w);

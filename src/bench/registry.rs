@@ -269,3 +269,16 @@ fn fill_body(f: &FillInstance) -> String {
         f.service, f.id, f.host, f.port, f.zone, f.version
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_registers_the_instance_with_a_day_ttl_and_metadata() {
+        assert_eq!(
+            fill_body(&FillInstance::new(257)),
+            r#"{"service_name":"bench-fill-57","instance_id":"f-257","host":"10.0.1.1","port":258,"ttl_seconds":86400,"metadata":{"zone":"z2","version":"1.0.7"}}"#
+        );
+    }
+}
