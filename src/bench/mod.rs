@@ -9,13 +9,21 @@
 //! followers forward writes to the leader as they do for real clients. Each
 //! workload seeds what it needs first and removes what it wrote afterwards.
 //!
-//! Two backends: this registry over HTTP ([`registry`]), and, with the cargo
-//! feature `etcd`, an etcd cluster over its gRPC API (`etcd` module) with the
-//! equivalent operations: register = lease grant + put with the lease,
-//! heartbeat = lease keepalive, lookup = serializable range get of the
-//! service's prefix, consistent lookup = linearizable range get, list =
-//! serializable keys-only range get of every service key.
+//! Two backends, each an implementation of the trait `backend::Backend` run
+//! by the one dispatcher in `driver`: this registry over HTTP (`registry`
+//! module), and, with the cargo feature `etcd`, an etcd cluster over its
+//! gRPC API (`etcd` module) with the equivalent operations: register =
+//! lease grant + put with the lease, heartbeat = lease keepalive, lookup =
+//! serializable range get of the service's prefix, consistent lookup =
+//! linearizable range get, list = serializable keys-only range get of every
+//! service key.
+//!
+//! This file holds the command line (arguments, probes, workloads and the
+//! operations they send, the JSON report's shape) and picks the backend;
+//! `stats` records latencies, `http` is the registry backend's client.
 
+mod backend;
+mod driver;
 mod http;
 mod registry;
 mod stats;
@@ -23,11 +31,10 @@ mod stats;
 #[cfg(feature = "etcd")]
 mod etcd;
 
-use std::future::Future;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
+
+use backend::Backend;
 
 use crate::auth::Secret;
 pub use stats::{percentile, Recorder, WorkloadReport};
@@ -55,8 +62,8 @@ pub struct BenchArgs {
     )]
     pub targets: Vec<String>,
     /// What the targets are. `etcd` needs a binary built with `--features etcd`.
-    #[arg(long, env = "BENCH_BACKEND", value_enum, default_value_t = Backend::Registry, global = true)]
-    pub backend: Backend,
+    #[arg(long, env = "BENCH_BACKEND", value_enum, default_value_t = BackendKind::Registry, global = true)]
+    pub backend: BackendKind,
     /// Workloads to run, in this order, comma-separated.
     #[arg(
         long,
@@ -91,7 +98,7 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Backend {
+pub enum BackendKind {
     /// vertice-register nodes over HTTP.
     Registry,
     /// etcd members over gRPC (needs the cargo feature `etcd`).
@@ -215,6 +222,24 @@ impl Workload {
             Workload::Lookup | Workload::ConsistentLookup | Workload::Mixed
         )
     }
+
+    /// The services seeded for the run (removed after it).
+    pub fn seeded_services(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.reads_lookup() {
+            names.push("bench-lookup");
+        }
+        if self.heartbeat_instances() > 0 {
+            names.push("bench-heartbeat");
+        }
+        names
+    }
+
+    /// Whether client `c` registers instances of `bench-register-{c}`
+    /// (removed after the run).
+    pub fn registers(self) -> bool {
+        matches!(self, Workload::Register | Workload::Mixed)
+    }
 }
 
 /// One request of a workload.
@@ -231,7 +256,7 @@ pub enum Op {
 /// The report of `bench` (without a probe).
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub backend: Backend,
+    pub backend: BackendKind,
     pub targets: Vec<String>,
     pub clients: u64,
     pub results: Vec<WorkloadReport>,
@@ -241,137 +266,14 @@ pub struct Report {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.targets.is_empty(), "no --targets");
     match args.backend {
-        Backend::Registry => registry::run(args).await,
+        BackendKind::Registry => driver::run(registry::Registry::new(&args)?, &args).await,
         #[cfg(feature = "etcd")]
-        Backend::Etcd => etcd::run(args).await,
+        BackendKind::Etcd => driver::run(etcd::Etcd::new(&args)?, &args).await,
         #[cfg(not(feature = "etcd"))]
-        Backend::Etcd => anyhow::bail!(
+        BackendKind::Etcd => anyhow::bail!(
             "this binary was built without etcd support: cargo build --release --features etcd (needs protoc)"
         ),
     }
-}
-
-/// Runs `clients` copies of `client` until `duration` has passed and merges
-/// what they recorded. Each client gets its number and the deadline, and
-/// must not start an operation after the deadline.
-pub async fn drive<F, Fut>(clients: usize, duration: Duration, client: F) -> (Recorder, Duration)
-where
-    F: Fn(usize, Instant) -> Fut,
-    Fut: Future<Output = Recorder> + Send + 'static,
-{
-    let started = Instant::now();
-    let deadline = started + duration;
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| tokio::spawn(client(c, deadline)))
-        .collect();
-    let mut all = Recorder::default();
-    for t in tasks {
-        match t.await {
-            Ok(r) => all.merge(r),
-            Err(e) => all.record(Instant::now(), Err(format!("client task failed: {e}"))),
-        }
-    }
-    (all, started.elapsed())
-}
-
-/// Prints a workload's report (a line, or nothing with `--json`: the whole
-/// report is printed at the end).
-fn progress(args: &BenchArgs, r: &WorkloadReport) {
-    if !args.json {
-        println!("{}", r.line());
-    }
-}
-
-/// Prints the result of a probe: the bare value, or `{"key": value}` with `--json`.
-fn print_probe<T: Serialize + std::fmt::Display>(args: &BenchArgs, key: &str, value: T) {
-    if args.json {
-        println!("{}", serde_json::json!({ key: value }));
-    } else {
-        println!("{value}");
-    }
-}
-
-/// The finished report: JSON with `--json`, else nothing more (each line was
-/// printed as its workload ended).
-fn finish(args: &BenchArgs, results: Vec<WorkloadReport>) -> anyhow::Result<()> {
-    if args.json {
-        let report = Report {
-            backend: args.backend,
-            targets: args.targets.clone(),
-            clients: args.clients,
-            results,
-        };
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
-    Ok(())
-}
-
-/// The moment `ready` counts from.
-fn since(since_unix_ms: Option<u64>) -> (Instant, f64) {
-    let now = Instant::now();
-    let offset_ms = match since_unix_ms {
-        None => 0.0,
-        Some(t) => {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64() * 1e3)
-                .unwrap_or(0.0);
-            (now_ms - t as f64).max(0.0)
-        }
-    };
-    (now, offset_ms)
-}
-
-/// Milliseconds since the start that [`since`] returned.
-fn elapsed_ms(start: (Instant, f64)) -> f64 {
-    start.0.elapsed().as_secs_f64() * 1e3 + start.1
-}
-
-/// How often [`first_success`] starts another attempt.
-const ATTEMPT_EVERY: Duration = Duration::from_millis(10);
-/// Most attempts [`first_success`] keeps in flight.
-const MAX_ATTEMPTS_IN_FLIGHT: usize = 256;
-
-/// Starts `attempt(n)` every [`ATTEMPT_EVERY`] (each in its own task, with
-/// its own timeout) until one succeeds; returns the milliseconds from `t0`
-/// to that success. Overlapping attempts measure when a write first became
-/// possible, whatever a single attempt's timeout (a write sent to an etcd
-/// follower while there is no leader waits until its timeout even after a
-/// new leader is elected).
-async fn first_success<F, Fut>(t0: Instant, wait: Duration, mut attempt: F) -> anyhow::Result<f64>
-where
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(ATTEMPT_EVERY);
-    let mut n = 0;
-    let mut last = String::from("no attempt finished");
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                anyhow::ensure!(t0.elapsed() < wait, "no write succeeded within {wait:?}: {last}");
-                if tasks.len() < MAX_ATTEMPTS_IN_FLIGHT {
-                    tasks.spawn(attempt(n));
-                    n += 1;
-                }
-            }
-            Some(done) = tasks.join_next() => match done {
-                Ok(Ok(())) => return Ok(t0.elapsed().as_secs_f64() * 1e3),
-                Ok(Err(e)) => last = format!("{e:#}"),
-                Err(e) => last = format!("attempt failed: {e}"),
-            },
-        }
-    }
-}
-
-/// `kill -9 pid`; returns once the signal is sent.
-fn kill9(pid: u32) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -385,6 +287,25 @@ mod tests {
         assert_eq!(count(Op::Lookup), 16);
         assert_eq!(count(Op::Heartbeat), 3);
         assert_eq!(count(Op::Register), 1);
+    }
+
+    #[test]
+    fn what_each_workload_writes() {
+        assert_eq!(Workload::Lookup.seeded_services(), ["bench-lookup"]);
+        assert_eq!(
+            Workload::HeartbeatCold.seeded_services(),
+            ["bench-heartbeat"]
+        );
+        assert_eq!(
+            Workload::Mixed.seeded_services(),
+            ["bench-lookup", "bench-heartbeat"]
+        );
+        assert!(Workload::List.seeded_services().is_empty());
+        let registering: Vec<_> = Workload::value_variants()
+            .iter()
+            .filter(|w| w.registers())
+            .collect();
+        assert_eq!(registering, [&Workload::Register, &Workload::Mixed]);
     }
 
     #[test]

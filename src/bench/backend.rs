@@ -1,0 +1,172 @@
+//! The [`Backend`] trait: what differs between the systems `bench` loads
+//! (connecting, one request of each kind, seeding and removing what a
+//! workload needs, the probes' questions), and the descriptions of the
+//! requests the dispatcher ([`driver`](super::driver)) asks a backend to send.
+//! Everything else (which node a request goes to, the clients, the
+//! deadline, the latencies, the reports) is the dispatcher's, once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::{BenchArgs, Op, Workload, FILL_SERVICES};
+
+/// One system under load. The dispatcher builds it with [`Backend::new`],
+/// calls [`Backend::connect`] before workloads and fill (not before the
+/// probes, whose targets may be down), then shares it between its client
+/// tasks; hence the `Send` futures.
+pub trait Backend: Sized + Send + Sync + 'static {
+    /// What one client keeps between its requests (registry: a connection
+    /// to every node; etcd: its lease and keepalive stream).
+    type Client: Send + 'static;
+    /// What seeding the heartbeat instances leaves for the clients and for
+    /// the cleanup (etcd: each client's lease; registry: nothing).
+    type Heartbeats: Default + Send + Sync + 'static;
+
+    /// The backend for the command line's targets and options, without I/O.
+    fn new(args: &BenchArgs) -> anyhow::Result<Self>;
+
+    /// Opens what the workloads and fill share (etcd: the gRPC connections).
+    /// By default nothing: each client opens its own.
+    fn connect(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// An error if this backend cannot run `w` at all (before any seeding).
+    /// By default every workload runs.
+    fn check(&self, _w: Workload) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// A new client `c`'s state, given what [`Backend::seed_heartbeats`] left.
+    fn client(&self, c: usize, heartbeats: &Self::Heartbeats) -> Self::Client;
+
+    /// Sends one request of a workload; `Ok` if it succeeded. Node `n` is
+    /// the `n`-th target.
+    fn op(
+        &self,
+        client: &mut Self::Client,
+        req: Request,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Registers the one instance of `bench-lookup` and waits until every
+    /// node serves it.
+    fn seed_lookup(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Registers `per_client` instances `hb-C-K` of `bench-heartbeat` for
+    /// every client C, ready to be renewed.
+    fn seed_heartbeats(
+        &self,
+        clients: usize,
+        per_client: usize,
+    ) -> impl Future<Output = anyhow::Result<Self::Heartbeats>> + Send;
+
+    /// Removes what a run of `w` with `clients` clients wrote (errors only
+    /// warned about, on stderr).
+    fn cleanup(
+        &self,
+        w: Workload,
+        clients: usize,
+        heartbeats: &Self::Heartbeats,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Registers one instance of `bench fill` through node (target) `node`
+    /// (a few tries).
+    fn fill(
+        &self,
+        client: &mut Self::Client,
+        node: usize,
+        instance: &FillInstance,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// The target that is the leader (waits for one).
+    fn leader(&self) -> impl Future<Output = anyhow::Result<String>> + Send;
+
+    /// The highest applied index (etcd: revision) among the targets.
+    fn index(&self) -> impl Future<Output = anyhow::Result<u64>> + Send;
+
+    /// Waits until the first target answers a read at `min_index` or later
+    /// (and, `with_leader`, knows a live leader), for at most `wait`.
+    fn ready(
+        &self,
+        min_index: u64,
+        with_leader: bool,
+        wait: Duration,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Before the failover probe's kill: opens what its writes need up
+    /// front, so that the clock measures the cluster. By default nothing.
+    fn failover_prepare(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The failover probe's `n`-th write attempt, through target
+    /// `n mod targets`; `Ok` once the write succeeded.
+    fn failover_write(&self, n: usize)
+        -> impl Future<Output = anyhow::Result<()>> + Send + 'static;
+
+    /// After a failover write succeeded: removes what it wrote. By default
+    /// nothing.
+    fn failover_cleanup(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// One request of a workload, as the dispatcher asks for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub op: Op,
+    /// The node (target) it goes to: `(client + i) mod targets`.
+    pub node: usize,
+    /// The client sending it.
+    pub client: usize,
+    /// Its number among the client's requests.
+    pub i: u64,
+    /// Instances the client heartbeats in turn (the workload's
+    /// [`Workload::heartbeat_instances`]).
+    pub heartbeat_instances: usize,
+}
+
+/// TTL of the instances `bench fill` registers: a day.
+pub const FILL_TTL_SECONDS: u64 = 86_400;
+
+/// Instance `k` of `bench fill`: instances spread over [`FILL_SERVICES`]
+/// services `bench-fill-N`, with distinct addresses and two metadata keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillInstance {
+    pub service: String,
+    pub id: String,
+    pub host: String,
+    pub port: u64,
+    /// The `zone` metadata value.
+    pub zone: String,
+    /// The `version` metadata value.
+    pub version: String,
+}
+
+impl FillInstance {
+    pub fn new(k: u64) -> Self {
+        Self {
+            service: format!("bench-fill-{}", k % FILL_SERVICES),
+            id: format!("f-{k}"),
+            host: format!("10.0.{}.{}", (k / 256) % 256, k % 256),
+            port: 1 + k % 60_000,
+            zone: format!("z{}", k % 3),
+            version: format!("1.0.{}", k % 10),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_instances_spread_over_services_and_addresses() {
+        let f = FillInstance::new(257);
+        assert_eq!(f.service, "bench-fill-57");
+        assert_eq!(f.id, "f-257");
+        assert_eq!(f.host, "10.0.1.1");
+        assert_eq!(f.port, 258);
+        assert_eq!((f.zone.as_str(), f.version.as_str()), ("z2", "1.0.7"));
+    }
+}
