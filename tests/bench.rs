@@ -278,3 +278,78 @@ fn failover_probe_kills_the_leader_and_times_the_next_write() {
     assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
     assert!((1.0..30_000.0).contains(&ms), "failover after {ms} ms");
 }
+
+/// `fleet`, open loop: 200 instances renewed every second for 3 s, every
+/// heartbeat answered, none missing at the end, and the fleet services gone
+/// afterwards.
+#[test]
+fn fleet_workload_renews_every_instance_on_schedule_and_cleans_up() {
+    let node = Node::start();
+    let out = node.bench(&[
+        "--json",
+        "--workloads",
+        "fleet",
+        "--seconds",
+        "3",
+        "--fleet-instances",
+        "200",
+        "--fleet-services",
+        "7",
+        "--fleet-period-secs",
+        "1",
+        "--max-in-flight",
+        "64",
+    ]);
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let r = &report["results"][0];
+    check(r, "fleet", 64);
+    let f = &r["fleet"];
+    assert_eq!(f["instances"], 200, "{f}");
+    assert_eq!(f["services"], 7, "{f}");
+    assert_eq!(f["period_secs"], 1.0, "{f}");
+    assert_eq!(f["ttl_seconds"], 10, "{f}");
+    assert_eq!(f["max_in_flight"], 64, "{f}");
+    assert_eq!(f["offered_per_sec"], 200.0, "{f}");
+    // Three periods of 200 instances, each heartbeat answered.
+    assert_eq!(f["scheduled"], 600, "{f}");
+    assert_eq!(r["ops"], 600, "{r}");
+    let achieved = f["achieved_per_sec"].as_f64().unwrap();
+    assert_eq!(achieved, r["ops_per_sec"].as_f64().unwrap());
+    // 600 answers over a run of 3 s plus the last answers' latency.
+    assert!((100.0..=201.0).contains(&achieved), "{f}");
+    assert_eq!(f["missing"], 0, "{f}");
+    // One node: it became the leader before the run, never again.
+    assert_eq!(f["leader_changes"], 0, "{f}");
+    assert!(f["register_seconds"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(f["max_send_lag_ms"].as_f64().unwrap() >= 0.0, "{f}");
+    let left: Vec<String> = node
+        .services()
+        .into_iter()
+        .filter(|s| s.starts_with("bench-fleet-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn fleet_flags_are_checked() {
+    for (flag, value, says) in [
+        ("--fleet-period-secs", "0", "--fleet-period-secs"),
+        ("--fleet-period-secs", "-1", "--fleet-period-secs"),
+        ("--fleet-period-secs", "NaN", "--fleet-period-secs"),
+        ("--fleet-period-secs", "100000", "too long"),
+        ("--fleet-instances", "0", "--fleet-instances"),
+        ("--fleet-services", "20000", "--fleet-services"),
+        ("--max-in-flight", "0", "--max-in-flight"),
+        ("--seconds", "inf", "--seconds"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["bench", "--targets", "http://127.0.0.1:1", "--workloads"])
+            .args(["fleet", &format!("{flag}={value}")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} accepted");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{flag} {value}: {err}");
+    }
+}

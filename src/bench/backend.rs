@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use super::fleet::FleetSpec;
 use super::{BenchArgs, Op, Workload, FILL_SERVICES};
 
 /// One system under load. The dispatcher builds it with [`Backend::new`],
@@ -21,6 +22,11 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// What seeding the heartbeat instances leaves for the clients and for
     /// the cleanup (etcd: each client's lease; registry: nothing).
     type Heartbeats: Default + Send + Sync + 'static;
+
+    /// What the `fleet` workload keeps for its instances (registry: a pool
+    /// of connections per node; etcd: each instance's lease and keepalive
+    /// stream).
+    type Fleet: Send + Sync + 'static;
 
     /// The backend for the command line's targets and options, without I/O.
     fn new(args: &BenchArgs) -> anyhow::Result<Self>;
@@ -77,6 +83,38 @@ pub trait Backend: Sized + Send + Sync + 'static {
         node: usize,
         instance: &FillInstance,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// The state of a `fleet` run, before any instance is registered.
+    fn fleet_new(&self, spec: &FleetSpec) -> Self::Fleet;
+
+    /// Registers fleet instance `k` (`FleetSpec::id(k)` of
+    /// `spec.service(k)`, TTL `spec.ttl_seconds`) through node `node`, ready
+    /// to be renewed (a few tries).
+    fn fleet_register(
+        &self,
+        fleet: &Self::Fleet,
+        k: u64,
+        node: usize,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// One heartbeat of fleet instance `k`, through node `node` (etcd: on
+    /// the instance's own keepalive stream), within the request timeout.
+    fn fleet_heartbeat(
+        &self,
+        fleet: &Self::Fleet,
+        k: u64,
+        node: usize,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// How many fleet instances the cluster holds (a linearizable read).
+    fn fleet_count(&self, fleet: &Self::Fleet) -> impl Future<Output = anyhow::Result<u64>> + Send;
+
+    /// Removes every fleet service (errors only warned about, on stderr).
+    fn fleet_cleanup(&self, fleet: &Self::Fleet) -> impl Future<Output = ()> + Send;
+
+    /// The sum over the targets of their leader-change counters (each
+    /// node's own `/metrics`); `None` if one could not be read.
+    fn leader_changes(&self) -> impl Future<Output = Option<u64>> + Send;
 
     /// The target that is the leader (waits for one).
     fn leader(&self) -> impl Future<Output = anyhow::Result<String>> + Send;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::backend::{Backend, FillInstance, Request};
+use super::fleet::{self, FleetSpec};
 use super::{BenchArgs, Probe, Recorder, Report, Workload, WorkloadReport};
 
 /// How long seeding and the probes retry before giving up.
@@ -26,7 +27,13 @@ pub async fn run<B: Backend>(mut backend: B, args: &BenchArgs) -> anyhow::Result
             let duration = Duration::from_secs_f64(args.seconds.max(0.0));
             let mut results = Vec::new();
             for w in &args.workloads {
-                let r = workload(&backend, *w, nodes, clients, duration).await?;
+                let r = if *w == Workload::Fleet {
+                    backend.check(*w)?;
+                    let spec = FleetSpec::from_args(args)?;
+                    fleet::run(&backend, &spec, nodes, clients, duration).await?
+                } else {
+                    workload(&backend, *w, nodes, clients, duration).await?
+                };
                 progress(args, &r);
                 results.push(r);
             }
@@ -163,7 +170,11 @@ async fn fill<B: Backend>(
 /// Runs `clients` copies of `client` until `duration` has passed and merges
 /// what they recorded. Each client gets its number and the deadline, and
 /// must not start an operation after the deadline.
-async fn drive<F, Fut>(clients: usize, duration: Duration, client: F) -> (Recorder, Duration)
+pub(super) async fn drive<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    client: F,
+) -> (Recorder, Duration)
 where
     F: Fn(usize, Instant) -> Fut,
     Fut: Future<Output = Recorder> + Send + 'static,

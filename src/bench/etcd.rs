@@ -12,6 +12,15 @@
 //! | consistent-lookup | linearizable `Range` over the same prefix |
 //! | list | serializable keys-only `Range` over `services/` |
 //! | mixed | 80% lookup, 15% heartbeat, 5% register |
+//! | fleet | per instance: `LeaseGrant(TTL)` + `Put` with the lease, then one `LeaseKeepAlive` per heartbeat on the instance's own stream |
+//!
+//! `fleet` keeps one keepalive stream per instance (10,000 instances: 10,000
+//! gRPC streams over the shared connections): `etcd-client`'s `LeaseKeeper`
+//! renews the one lease it was opened for, so streams cannot be pooled
+//! across leases. Instance `k`'s stream is on endpoint `k mod endpoints`
+//! (a stream stays on its connection), opened when the instance is
+//! registered and again after an error; its heartbeats go there whatever
+//! node the schedule names.
 //!
 //! Each endpoint gets `--etcd-conns` gRPC connections (HTTP/2, multiplexed)
 //! shared by the clients; a client's `i`-th unary request goes to endpoint
@@ -29,6 +38,8 @@ use etcd_client::{
 
 use super::backend::{Backend, FillInstance, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
+use super::fleet::{counter_value, FleetSpec};
+use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 
 /// A client of one endpoint, with per-request and connect timeouts.
@@ -114,8 +125,22 @@ impl Etcd {
     }
 }
 
+/// The `fleet` workload's state: its spec and each instance's lease (0
+/// until granted) and keepalive stream.
+pub struct EtcdFleet {
+    spec: FleetSpec,
+    slots: Vec<tokio::sync::Mutex<FleetSlot>>,
+}
+
+#[derive(Default)]
+struct FleetSlot {
+    lease: i64,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
 impl Backend for Etcd {
     type Client = EtcdClient;
+    type Fleet = EtcdFleet;
     /// Client `c`'s lease is `leases[c]`.
     type Heartbeats = Vec<i64>;
 
@@ -298,6 +323,121 @@ impl Backend for Etcd {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         outcome
+    }
+
+    fn fleet_new(&self, spec: &FleetSpec) -> EtcdFleet {
+        EtcdFleet {
+            spec: spec.clone(),
+            slots: (0..spec.instances).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Lease grant (the fleet's TTL) + put through `node`, then a first
+    /// keepalive, which opens the instance's stream; at most 10 tries, 50
+    /// ms apart.
+    async fn fleet_register(&self, fleet: &EtcdFleet, k: u64, node: usize) -> anyhow::Result<()> {
+        let (service, id) = (fleet.spec.service(k), FleetSpec::id(k));
+        let host = format!("10.1.{}.{}", (k / 256) % 256, k % 256);
+        let ttl = fleet.spec.ttl_seconds;
+        let value = instance_json(&service, &id, &host, 1 + k % 60_000, ttl, "");
+        let key = format!("services/{service}/{id}");
+        let mut slot = fleet.slots[k as usize].lock().await;
+        let mut outcome = Err(anyhow::anyhow!("not tried"));
+        for _ in 0..10 {
+            outcome = async {
+                if slot.lease == 0 {
+                    let mut conn = self.conn(node, k as usize);
+                    let lease = conn.lease_grant(ttl as i64, None).await?.id();
+                    conn.put(
+                        key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+                    slot.lease = lease;
+                }
+                let lease = slot.lease;
+                self.keep_alive(&mut slot.keeper, k as usize, lease).await
+            }
+            .await;
+            if outcome.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        outcome
+    }
+
+    /// One keepalive on the instance's stream, within the request timeout
+    /// (the stream is reopened after a timeout, as after an error).
+    async fn fleet_heartbeat(&self, fleet: &EtcdFleet, k: u64, _node: usize) -> anyhow::Result<()> {
+        let mut slot = fleet.slots[k as usize].lock().await;
+        let FleetSlot { lease, keeper } = &mut *slot;
+        anyhow::ensure!(*lease != 0, "instance {k} has no lease");
+        match tokio::time::timeout(self.timeout, self.keep_alive(keeper, k as usize, *lease)).await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                *keeper = None;
+                anyhow::bail!("no keepalive answer within {:?}", self.timeout)
+            }
+        }
+    }
+
+    /// A linearizable count of the keys under `services/bench-fleet-`.
+    async fn fleet_count(&self, _fleet: &EtcdFleet) -> anyhow::Result<u64> {
+        let opts = GetOptions::new().with_prefix().with_count_only();
+        let r = self
+            .conn(0, 0)
+            .get("services/bench-fleet-", Some(opts))
+            .await?;
+        Ok(r.count().max(0) as u64)
+    }
+
+    /// Closes the keepalive streams, deletes the keys, revokes the leases
+    /// (32 at a time).
+    async fn fleet_cleanup(&self, fleet: &EtcdFleet) {
+        let mut leases = Vec::new();
+        for slot in &fleet.slots {
+            let mut slot = slot.lock().await;
+            slot.keeper = None;
+            if slot.lease != 0 {
+                leases.push(slot.lease);
+            }
+        }
+        let p = "services/bench-fleet-";
+        if let Err(e) = self
+            .conn(0, 0)
+            .delete(p, Some(DeleteOptions::new().with_prefix()))
+            .await
+        {
+            eprintln!("bench: cleaning up {p}: {e}");
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, chunk) in leases.chunks(leases.len().div_ceil(32).max(1)).enumerate() {
+            let (mut conn, chunk) = (self.conn(i, i), chunk.to_vec());
+            tasks.spawn(async move {
+                for id in chunk {
+                    if let Err(e) = conn.lease_revoke(id).await {
+                        eprintln!("bench: revoking lease {id:x}: {e}");
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// `etcd_server_leader_changes_seen_total` of every target's `/metrics`
+    /// (served on the client URL).
+    async fn leader_changes(&self) -> Option<u64> {
+        let mut sum = 0;
+        for t in &self.targets {
+            let mut conn = Conn::new(Target::parse(t).ok()?, None, self.timeout);
+            let a = conn.get("/metrics").await.and_then(Answer::ok).ok()?;
+            let body = String::from_utf8_lossy(&a.body);
+            sum += counter_value(&body, "etcd_server_leader_changes_seen_total")?;
+        }
+        Some(sum)
     }
 
     /// The endpoint whose member is the leader.

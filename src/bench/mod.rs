@@ -24,6 +24,7 @@
 
 mod backend;
 mod driver;
+mod fleet;
 mod http;
 mod registry;
 mod stats;
@@ -37,6 +38,7 @@ use serde::Serialize;
 use backend::Backend;
 
 use crate::auth::Secret;
+pub use fleet::FleetReport;
 pub use stats::{percentile, Recorder, WorkloadReport};
 
 /// Instances each client cycles through in `heartbeat-cold`: with ~2,000
@@ -90,6 +92,25 @@ pub struct BenchArgs {
     /// A request without an answer after this many milliseconds is an error.
     #[arg(long, env = "BENCH_TIMEOUT_MS", default_value_t = 5_000, global = true)]
     pub timeout_ms: u64,
+    /// fleet: instances, each renewed once per --fleet-period-secs.
+    #[arg(long, env = "BENCH_FLEET_INSTANCES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub fleet_instances: u64,
+    /// fleet: services the instances spread over (`bench-fleet-N`, instance
+    /// k in service k mod this).
+    #[arg(long, env = "BENCH_FLEET_SERVICES", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub fleet_services: u64,
+    /// fleet: each instance's heartbeat period, in seconds (fractions
+    /// accepted); instances register with a TTL of 3 periods (at least 10 s).
+    #[arg(long, env = "BENCH_FLEET_PERIOD_SECS", default_value_t = 30.0)]
+    pub fleet_period_secs: f64,
+    /// fleet: most heartbeats outstanding at once; a heartbeat due while
+    /// they are waits for a slot, its latency still counted from its
+    /// scheduled time.
+    #[arg(long, env = "BENCH_MAX_IN_FLIGHT", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_in_flight: u64,
     /// etcd only: gRPC connections per endpoint, shared by the clients
     /// (etcd's Go client uses one).
     #[arg(long, env = "BENCH_ETCD_CONNS", default_value_t = 1, global = true)]
@@ -173,6 +194,11 @@ pub enum Workload {
     Mixed,
     /// Plain GETs of the target URLs as given (e.g. through the gateway).
     Get,
+    /// Open loop: --fleet-instances instances over --fleet-services
+    /// services, each renewed once per --fleet-period-secs at its scheduled
+    /// time whatever earlier answers, at most --max-in-flight outstanding;
+    /// latency from the scheduled time.
+    Fleet,
 }
 
 impl Workload {
@@ -186,6 +212,7 @@ impl Workload {
             Workload::List => "list",
             Workload::Mixed => "mixed",
             Workload::Get => "get",
+            Workload::Fleet => "fleet",
         }
     }
 
@@ -193,7 +220,7 @@ impl Workload {
     pub fn op(self, i: u64) -> Op {
         match self {
             Workload::Register => Op::Register,
-            Workload::Heartbeat | Workload::HeartbeatCold => Op::Heartbeat,
+            Workload::Heartbeat | Workload::HeartbeatCold | Workload::Fleet => Op::Heartbeat,
             Workload::Lookup => Op::Lookup,
             Workload::ConsistentLookup => Op::ConsistentLookup,
             Workload::List => Op::List,
@@ -265,6 +292,12 @@ pub struct Report {
 /// Runs `bench` as the command line asks.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.targets.is_empty(), "no --targets");
+    anyhow::ensure!(
+        args.seconds.is_finite() && args.seconds >= 0.0,
+        "--seconds must be a number of seconds, 0 or more, not {}",
+        args.seconds
+    );
+    fleet::FleetSpec::from_args(&args)?;
     match args.backend {
         BackendKind::Registry => driver::run(registry::Registry::new(&args)?, &args).await,
         #[cfg(feature = "etcd")]

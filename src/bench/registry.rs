@@ -2,12 +2,14 @@
 //! [`http::Conn`](super::http::Conn): each client keeps a keep-alive
 //! connection to every node.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 
 use super::backend::{Backend, FillInstance, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
+use super::fleet::{counter_value, FleetSpec};
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 use crate::registry::lease::ACK_SLACK_MS;
@@ -31,12 +33,39 @@ impl Registry {
     fn conn(&self, target: Target) -> Conn {
         Conn::new(target, self.token.as_deref(), self.timeout)
     }
+
+    /// An idle connection to `node` from the fleet's pool, or a new one.
+    fn take(&self, fleet: &RegistryFleet, node: usize) -> Conn {
+        let idle = fleet.pools[node]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        idle.unwrap_or_else(|| self.conn(self.targets[node].clone()))
+    }
+}
+
+/// The `fleet` workload's state: its spec and the idle connections to each
+/// node (HTTP/1.1 carries one request at a time: as many connections open
+/// as heartbeats are outstanding at once, reused afterwards).
+pub struct RegistryFleet {
+    spec: FleetSpec,
+    pools: Vec<Mutex<Vec<Conn>>>,
+}
+
+impl RegistryFleet {
+    fn put_back(&self, node: usize, conn: Conn) {
+        self.pools[node]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
 }
 
 impl Backend for Registry {
     /// A connection to every node.
     type Client = Vec<Conn>;
     type Heartbeats = ();
+    type Fleet = RegistryFleet;
 
     fn new(args: &BenchArgs) -> anyhow::Result<Self> {
         let targets = args
@@ -181,6 +210,105 @@ impl Backend for Registry {
             .map(|_| ())
     }
 
+    fn fleet_new(&self, spec: &FleetSpec) -> RegistryFleet {
+        RegistryFleet {
+            spec: spec.clone(),
+            pools: self.targets.iter().map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// At most 10 tries, 50 ms apart.
+    async fn fleet_register(
+        &self,
+        fleet: &RegistryFleet,
+        k: u64,
+        node: usize,
+    ) -> anyhow::Result<()> {
+        let body = fleet_body(&fleet.spec, k);
+        let mut conn = self.take(fleet, node);
+        let deadline = Instant::now() + SEED_WAIT;
+        let outcome = conn
+            .retry(Method::POST, "/register", Some(body.into()), 10, deadline)
+            .await
+            .map(|_| ());
+        fleet.put_back(node, conn);
+        outcome
+    }
+
+    /// `POST /heartbeat`; `Ok` for a 2xx answer.
+    async fn fleet_heartbeat(
+        &self,
+        fleet: &RegistryFleet,
+        k: u64,
+        node: usize,
+    ) -> anyhow::Result<()> {
+        let body = format!(
+            r#"{{"service_name":"{}","instance_id":"{}"}}"#,
+            fleet.spec.service(k),
+            FleetSpec::id(k)
+        );
+        let mut conn = self.take(fleet, node);
+        let outcome = conn.post("/heartbeat", body).await.and_then(Answer::ok);
+        fleet.put_back(node, conn);
+        outcome.map(|_| ())
+    }
+
+    /// The instances of every fleet service, read with `?consistent=true`
+    /// from the first target (a service not found has none).
+    async fn fleet_count(&self, fleet: &RegistryFleet) -> anyhow::Result<u64> {
+        let mut conn = self.take(fleet, 0);
+        let mut total = 0;
+        for s in 0..fleet.spec.services {
+            let a = conn
+                .get(&format!("/services/bench-fleet-{s}?consistent=true"))
+                .await?;
+            if a.status.as_u16() == 404 {
+                continue;
+            }
+            let a = a.ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&a.body)?;
+            let instances = v["instances"].as_array().ok_or_else(|| {
+                anyhow::anyhow!("GET /services/bench-fleet-{s}: no instances array")
+            })?;
+            total += instances
+                .iter()
+                .filter(|i| {
+                    i["instance_id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("fl-"))
+                })
+                .count() as u64;
+        }
+        fleet.put_back(0, conn);
+        Ok(total)
+    }
+
+    /// Deregisters every fleet service.
+    async fn fleet_cleanup(&self, fleet: &RegistryFleet) {
+        let mut conn = self.take(fleet, 0);
+        for s in 0..fleet.spec.services {
+            let name = format!("bench-fleet-{s}");
+            match conn.delete(&format!("/deregister/{name}")).await {
+                Ok(a) if a.status.is_success() || a.status.as_u16() == 404 => {}
+                Ok(a) => eprintln!("bench: cleaning up {name}: {}", a.status),
+                Err(e) => eprintln!("bench: cleaning up {name}: {e:#}"),
+            }
+        }
+    }
+
+    /// `raft_leader_changes_total` of every target's `/metrics`.
+    async fn leader_changes(&self) -> Option<u64> {
+        let mut sum = 0;
+        for conn in &mut self.conns() {
+            let a = conn.get("/metrics").await.and_then(Answer::ok).ok()?;
+            sum += counter_value(
+                &String::from_utf8_lossy(&a.body),
+                "raft_leader_changes_total",
+            )?;
+        }
+        Some(sum)
+    }
+
     /// The URL of the target whose `/health` says it is the leader.
     async fn leader(&self) -> anyhow::Result<String> {
         let mut conns = self.conns();
@@ -270,6 +398,19 @@ fn fill_body(f: &FillInstance) -> String {
     )
 }
 
+/// The registration of fleet instance `k`.
+fn fleet_body(spec: &FleetSpec, k: u64) -> String {
+    format!(
+        r#"{{"service_name":"{}","instance_id":"{}","host":"10.1.{}.{}","port":{},"ttl_seconds":{}}}"#,
+        spec.service(k),
+        FleetSpec::id(k),
+        (k / 256) % 256,
+        k % 256,
+        1 + k % 60_000,
+        spec.ttl_seconds
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,6 +420,21 @@ mod tests {
         assert_eq!(
             fill_body(&FillInstance::new(257)),
             r#"{"service_name":"bench-fill-57","instance_id":"f-257","host":"10.0.1.1","port":258,"ttl_seconds":86400,"metadata":{"zone":"z2","version":"1.0.7"}}"#
+        );
+    }
+
+    #[test]
+    fn fleet_registers_the_instance_with_three_periods_of_ttl() {
+        let spec = FleetSpec {
+            instances: 1_000,
+            services: 100,
+            period: Duration::from_secs(30),
+            ttl_seconds: 90,
+            max_in_flight: 8,
+        };
+        assert_eq!(
+            fleet_body(&spec, 257),
+            r#"{"service_name":"bench-fleet-57","instance_id":"fl-257","host":"10.1.1.1","port":258,"ttl_seconds":90}"#
         );
     }
 }

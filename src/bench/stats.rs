@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::FleetReport;
+
 /// What one client saw: every successful operation's latency and the errors.
 #[derive(Debug, Default)]
 pub struct Recorder {
@@ -62,6 +64,7 @@ impl Recorder {
             max_ms: ms(lat.last().copied().unwrap_or(0)),
             errors: self.errors,
             first_error: self.first_error,
+            fleet: None,
         }
     }
 }
@@ -95,6 +98,11 @@ pub struct WorkloadReport {
     pub errors: u64,
     /// The first error seen, to tell what went wrong.
     pub first_error: Option<String>,
+    /// The `fleet` workload's own figures (absent for the others). Its
+    /// `clients` is --max-in-flight, `ops_per_sec` the achieved rate, and
+    /// its latencies count from each heartbeat's scheduled time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetReport>,
 }
 
 impl WorkloadReport {
@@ -112,6 +120,24 @@ impl WorkloadReport {
         );
         if let Some(e) = &self.first_error {
             s.push_str(&format!(" (first: {e})"));
+        }
+        if let Some(f) = &self.fleet {
+            let opt = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());
+            s.push_str(&format!(
+                "\n{:<18} instances={} services={} period={}s offered={:.0}/s achieved={:.0}/s scheduled={} waited_for_slot={} max_send_lag={:.2}ms missing={} leader_changes={} (registered in {:.1}s)",
+                "",
+                f.instances,
+                f.services,
+                f.period_secs,
+                f.offered_per_sec,
+                f.achieved_per_sec,
+                f.scheduled,
+                f.waited_for_slot,
+                f.max_send_lag_ms,
+                opt(f.missing),
+                opt(f.leader_changes),
+                f.register_seconds
+            ));
         }
         s
     }
