@@ -10,10 +10,14 @@
 #
 #   scripts/bench.sh [--seconds 10] [--clients 32] [--workloads a,b,..]
 #                    [--rounds 10] [--fill 100000] [--skip-etcd] [--keep DIR]
-#                    [--node-args "FLAGS"]
+#                    [--node-args "FLAGS"] [--fleet N:PERIOD[:SERVICES]]
+#                    [--max-in-flight 2048]
 #
 # --workloads: any of lookup,consistent-lookup,list,heartbeat,heartbeat-cold,
-#   mixed,register (default all, in that order); --rounds: leader kills per
+#   mixed,register (default all, in that order), and fleet (not in the
+#   default: open loop, N instances over SERVICES services (default 100)
+#   each renewed every PERIOD seconds for --seconds, at most --max-in-flight
+#   heartbeats outstanding; --fleet default 10000:30); --rounds: leader kills per
 #   system (0 skips failover); --fill: instances for the memory, disk and
 #   startup figures (0 skips them; memory is also taken at 10,000 when the
 #   fill is larger); --keep DIR: copy the raw JSON reports there;
@@ -21,6 +25,7 @@
 #   "--unsafe-no-fsync" to measure what the fsyncs cost).
 set -euo pipefail
 SECS=10; CLIENTS=32; ROUNDS=10; FILL=100000; SKIP_ETCD=0; KEEP=""; NODE_ARGS=""
+FLEET=10000:30; MAX_IN_FLIGHT=2048
 WORKLOADS=lookup,consistent-lookup,list,heartbeat,heartbeat-cold,mixed,register
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,10 +37,16 @@ while [ $# -gt 0 ]; do
     --skip-etcd) SKIP_ETCD=1; shift ;;
     --keep) KEEP=$2; shift 2 ;;
     --node-args) NODE_ARGS=$2; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --fleet) FLEET=$2; shift 2 ;;
+    --max-in-flight) MAX_IN_FLIGHT=$2; shift 2 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+IFS=: read -r FLEET_N FLEET_PERIOD FLEET_SERVICES <<<"$FLEET"
+FLEET_SERVICES=${FLEET_SERVICES:-100}
+[[ "$FLEET_N" =~ ^[0-9]+$ && "$FLEET_PERIOD" =~ ^[0-9]*\.?[0-9]+$ && "$FLEET_SERVICES" =~ ^[0-9]+$ ]] || {
+  echo "--fleet wants N:PERIOD[:SERVICES], e.g. 10000:30 or 10000:0.5:100, not $FLEET" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 START_TS=$(date +%s)
 log() { echo "[bench +$(( $(date +%s) - START_TS ))s] $*" >&2; }
@@ -168,8 +179,15 @@ run_failover() {
 }
 
 run_workload() {
-  log "$SYS: $1, $CLIENTS clients, ${SECS}s"
-  sysbench --targets "$(all_urls)" --clients "$CLIENTS" --seconds "$SECS" --workloads "$1" --json \
+  local extra=()
+  if [ "$1" = fleet ]; then
+    log "$SYS: fleet, $FLEET_N instances over $FLEET_SERVICES services every ${FLEET_PERIOD}s, open loop, ${SECS}s"
+    extra=(--fleet-instances "$FLEET_N" --fleet-period-secs "$FLEET_PERIOD"
+           --fleet-services "$FLEET_SERVICES" --max-in-flight "$MAX_IN_FLIGHT")
+  else
+    log "$SYS: $1, $CLIENTS clients, ${SECS}s"
+  fi
+  sysbench --targets "$(all_urls)" --clients "$CLIENTS" --seconds "$SECS" --workloads "$1" "${extra[@]}" --json \
     >"$WORK/$SYS-w-$1.json"
 }
 
@@ -280,6 +298,20 @@ for w in ["register", "heartbeat", "heartbeat-cold", "lookup", "consistent-looku
     o = ours.get(w)
     label = f"{w} (etcd: {etcd_name[w]})" if with_etcd else w
     row(label, rate(o), rate(e), ratio(o and o['ops_per_sec'], e and e['ops_per_sec']))
+for x, y in [(ours.get("fleet"), etcd.get("fleet"))]:
+    if not (x or y): continue
+    f = (x or y)["fleet"]
+    def fleet(x):
+        if not x: return "—"
+        g = x["fleet"]
+        na = lambda v: "n/a" if v is None else f"{v:,}"
+        s = (f"{g['achieved_per_sec']:,.0f}/s, p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms, "
+             f"max {x['max_ms']:.1f} ms, {x['errors']} errors, {na(g['missing'])} missing, "
+             f"{na(g['leader_changes'])} leader changes")
+        return s + (f", {g['waited_for_slot']:,} waited for a slot" if g["waited_for_slot"] else "")
+    label = (f"fleet (open loop): {f['instances']:,} instances / {f['period_secs']:g} s, "
+             f"offered {f['offered_per_sec']:,.0f}/s" + (" (etcd: lease keepalive per instance)" if with_etcd else ""))
+    row(label, fleet(x), fleet(y), ratio(y and y['p99_ms'], x and x['p99_ms']) + " (p99)")
 def pct(v, p):
     v = sorted(v)
     return v[max(1, math.ceil(p / 100 * len(v))) - 1] if v else None
