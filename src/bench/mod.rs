@@ -8,6 +8,9 @@
 //! load spreads over every node as a fleet of real clients' would, and
 //! followers forward writes to the leader as they do for real clients. Each
 //! workload seeds what it needs first and removes what it wrote afterwards.
+//! The exception is `fleet` (module `fleet`): open loop, every heartbeat of
+//! N instances sent at its scheduled time whatever earlier answers, its
+//! latency counted from that time.
 //!
 //! Two backends, each an implementation of the trait `backend::Backend` run
 //! by the one dispatcher in `driver`: this registry over HTTP (`registry`
