@@ -390,6 +390,21 @@ proptest! {
             prop_assert_eq!(&shadow.tombstones, &graves, "the tombstone changes do not match");
             prop_assert_eq!(one.tombstone_count(), graves.len());
             prop_assert_eq!(shadow.paused, one.expiry_paused());
+            // The deadline index agrees with a scan of every instance, at
+            // every moment around every deadline.
+            for i in one.instances() {
+                for now in [i.deadline() + EXPIRY_SLACK_MS - 1, i.deadline() + EXPIRY_SLACK_MS] {
+                    let mut scan: Vec<(String, String)> = one
+                        .instances()
+                        .filter(|x| vertice_register::registry::lease::is_due(x, now))
+                        .map(|x| (x.service_name.clone(), x.instance_id.clone()))
+                        .collect();
+                    let mut due = one.due(now);
+                    scan.sort();
+                    due.sort();
+                    prop_assert_eq!(due, scan, "the deadline index disagrees with a scan at {}", now);
+                }
+            }
             // An instance is never both live and a tombstone.
             for k in graves.keys() {
                 prop_assert!(!now.contains_key(k), "{:?} is live and buried", k);

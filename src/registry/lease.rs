@@ -42,7 +42,12 @@ pub fn can_ack(committed_last_heartbeat: Millis, now: Millis) -> bool {
 
 /// Is the instance due for removal at `now`, judged on committed state?
 pub fn is_due(instance: &Instance, now: Millis) -> bool {
-    instance.deadline().saturating_add(EXPIRY_SLACK_MS) <= now
+    deadline_passed(instance.deadline(), now)
+}
+
+/// Is an instance whose deadline is `deadline` due for removal at `now`?
+pub fn deadline_passed(deadline: Millis, now: Millis) -> bool {
+    deadline.saturating_add(EXPIRY_SLACK_MS) <= now
 }
 
 /// When expiry pauses: the operator's threshold and the smallest registry it

@@ -14,7 +14,7 @@ mod instance;
 pub mod lease;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use command::{Change, Command, CommandResult, Renewal};
 pub use instance::{Instance, InstanceExt, Millis, Tombstone, TombstonePolicy};
@@ -44,6 +44,12 @@ struct Live {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
     services: BTreeMap<String, BTreeMap<String, Live>>,
+    /// Every live instance by its deadline, so that an expiry round reads
+    /// the due instances only, not the whole registry. Derived from
+    /// `services`: every change to a live instance goes through
+    /// [`Registry::insert_live`], [`Registry::renew_live`] or
+    /// [`Registry::remove_instance`], which keep the two in step.
+    deadlines: BTreeSet<(Millis, String, String)>,
     expiry_paused: bool,
     tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
 }
@@ -76,8 +82,17 @@ impl Registry {
                     };
                     touched += 1;
                     if r.at > live.instance.last_heartbeat {
+                        let was = live.instance.deadline();
                         live.instance.last_heartbeat = r.at;
                         changes.push(Change::Put(live.instance.clone()));
+                        let now_due = live.instance.deadline();
+                        Self::move_deadline(
+                            &mut self.deadlines,
+                            &r.service_name,
+                            &r.instance_id,
+                            was,
+                            now_due,
+                        );
                     }
                 }
                 CommandResult::Touched(touched)
@@ -180,10 +195,41 @@ impl Registry {
             instance_id: instance.instance_id.clone(),
             ext: ext.clone(),
         });
-        self.services
-            .entry(instance.service_name.clone())
+        self.insert_live(instance, ext);
+    }
+
+    /// Stores a live instance (replacing one of the same id) and keeps the
+    /// deadline index in step.
+    fn insert_live(&mut self, instance: Instance, ext: InstanceExt) {
+        let (service, id, deadline) = (
+            instance.service_name.clone(),
+            instance.instance_id.clone(),
+            instance.deadline(),
+        );
+        let old = self
+            .services
+            .entry(service.clone())
             .or_default()
-            .insert(instance.instance_id.clone(), Live { instance, ext });
+            .insert(id.clone(), Live { instance, ext });
+        if let Some(old) = old {
+            self.deadlines
+                .remove(&(old.instance.deadline(), service.clone(), id.clone()));
+        }
+        self.deadlines.insert((deadline, service, id));
+    }
+
+    /// Moves an instance's entry in the deadline index.
+    fn move_deadline(
+        deadlines: &mut BTreeSet<(Millis, String, String)>,
+        service: &str,
+        id: &str,
+        from: Millis,
+        to: Millis,
+    ) {
+        if from != to {
+            deadlines.remove(&(from, service.to_string(), id.to_string()));
+            deadlines.insert((to, service.to_string(), id.to_string()));
+        }
     }
 
     fn deregister(
@@ -341,6 +387,10 @@ impl Registry {
         if instances.is_empty() {
             self.services.remove(service);
         }
+        if let Some(r) = &removed {
+            self.deadlines
+                .remove(&(r.instance.deadline(), service.to_string(), id.to_string()));
+        }
         removed
     }
 
@@ -350,10 +400,7 @@ impl Registry {
 
     /// Inserts an instance as loaded from disk or a snapshot.
     pub fn restore(&mut self, instance: Instance, ext: InstanceExt) {
-        self.services
-            .entry(instance.service_name.clone())
-            .or_default()
-            .insert(instance.instance_id.clone(), Live { instance, ext });
+        self.insert_live(instance, ext);
     }
 
     /// Sets what is kept beside a restored instance (loaded from disk).
@@ -495,10 +542,13 @@ impl Registry {
     }
 
     /// Every instance due for expiry at `now_ms`, as `(service, instance id)`.
+    /// Most overdue first; reads the due instances only (a deadline index),
+    /// so a round costs what expires, not the size of the registry.
     pub fn due(&self, now_ms: Millis) -> Vec<(String, String)> {
-        self.instances()
-            .filter(|i| lease::is_due(i, now_ms))
-            .map(|i| (i.service_name.clone(), i.instance_id.clone()))
+        self.deadlines
+            .iter()
+            .take_while(|(deadline, _, _)| lease::deadline_passed(*deadline, now_ms))
+            .map(|(_, service, id)| (service.clone(), id.clone()))
             .collect()
     }
 
@@ -842,5 +892,38 @@ mod tests {
         // Keeping none: the plain old expiry, and max 0.
         apply(&mut r, expire_keep(DUE + 1000 + 60_001, &[], 60_000, 0));
         assert_eq!(r.tombstone_count(), 0);
+    }
+
+    #[test]
+    fn the_due_list_comes_from_the_deadline_index_most_overdue_first() {
+        let mut r = Registry::new();
+        for (id, t) in [("late", 5_000), ("early", 0), ("fresh", 60_000)] {
+            apply(
+                &mut r,
+                Command::Register {
+                    instance: inst("a", id, t),
+                },
+            );
+        }
+        let now = 15_000 + lease::EXPIRY_SLACK_MS;
+        assert_eq!(
+            r.due(now),
+            [
+                ("a".to_string(), "early".to_string()),
+                ("a".to_string(), "late".to_string())
+            ]
+        );
+        // A renewal moves an instance out of the due list; a removal drops it.
+        apply(&mut r, renew("early", 14_000));
+        assert_eq!(r.due(now), [("a".to_string(), "late".to_string())]);
+        apply(
+            &mut r,
+            Command::Deregister {
+                service_name: "a".into(),
+                instance_id: Some("late".into()),
+            },
+        );
+        assert!(r.due(now).is_empty());
+        assert_eq!(r.deadlines.len(), r.instance_count());
     }
 }
