@@ -8,7 +8,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::fleet::FleetSpec;
+use tokio::sync::Semaphore;
+
 use super::{BenchArgs, Op, Workload, FILL_SERVICES};
 
 /// One system under load. The dispatcher builds it with [`Backend::new`],
@@ -194,9 +195,93 @@ impl FillInstance {
     }
 }
 
+/// Longest TTL a registration may ask for (the API's bound).
+const MAX_TTL_SECONDS: u64 = 86_400;
+
+/// What `fleet` runs with, from the command line, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    pub instances: u64,
+    pub services: u64,
+    pub period: Duration,
+    /// The TTL each instance is registered with: 3 periods rounded up, at
+    /// least 10 s.
+    pub ttl_seconds: u64,
+    pub max_in_flight: usize,
+}
+
+impl FleetSpec {
+    /// The spec the flags ask for, or an error naming the bad flag.
+    pub fn from_args(args: &BenchArgs) -> anyhow::Result<Self> {
+        let (instances, services) = (args.fleet_instances, args.fleet_services);
+        let period = args.fleet_period_secs;
+        anyhow::ensure!(instances >= 1, "--fleet-instances must be at least 1");
+        anyhow::ensure!(
+            (1..=instances).contains(&services),
+            "--fleet-services must be between 1 and --fleet-instances ({instances}), not {services}"
+        );
+        anyhow::ensure!(
+            period.is_finite() && period > 0.0,
+            "--fleet-period-secs must be a number of seconds above 0, not {period}"
+        );
+        let ttl_seconds = ttl_for(period);
+        anyhow::ensure!(
+            ttl_seconds <= MAX_TTL_SECONDS,
+            "--fleet-period-secs {period} is too long: the TTL (3 periods) would pass {MAX_TTL_SECONDS} s"
+        );
+        let max_in_flight = usize::try_from(args.max_in_flight)
+            .ok()
+            .filter(|m| (1..=Semaphore::MAX_PERMITS.min(u32::MAX as usize)).contains(m))
+            .ok_or_else(|| anyhow::anyhow!("--max-in-flight must be between 1 and 100000"))?;
+        Ok(Self {
+            instances,
+            services,
+            period: Duration::from_secs_f64(period),
+            ttl_seconds,
+            max_in_flight,
+        })
+    }
+
+    /// The service of instance `k`.
+    pub fn service(&self, k: u64) -> String {
+        format!("bench-fleet-{}", k % self.services)
+    }
+
+    /// The id of instance `k`.
+    pub fn id(k: u64) -> String {
+        format!("fl-{k}")
+    }
+
+    /// Heartbeats per second the schedule asks for: N / period.
+    pub fn offered_per_sec(&self) -> f64 {
+        self.instances as f64 / self.period.as_secs_f64()
+    }
+}
+
+/// The TTL for a heartbeat period: three periods rounded up, at least 10 s
+/// (saturating for absurd periods, which [`FleetSpec::from_args`] refuses).
+pub fn ttl_for(period_secs: f64) -> u64 {
+    let ttl = (3.0 * period_secs).ceil();
+    if ttl >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        (ttl as u64).max(10)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_is_three_periods_at_least_ten_seconds() {
+        assert_eq!(ttl_for(30.0), 90);
+        assert_eq!(ttl_for(10.0), 30);
+        assert_eq!(ttl_for(1.0), 10);
+        assert_eq!(ttl_for(0.5), 10);
+        assert_eq!(ttl_for(3.4), 11);
+        assert_eq!(ttl_for(1e300), u64::MAX);
+    }
 
     #[test]
     fn fill_instances_spread_over_services_and_addresses() {

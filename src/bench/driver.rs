@@ -4,14 +4,14 @@
 //! reports and probe results as printed.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::backend::{Backend, FillInstance, Request};
-use super::fleet::{self, FleetSpec};
+use super::backend::{Backend, FillInstance, FleetSpec, Request};
+use super::fleet;
+use super::stats::{drive, drive_numbered};
 use super::{BenchArgs, Probe, Recorder, Report, Workload, WorkloadReport};
 
 /// How long seeding and the probes retry before giving up.
@@ -143,55 +143,25 @@ async fn fill<B: Backend>(
     offset: u64,
     count: u64,
 ) -> WorkloadReport {
-    let next = Arc::new(AtomicU64::new(offset));
-    let end = offset + count;
-    let (rec, elapsed) = drive(clients, Duration::from_secs(86_400), move |c, _| {
-        let (backend, next) = (backend.clone(), next.clone());
-        async move {
-            let mut client = backend.client(c, &B::Heartbeats::default());
-            let mut rec = Recorder::default();
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= end {
-                    return rec;
-                }
-                let instance = FillInstance::new(k);
+    let init = {
+        let backend = backend.clone();
+        move |c| backend.client(c, &B::Heartbeats::default())
+    };
+    let (rec, elapsed) = drive_numbered(
+        clients,
+        offset..offset + count,
+        init,
+        move |mut client, c, k| {
+            let backend = backend.clone();
+            async move {
                 let node = (c + k as usize) % nodes;
-                let t = Instant::now();
-                let outcome = backend.fill(&mut client, node, &instance).await;
-                rec.record(t, outcome);
+                let outcome = backend.fill(&mut client, node, &FillInstance::new(k)).await;
+                (client, outcome)
             }
-        }
-    })
+        },
+    )
     .await;
     rec.report("fill", clients, elapsed)
-}
-
-/// Runs `clients` copies of `client` until `duration` has passed and merges
-/// what they recorded. Each client gets its number and the deadline, and
-/// must not start an operation after the deadline.
-pub(super) async fn drive<F, Fut>(
-    clients: usize,
-    duration: Duration,
-    client: F,
-) -> (Recorder, Duration)
-where
-    F: Fn(usize, Instant) -> Fut,
-    Fut: Future<Output = Recorder> + Send + 'static,
-{
-    let started = Instant::now();
-    let deadline = started + duration;
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| tokio::spawn(client(c, deadline)))
-        .collect();
-    let mut all = Recorder::default();
-    for t in tasks {
-        match t.await {
-            Ok(r) => all.merge(r),
-            Err(e) => all.record(Instant::now(), Err(format!("client task failed: {e}"))),
-        }
-    }
-    (all, started.elapsed())
 }
 
 /// Prints a workload's report (a line, or nothing with `--json`: the whole

@@ -36,9 +36,9 @@ use etcd_client::{
     PutOptions,
 };
 
-use super::backend::{Backend, FillInstance, Request, FILL_TTL_SECONDS};
+use super::backend::{Backend, FillInstance, FleetSpec, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
-use super::fleet::{counter_value, FleetSpec};
+use super::fleet::counter_value;
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 

@@ -12,90 +12,14 @@
 //! at `start + e·period/N`, of instance `e mod N` (its `j = e div N`-th
 //! heartbeat), sent to node `(k + j) mod nodes`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::backend::Backend;
-use super::driver::drive;
-use super::{BenchArgs, Recorder, WorkloadReport};
-
-/// Longest TTL a registration may ask for (the API's bound).
-const MAX_TTL_SECONDS: u64 = 86_400;
-
-/// What `fleet` runs with, from the command line, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetSpec {
-    pub instances: u64,
-    pub services: u64,
-    pub period: Duration,
-    /// The TTL each instance is registered with: 3 periods rounded up, at
-    /// least 10 s.
-    pub ttl_seconds: u64,
-    pub max_in_flight: usize,
-}
-
-impl FleetSpec {
-    /// The spec the flags ask for, or an error naming the bad flag.
-    pub fn from_args(args: &BenchArgs) -> anyhow::Result<Self> {
-        let (instances, services) = (args.fleet_instances, args.fleet_services);
-        let period = args.fleet_period_secs;
-        anyhow::ensure!(instances >= 1, "--fleet-instances must be at least 1");
-        anyhow::ensure!(
-            (1..=instances).contains(&services),
-            "--fleet-services must be between 1 and --fleet-instances ({instances}), not {services}"
-        );
-        anyhow::ensure!(
-            period.is_finite() && period > 0.0,
-            "--fleet-period-secs must be a number of seconds above 0, not {period}"
-        );
-        let ttl_seconds = ttl_for(period);
-        anyhow::ensure!(
-            ttl_seconds <= MAX_TTL_SECONDS,
-            "--fleet-period-secs {period} is too long: the TTL (3 periods) would pass {MAX_TTL_SECONDS} s"
-        );
-        let max_in_flight = usize::try_from(args.max_in_flight)
-            .ok()
-            .filter(|m| (1..=Semaphore::MAX_PERMITS.min(u32::MAX as usize)).contains(m))
-            .ok_or_else(|| anyhow::anyhow!("--max-in-flight must be between 1 and 100000"))?;
-        Ok(Self {
-            instances,
-            services,
-            period: Duration::from_secs_f64(period),
-            ttl_seconds,
-            max_in_flight,
-        })
-    }
-
-    /// The service of instance `k`.
-    pub fn service(&self, k: u64) -> String {
-        format!("bench-fleet-{}", k % self.services)
-    }
-
-    /// The id of instance `k`.
-    pub fn id(k: u64) -> String {
-        format!("fl-{k}")
-    }
-
-    /// Heartbeats per second the schedule asks for: N / period.
-    pub fn offered_per_sec(&self) -> f64 {
-        self.instances as f64 / self.period.as_secs_f64()
-    }
-}
-
-/// The TTL for a heartbeat period: three periods rounded up, at least 10 s
-/// (saturating for absurd periods, which [`FleetSpec::from_args`] refuses).
-pub fn ttl_for(period_secs: f64) -> u64 {
-    let ttl = (3.0 * period_secs).ceil();
-    if ttl >= u64::MAX as f64 {
-        u64::MAX
-    } else {
-        (ttl as u64).max(10)
-    }
-}
+use super::backend::{Backend, FleetSpec};
+use super::stats::drive_numbered;
+use super::{FleetReport, Recorder, WorkloadReport};
 
 /// The open-loop schedule of N instances renewed once per period.
 #[derive(Debug, Clone, Copy)]
@@ -145,38 +69,6 @@ impl Schedule {
             0
         }
     }
-}
-
-/// The figures only `fleet` has, in its report's `fleet` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FleetReport {
-    pub instances: u64,
-    pub services: u64,
-    pub period_secs: f64,
-    /// The TTL the instances were registered with.
-    pub ttl_seconds: u64,
-    pub max_in_flight: usize,
-    /// How long registering the instances took (before the run).
-    pub register_seconds: f64,
-    /// Heartbeats per second the schedule asks for: instances / period.
-    pub offered_per_sec: f64,
-    /// Successful heartbeats per second, over the run (from its start to
-    /// the last answer).
-    pub achieved_per_sec: f64,
-    /// Heartbeats due within `--seconds` (all of them were sent).
-    pub scheduled: u64,
-    /// Heartbeats that found `--max-in-flight` outstanding and waited for
-    /// a slot (their latency includes the wait).
-    pub waited_for_slot: u64,
-    /// Most any heartbeat was sent after its scheduled time (waiting for a
-    /// slot, or the driver falling behind its own schedule).
-    pub max_send_lag_ms: f64,
-    /// Instances registered but not found after the run (null if counting
-    /// failed).
-    pub missing: Option<u64>,
-    /// Leader changes during the run, summed over the nodes' own counters
-    /// (null if a node's metrics could not be read).
-    pub leader_changes: Option<u64>,
 }
 
 /// Runs `fleet` on `backend`: registers the instances with `clients` in
@@ -255,24 +147,19 @@ async fn register<B: Backend>(
     nodes: usize,
     clients: usize,
 ) -> WorkloadReport {
-    let next = Arc::new(AtomicU64::new(0));
     let (backend, fleet) = (backend.clone(), fleet.clone());
-    let (rec, elapsed) = drive(clients, Duration::from_secs(86_400), move |c, _| {
-        let (backend, fleet, next) = (backend.clone(), fleet.clone(), next.clone());
-        async move {
-            let mut rec = Recorder::default();
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= count {
-                    return rec;
-                }
+    let (rec, elapsed) = drive_numbered(
+        clients,
+        0..count,
+        |_| (),
+        move |(), c, k| {
+            let (backend, fleet) = (backend.clone(), fleet.clone());
+            async move {
                 let node = (c + k as usize) % nodes;
-                let t = Instant::now();
-                let outcome = backend.fleet_register(&fleet, k, node).await;
-                rec.record(t, outcome);
+                ((), backend.fleet_register(&fleet, k, node).await)
             }
-        }
-    })
+        },
+    )
     .await;
     rec.report("fleet-register", clients, elapsed)
 }
@@ -417,16 +304,6 @@ mod tests {
         let s = schedule(10, 10_000);
         assert_eq!(s.events_within(Duration::from_millis(3_000)), 3);
         assert_eq!(s.events_within(Duration::from_millis(3_001)), 4);
-    }
-
-    #[test]
-    fn ttl_is_three_periods_at_least_ten_seconds() {
-        assert_eq!(ttl_for(30.0), 90);
-        assert_eq!(ttl_for(10.0), 30);
-        assert_eq!(ttl_for(1.0), 10);
-        assert_eq!(ttl_for(0.5), 10);
-        assert_eq!(ttl_for(3.4), 11);
-        assert_eq!(ttl_for(1e300), u64::MAX);
     }
 
     #[test]

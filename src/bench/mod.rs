@@ -41,8 +41,7 @@ use serde::Serialize;
 use backend::Backend;
 
 use crate::auth::Secret;
-pub use fleet::FleetReport;
-pub use stats::{percentile, Recorder, WorkloadReport};
+pub use stats::{percentile, FleetReport, Recorder, WorkloadReport};
 
 /// Instances each client cycles through in `heartbeat-cold`: with ~2,000
 /// renewals/s over 32 clients, each instance is renewed every few seconds,
@@ -300,7 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "--seconds must be a number of seconds, 0 or more, not {}",
         args.seconds
     );
-    fleet::FleetSpec::from_args(&args)?;
+    backend::FleetSpec::from_args(&args)?;
     match args.backend {
         BackendKind::Registry => driver::run(registry::Registry::new(&args)?, &args).await,
         #[cfg(feature = "etcd")]

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 
-use super::backend::{Backend, FillInstance, Request, FILL_TTL_SECONDS};
+use super::backend::{Backend, FillInstance, FleetSpec, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
-use super::fleet::{counter_value, FleetSpec};
+use super::fleet::counter_value;
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 use crate::registry::lease::ACK_SLACK_MS;

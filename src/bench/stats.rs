@@ -2,12 +2,17 @@
 //! recorders merged at the end, exact percentiles by nearest rank over every
 //! latency (a few hundred thousand numbers at most: sorting them is cheaper
 //! than getting a histogram's bucket bounds right).
+//!
+//! Also the two runners every workload's clients go through: [`drive`]
+//! (clients until a deadline) and [`drive_numbered`] (numbered jobs shared
+//! out to workers, for fill and the fleet's registration).
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-
-use super::FleetReport;
 
 /// What one client saw: every successful operation's latency and the errors.
 #[derive(Debug, Default)]
@@ -141,6 +146,105 @@ impl WorkloadReport {
         }
         s
     }
+}
+
+/// The figures only `fleet` has, in its report's `fleet` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetReport {
+    pub instances: u64,
+    pub services: u64,
+    pub period_secs: f64,
+    /// The TTL the instances were registered with.
+    pub ttl_seconds: u64,
+    pub max_in_flight: usize,
+    /// How long registering the instances took (before the run).
+    pub register_seconds: f64,
+    /// Heartbeats per second the schedule asks for: instances / period.
+    pub offered_per_sec: f64,
+    /// Successful heartbeats per second, over the run (from its start to
+    /// the last answer).
+    pub achieved_per_sec: f64,
+    /// Heartbeats due within `--seconds` (all of them were sent).
+    pub scheduled: u64,
+    /// Heartbeats that found `--max-in-flight` outstanding and waited for
+    /// a slot (their latency includes the wait).
+    pub waited_for_slot: u64,
+    /// Most any heartbeat was sent after its scheduled time (waiting for a
+    /// slot, or the driver falling behind its own schedule).
+    pub max_send_lag_ms: f64,
+    /// Instances registered but not found after the run (null if counting
+    /// failed).
+    pub missing: Option<u64>,
+    /// Leader changes during the run, summed over the nodes' own counters
+    /// (null if a node's metrics could not be read).
+    pub leader_changes: Option<u64>,
+}
+
+/// Runs `clients` copies of `client` until `duration` has passed and merges
+/// what they recorded. Each client gets its number and the deadline, and
+/// must not start an operation after the deadline.
+pub(super) async fn drive<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    client: F,
+) -> (Recorder, Duration)
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: Future<Output = Recorder> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| tokio::spawn(client(c, deadline)))
+        .collect();
+    let mut all = Recorder::default();
+    for t in tasks {
+        match t.await {
+            Ok(r) => all.merge(r),
+            Err(e) => all.record(Instant::now(), Err(format!("client task failed: {e}"))),
+        }
+    }
+    (all, started.elapsed())
+}
+
+/// Runs the numbered jobs `jobs` on `clients` workers, each taking the next
+/// number until none is left, and merges what they recorded. A worker
+/// starts with `init(worker)` and hands that state to each of its jobs,
+/// which gives it back with the outcome; each job's latency is recorded.
+pub(super) async fn drive_numbered<S, I, J, Fut, E>(
+    clients: usize,
+    jobs: std::ops::Range<u64>,
+    init: I,
+    job: J,
+) -> (Recorder, Duration)
+where
+    S: Send + 'static,
+    I: Fn(usize) -> S + Send + Sync + 'static,
+    J: Fn(S, usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (S, Result<(), E>)> + Send,
+    E: std::fmt::Display,
+{
+    let next = Arc::new(AtomicU64::new(jobs.start));
+    let (init, job) = (Arc::new(init), Arc::new(job));
+    drive(clients, Duration::from_secs(86_400), move |c, _| {
+        let (next, init, job) = (next.clone(), init.clone(), job.clone());
+        let end = jobs.end;
+        async move {
+            let mut state = init(c);
+            let mut rec = Recorder::default();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= end {
+                    return rec;
+                }
+                let t = Instant::now();
+                let (kept, outcome) = job(state, c, k).await;
+                state = kept;
+                rec.record(t, outcome);
+            }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
