@@ -227,8 +227,12 @@ impl Registry {
         to: Millis,
     ) {
         if from != to {
-            deadlines.remove(&(from, service.to_string(), id.to_string()));
-            deadlines.insert((to, service.to_string(), id.to_string()));
+            // The entry taken out gives its names back for the new one.
+            let (service, id) = match deadlines.take(&(from, service.to_string(), id.to_string())) {
+                Some((_, service, id)) => (service, id),
+                None => (service.to_string(), id.to_string()),
+            };
+            deadlines.insert((to, service, id));
         }
     }
 
