@@ -1,7 +1,8 @@
 //! The crate's modules depend on each other in one direction only, as the
 //! module map in `src/lib.rs` says: no circle among the top-level modules,
 //! the pure registry imports nothing of the crate, and nothing below the
-//! HTTP layer reaches back up into it.
+//! HTTP layer reaches back up into it; nor do the files of one folder
+//! (`src/bench/`, `src/api/`, ...) depend on each other in a circle.
 //!
 //! Read from the source as text: every `crate::name` path outside comments
 //! and outside a file's `#[cfg(test)]` part counts as a dependency of the
@@ -11,7 +12,9 @@
 //! `src/leader/writes.rs`, `layers_run_one_way` failed naming
 //! `leader -> api`, and `no_circle_among_modules` failed with the circle
 //! `api -> leader -> api`. `LAYERING_SELF_TEST=1` adds such an edge in
-//! memory and checks that both checks catch it.
+//! memory and checks that both checks catch it. The folder check failed on
+//! the bench module as it stood before d723710, naming the circle
+//! `backend -> fleet -> backend`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -43,13 +46,19 @@ fn module_of(src: &Path, file: &Path) -> Option<String> {
 
 /// The top-level modules named by `crate::` paths in `code`.
 fn crate_refs(code: &str) -> BTreeSet<String> {
+    path_refs(code, "crate::")
+}
+
+/// The names right after `prefix` (`crate::`, `super::`, `crate::api::`)
+/// in `code`, at the first level of a `{...}` group too.
+fn path_refs(code: &str, prefix: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let mut rest = code;
-    while let Some(at) = rest.find("crate::") {
+    while let Some(at) = rest.find(prefix) {
         let before = rest[..at].chars().next_back();
-        rest = &rest[at + "crate::".len()..];
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-            continue; // e.g. `my_crate::`
+        rest = &rest[at + prefix.len()..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue; // e.g. `my_crate::`, or `super::super::`
         }
         if let Some(group) = rest.strip_prefix('{') {
             // `crate::{a, b::c, d::{e, f}}`: the names at the first level.
@@ -214,5 +223,65 @@ fn layers_run_one_way() {
     assert!(
         wrong.is_empty(),
         "imports that run back up (see the module map in src/lib.rs): {wrong:?}\nwhole graph: {g:#?}"
+    );
+}
+
+/// Inside each folder of `src/`: which file uses which sibling (through
+/// `super::name` or the folder's full `crate::` path). `mod.rs` is left
+/// out: it declares its children, and they may use what it re-exports.
+fn sibling_graphs() -> BTreeMap<PathBuf, Graph> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut out: BTreeMap<PathBuf, Graph> = BTreeMap::new();
+    for f in &files {
+        let dir = f.parent().expect("a file has a folder").to_path_buf();
+        let me = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        if dir == src || me == "mod" {
+            continue;
+        }
+        let siblings: BTreeSet<String> = std::fs::read_dir(&dir)
+            .expect("read a folder")
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                let stem = p.file_stem()?.to_str()?.to_string();
+                (p.is_dir() || p.extension().is_some_and(|x| x == "rs")).then_some(stem)
+            })
+            .filter(|s| s != "mod" && s != me)
+            .collect();
+        let module_path = dir
+            .strip_prefix(&src)
+            .expect("under src")
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .collect::<Vec<_>>()
+            .join("::");
+        let code = code_of(&std::fs::read_to_string(f).expect("read a source file"));
+        let mut refs = path_refs(&code, "super::");
+        refs.extend(path_refs(&code, &format!("crate::{module_path}::")));
+        let deps = out
+            .entry(dir)
+            .or_default()
+            .entry(me.to_string())
+            .or_default();
+        deps.extend(refs.into_iter().filter(|r| siblings.contains(r)));
+    }
+    out
+}
+
+#[test]
+fn no_circle_among_the_files_of_a_folder() {
+    let graphs = sibling_graphs();
+    assert!(graphs.len() > 5, "too few folders found: {graphs:?}");
+    let mut circles = Vec::new();
+    for (dir, g) in &graphs {
+        if let Some(c) = find_circle(g) {
+            circles.push(format!("{}: {}", dir.display(), c.join(" -> ")));
+        }
+    }
+    assert!(
+        circles.is_empty(),
+        "files that depend on each other in a circle:\n{}",
+        circles.join("\n")
     );
 }
