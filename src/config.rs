@@ -339,6 +339,14 @@ pub struct NodeArgs {
     /// that its checker catches stale reads. Never set it in production.
     #[arg(long, hide = true)]
     pub test_stale_reads: bool,
+    /// TEST ONLY, UNSAFE: renewals acknowledged without a write are neither
+    /// remembered nor checkpointed, and expiry judges committed values
+    /// alone, so instances can expire while their heartbeats are being
+    /// acknowledged. Exists so that the Jepsen-style harness
+    /// (`scripts/jepsen.sh --broken-leases`) can prove that its early-expiry
+    /// check catches it. Never set it in production.
+    #[arg(long, hide = true)]
+    pub test_broken_leases: bool,
     /// UNSAFE: acknowledge appends and votes once sled has flushed, without
     /// the `fdatasync` that makes them survive power loss (sled's flush alone
     /// survives `kill -9` only). For the power-loss tests, which must show

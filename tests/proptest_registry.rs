@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use serde_json::{Map, Value};
-use vertice_register::registry::lease::EXPIRY_SLACK_MS;
+use vertice_register::registry::lease::{EXPIRY_MARGIN_MS, LEGACY_EXPIRY_SLACK_MS};
 use vertice_register::registry::validate::{self, is_hidden_char};
 use vertice_register::registry::{
     parse_heartbeat, parse_register, Change, Command, CommandResult, Instance, InstanceExt,
@@ -292,6 +292,10 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(now_ms, term, instances, retention_ms, max)| Command::ExpireKeep {
                 now_ms, term, instances, keep: TombstonePolicy { retention_ms, max },
             }),
+        2 => (stamp.clone(), 1u64..4, proptest::collection::vec(key(), 0..6), 0i64..60_000, 0u32..4, 0i64..3_000)
+            .prop_map(|(now_ms, term, instances, retention_ms, max, margin_ms)| Command::ExpireAfter {
+                now_ms, term, instances, keep: TombstonePolicy { retention_ms, max }, margin_ms,
+            }),
         2 => (0..SERVICES.len(), proptest::collection::vec(0..IDS.len(), 0..3), stamp, 0i64..60_000)
             .prop_map(|(s, ids, at, retention_ms)| Command::Revive {
                 service_name: SERVICES[s].into(),
@@ -393,13 +397,13 @@ proptest! {
             // The deadline index agrees with a scan of every instance, at
             // every moment around every deadline.
             for i in one.instances() {
-                for now in [i.deadline() + EXPIRY_SLACK_MS - 1, i.deadline() + EXPIRY_SLACK_MS] {
+                for now in [i.deadline() + EXPIRY_MARGIN_MS - 1, i.deadline() + EXPIRY_MARGIN_MS] {
                     let mut scan: Vec<(String, String)> = one
                         .instances()
-                        .filter(|x| vertice_register::registry::lease::is_due(x, now))
+                        .filter(|x| vertice_register::registry::lease::is_due(x, EXPIRY_MARGIN_MS, now))
                         .map(|x| (x.service_name.clone(), x.instance_id.clone()))
                         .collect();
-                    let mut due = one.due(now);
+                    let mut due = one.due(now, EXPIRY_MARGIN_MS);
                     scan.sort();
                     due.sort();
                     prop_assert_eq!(due, scan, "the deadline index disagrees with a scan at {}", now);
@@ -410,12 +414,20 @@ proptest! {
                 prop_assert!(!now.contains_key(k), "{:?} is live and buried", k);
             }
             // (A deposed leader's expiry changes nothing, pruning included.)
-            if let Command::ExpireKeep { keep, term, .. } = cmd {
+            if let Command::ExpireKeep { keep, term, .. } | Command::ExpireAfter { keep, term, .. } = cmd {
                 prop_assert!(*term != *entry_term ||graves.len() <= keep.max as usize, "more tombstones than allowed");
             }
-            if let Command::Expire { now_ms, .. } | Command::ExpireKeep { now_ms, .. } = cmd {
+            let judged = match cmd {
+                Command::Expire { now_ms, .. } | Command::ExpireKeep { now_ms, .. } => {
+                    Some((*now_ms, LEGACY_EXPIRY_SLACK_MS))
+                }
+                Command::ExpireAfter { now_ms, margin_ms, .. } => Some((*now_ms, *margin_ms)),
+                _ => None,
+            };
+            if let Some((now_ms, margin)) = judged {
+                let now_ms = &now_ms;
                 for i in before.instances() {
-                    let deadline = i.last_heartbeat + i64::from(i.ttl_seconds) * 1000 + EXPIRY_SLACK_MS;
+                    let deadline = i.last_heartbeat + i64::from(i.ttl_seconds) * 1000 + margin;
                     if deadline > *now_ms {
                         prop_assert_eq!(
                             one.get_instance(&i.service_name, &i.instance_id),

@@ -43,9 +43,11 @@ use backend::Backend;
 use crate::auth::Secret;
 pub use stats::{percentile, FleetReport, Recorder, WorkloadReport};
 
-/// Instances each client cycles through in `heartbeat-cold`: with ~2,000
-/// renewals/s over 32 clients, each instance is renewed every few seconds,
-/// past the ack slack, as with a 30 s heartbeat cadence.
+/// Instances each client cycles through in `heartbeat-cold`: each instance
+/// is renewed every few seconds, so every renewal is one the leader must
+/// checkpoint into the log, as in a fleet (with `heartbeat`, one instance per
+/// client, the checkpoint carries each instance once a second however often
+/// it renews).
 pub const COLD_INSTANCES: usize = 300;
 
 /// Services `bench fill` spreads its instances over.

@@ -12,7 +12,6 @@ use super::driver::SEED_WAIT;
 use super::fleet::counter_value;
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
-use crate::registry::lease::ACK_SLACK_MS;
 
 /// The instance the failover probe registers.
 const FAILOVER_BODY: &str =
@@ -149,8 +148,7 @@ impl Backend for Registry {
     }
 
     /// The clients in parallel, instance `hb-C-K` through node
-    /// `(C + K) mod nodes`. With more than one instance per client, waits
-    /// until the registrations' own heartbeats are older than the ack slack.
+    /// `(C + K) mod nodes`.
     async fn seed_heartbeats(&self, clients: usize, per_client: usize) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         for c in 0..clients {
@@ -172,9 +170,6 @@ impl Backend for Registry {
         }
         for t in tasks {
             t.await??;
-        }
-        if per_client > 1 {
-            tokio::time::sleep(Duration::from_millis(ACK_SLACK_MS.unsigned_abs() + 500)).await;
         }
         Ok(())
     }

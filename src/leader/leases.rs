@@ -2,18 +2,23 @@
 //! renewals into the log in batches, and expiring instances, with the
 //! mass-expiry protection.
 //!
-//! A heartbeat costs no Raft entry when the instance's committed
-//! `last_heartbeat` is fresh (see [`crate::registry::lease`] for why that is
-//! safe); the renewal is remembered and written, together with every other
-//! renewal of the last second, in one `Renew` checkpoint. When the committed
-//! value is too old, the heartbeat waits for a `Renew` entry that carries it;
-//! concurrent ones share one entry (group commit). Followers forward
-//! heartbeats here, so the leader serves every renewal.
+//! A heartbeat costs no Raft entry when it comes within the instance's ack
+//! window of its committed `last_heartbeat` (half the TTL plus 2 s; see
+//! [`crate::registry::lease`] for why that is safe): the renewal is
+//! remembered as *unsettled* and written, together with every other renewal
+//! of the last second, in one `Renew` checkpoint. So a fleet renewing every
+//! TTL/2 costs one checkpoint a second, not a commit per beat. When the
+//! committed value is older than that, the heartbeat waits for a `Renew`
+//! entry that carries it; concurrent ones share one entry (group commit).
+//! Followers forward heartbeats here, so the leader serves every renewal.
 //!
 //! Only the leader expires, once a second with jitter, at most
 //! [`MAX_EXPIRE_PER_ROUND`] instances per round in entries of
-//! [`EXPIRE_BATCH`], each stamped with its time and term. Nothing here runs
-//! at takeover: a new leader continues from the committed state.
+//! [`EXPIRE_BATCH`], each stamped with its time, term and margin. Each round
+//! first confirms leadership, then judges the instances whose committed
+//! deadline has passed by the latest heartbeat anyone may have acknowledged
+//! ([`lease::last_ack_bound`]): its own unsettled ones, and for earlier
+//! leaders' the ack window, capped at when this node began leading.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +33,7 @@ use crate::forwarding::{ReadIndexReply, WriteReply};
 use crate::leader::read_index::ReadIndex;
 use crate::metrics::Metrics;
 use crate::raft::{Raft, Replica};
-use crate::registry::lease::{can_ack, ExpiryGuard, Protection};
+use crate::registry::lease::{self, can_ack, ExpiryGuard, Protection, EXPIRY_MARGIN_MS};
 use crate::registry::{
     Command, CommandResult, HeartbeatRequest, HeartbeatTargets, Millis, Renewal, TombstonePolicy,
 };
@@ -54,6 +59,11 @@ pub struct ExpiryConfig {
     pub pause_max: Duration,
     /// How long and how many expired instances are kept for revival.
     pub tombstones: TombstonePolicy,
+    /// TEST ONLY, UNSAFE (`--test-broken-leases`): renewals acknowledged
+    /// without a write are neither remembered nor checkpointed, and expiry
+    /// judges the committed values alone. For proving that the Jepsen-style
+    /// harness catches early expiry.
+    pub broken_leases: bool,
 }
 
 /// The leader's latest expiry round, for `/health`.
@@ -73,7 +83,65 @@ type InstanceKey = (String, String);
 
 struct BatchItem {
     renewals: Vec<Renewal>,
+    /// A heartbeat waiting for its renewal; `None` for a checkpoint.
     done: Option<oneshot::Sender<WriteReply>>,
+}
+
+/// What the leader acknowledged without a write, and since when it leads.
+#[derive(Default)]
+struct Acks {
+    /// The term this node leads in, and when it noticed (its clock).
+    leading: Option<(u64, Millis)>,
+    /// Renewals acknowledged without a write whose checkpoint has not been
+    /// applied yet: the latest time, and whether a checkpoint carries it.
+    unsettled: HashMap<InstanceKey, (Millis, bool)>,
+}
+
+impl Acks {
+    /// Notes an acknowledgement without a write at `at`.
+    fn record(&mut self, key: InstanceKey, at: Millis) {
+        let e = self.unsettled.entry(key).or_insert((at, false));
+        if at >= e.0 {
+            *e = (at, false);
+        }
+    }
+
+    /// The renewals no checkpoint carries yet, marked as carried.
+    fn take_for_checkpoint(&mut self) -> Vec<Renewal> {
+        self.unsettled
+            .iter_mut()
+            .filter(|(_, (_, sent))| !*sent)
+            .map(|((service_name, instance_id), (at, sent))| {
+                *sent = true;
+                Renewal {
+                    service_name: service_name.clone(),
+                    instance_id: instance_id.clone(),
+                    at: *at,
+                }
+            })
+            .collect()
+    }
+
+    /// A checkpoint was applied: what it carried is in the log now, unless
+    /// the instance renewed again since.
+    fn settle(&mut self, renewals: &[Renewal]) {
+        for r in renewals {
+            let key = (r.service_name.clone(), r.instance_id.clone());
+            if self.unsettled.get(&key).is_some_and(|(at, _)| *at <= r.at) {
+                self.unsettled.remove(&key);
+            }
+        }
+    }
+
+    /// A checkpoint failed: carry its renewals again next time.
+    fn resend(&mut self, renewals: &[Renewal]) {
+        for r in renewals {
+            let key = (r.service_name.clone(), r.instance_id.clone());
+            if let Some(e) = self.unsettled.get_mut(&key) {
+                e.1 = false;
+            }
+        }
+    }
 }
 
 pub struct Leases {
@@ -82,8 +150,8 @@ pub struct Leases {
     replica: Arc<Replica>,
     metrics: Arc<Metrics>,
     config: ExpiryConfig,
-    /// Renewals acknowledged without a write, waiting for the next checkpoint.
-    pending: Mutex<HashMap<InstanceKey, Millis>>,
+    /// Renewals acknowledged without a write, until a checkpoint is applied.
+    acks: Mutex<Acks>,
     batches: mpsc::UnboundedSender<BatchItem>,
     status: Mutex<Option<ExpiryStatus>>,
     audit: crate::audit::AuditLog,
@@ -108,7 +176,7 @@ impl Leases {
             replica,
             metrics,
             config,
-            pending: Mutex::new(HashMap::new()),
+            acks: Mutex::new(Acks::default()),
             batches: tx,
             status: Mutex::new(None),
             audit,
@@ -131,6 +199,10 @@ impl Leases {
 
     fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    fn acks(&self) -> std::sync::MutexGuard<'_, Acks> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Serves a heartbeat on the leader: `NotFound` for an unknown service or
@@ -184,7 +256,7 @@ impl Leases {
             }
             let stale: Vec<Renewal> = targets
                 .iter()
-                .filter(|(_, committed)| !can_ack(*committed, now))
+                .filter(|(_, ack_until)| !can_ack(*ack_until, now))
                 .map(|(id, _)| Renewal {
                     service_name: req.service_name.clone(),
                     instance_id: id.clone(),
@@ -200,12 +272,11 @@ impl Leases {
                     continue;
                 }
                 if !committed_once {
-                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    for (id, _) in &targets {
-                        let at = pending
-                            .entry((req.service_name.clone(), id.clone()))
-                            .or_insert(now);
-                        *at = (*at).max(now);
+                    if !self.config.broken_leases {
+                        let mut acks = self.acks();
+                        for (id, _) in &targets {
+                            acks.record((req.service_name.clone(), id.clone()), now);
+                        }
                     }
                     self.metrics
                         .renewals
@@ -332,6 +403,12 @@ impl Leases {
                     Err(_) => break,
                 }
             }
+            // What checkpoints carry settles once the entry is applied.
+            let carried: Vec<Renewal> = items
+                .iter()
+                .filter(|i| i.done.is_none())
+                .flat_map(|i| i.renewals.iter().cloned())
+                .collect();
             let renewals: Vec<Renewal> = items
                 .iter_mut()
                 .flat_map(|i| std::mem::take(&mut i.renewals))
@@ -340,12 +417,15 @@ impl Leases {
             // the next entry can be proposed while this one is replicated.
             let committed =
                 crate::leader::writes::propose(&self.raft, Command::Renew { renewals }).await;
-            let metrics = self.metrics.clone();
+            let me = self.clone();
             tokio::spawn(async move {
                 let reply = committed.await;
                 drop(slot);
                 if matches!(reply, WriteReply::Done(_)) {
-                    metrics.checkpoints.inc();
+                    me.metrics.checkpoints.inc();
+                    me.acks().settle(&carried);
+                } else {
+                    me.acks().resend(&carried);
                 }
                 for item in items {
                     if let Some(done) = item.done {
@@ -357,28 +437,21 @@ impl Leases {
     }
 
     /// Once a second, writes the renewals acknowledged without a write, so
-    /// followers (and a future leader) see a fresh `last_heartbeat`.
+    /// followers (and a future leader) see a fresh `last_heartbeat`. Each
+    /// instance is carried once per renewal it made, so a fleet renewing
+    /// every TTL/2 puts each instance in the log once per TTL/2.
     async fn checkpoints(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             }
-            let pending =
-                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-            if pending.is_empty() || !self.is_leader() {
-                // A deposed leader's renewals were acknowledged against
-                // committed values that already cover them (lease::can_ack).
+            if !self.is_leader() {
+                // A deposed leader's renewals are covered by the ack window
+                // of the committed values (see `registry::lease`).
                 continue;
             }
-            let renewals = pending
-                .into_iter()
-                .map(|((service_name, instance_id), at)| Renewal {
-                    service_name,
-                    instance_id,
-                    at,
-                })
-                .collect::<Vec<_>>();
+            let renewals = self.acks().take_for_checkpoint();
             for chunk in renewals.chunks(RENEW_BATCH) {
                 let _ = self.batches.send(BatchItem {
                     renewals: chunk.to_vec(),
@@ -414,21 +487,61 @@ impl Leases {
             if !leader {
                 guard.reset();
                 *self.status.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.acks() = Acks::default();
+                continue;
+            }
+            let leading_since = {
+                let mut acks = self.acks();
+                match acks.leading {
+                    Some((t, since)) if t == term => since,
+                    _ => {
+                        // A new term: whatever this node acknowledged before
+                        // is covered by the ack window (see registry::lease).
+                        let since = now_ms();
+                        *acks = Acks {
+                            leading: Some((term, since)),
+                            ..Acks::default()
+                        };
+                        since
+                    }
+                }
+            };
+            // Judge on a state that holds everything committed before now,
+            // earlier leaders' renewals included.
+            let confirm_by = Instant::now() + Duration::from_secs(1);
+            if let Err(reply) = self.confirm(confirm_by).await {
+                tracing::debug!(?reply, "expiry round skipped: leadership not confirmed");
                 continue;
             }
             let now = now_ms();
             let keep = self.config.tombstones;
-            let (total, mut due, paused, prune) = {
+            let (total, due, paused, prune) = {
                 let applied = self.replica.read();
                 let r = &applied.registry;
                 let prune = r.needs_pruning(now, &keep);
-                (r.instance_count(), r.due(now), r.expiry_paused(), prune)
+                let acks = self.acks();
+                let due: Vec<(String, String)> = r
+                    .due(now, EXPIRY_MARGIN_MS)
+                    .into_iter()
+                    .filter(|k| {
+                        let Some(i) = r.get_instance(&k.0, &k.1) else {
+                            return false;
+                        };
+                        if self.config.broken_leases {
+                            return true;
+                        }
+                        let unsettled = acks.unsettled.get(k).map(|(at, _)| *at);
+                        lease::may_expire(
+                            i.last_heartbeat,
+                            i.ttl_seconds,
+                            unsettled,
+                            leading_since,
+                            now,
+                        )
+                    })
+                    .collect();
+                (r.instance_count(), due, r.expiry_paused(), prune)
             };
-            {
-                // Renewed since the last checkpoint: alive, whatever the log says.
-                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                due.retain(|k| !pending.contains_key(k));
-            }
             let round = guard.round(mono(), total, due.len());
             let (a, pause_now, overridden) = (round.assessment, round.pause, round.overridden);
             if round.just_overridden {
@@ -469,26 +582,29 @@ impl Leases {
             if pause_now {
                 continue;
             }
+            let mut due = due;
             due.truncate(MAX_EXPIRE_PER_ROUND);
             if due.is_empty() && prune {
                 // Nothing expires, but tombstones are past the window (or
                 // the limit shrank): an empty expiry prunes them.
-                let cmd = Command::ExpireKeep {
+                let cmd = Command::ExpireAfter {
                     now_ms: now,
                     term,
                     instances: Vec::new(),
                     keep,
+                    margin_ms: EXPIRY_MARGIN_MS,
                 };
                 if let Err(e) = self.raft.client_write(cmd).await {
                     tracing::debug!(error = %e, "tombstone pruning not committed");
                 }
             }
             for chunk in due.chunks(EXPIRE_BATCH) {
-                let cmd = Command::ExpireKeep {
+                let cmd = Command::ExpireAfter {
                     now_ms: now,
                     term,
                     instances: chunk.to_vec(),
                     keep,
+                    margin_ms: EXPIRY_MARGIN_MS,
                 };
                 match self.raft.client_write(cmd).await {
                     Ok(resp) => {

@@ -102,6 +102,11 @@ impl RunningNode {
                 "--test-stale-reads is set: consistent reads are NOT linearizable on this node (test only)"
             );
         }
+        if args.test_broken_leases {
+            tracing::warn!(
+                "--test-broken-leases is set: instances may expire while their heartbeats are acknowledged (test only)"
+            );
+        }
 
         // Flags that need no storage are checked before it is opened.
         let auth = Arc::new(

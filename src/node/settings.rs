@@ -55,6 +55,7 @@ pub(super) fn expiry(args: &NodeArgs) -> crate::leader::leases::ExpiryConfig {
                 args.max_tombstones
             },
         },
+        broken_leases: args.test_broken_leases,
     }
 }
 

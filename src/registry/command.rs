@@ -22,8 +22,9 @@ pub enum Command {
         service_name: String,
         instance_id: Option<String>,
     },
-    /// Remove the listed instances that are due at `now_ms` (see
-    /// [`super::lease::is_due`]). Apply checks each deadline again, so an expiry
+    /// Remove the listed instances that are due at `now_ms`, judged with
+    /// [`super::lease::LEGACY_EXPIRY_SLACK_MS`] (earlier releases; this one
+    /// writes `ExpireAfter`). Apply checks each deadline again, so an expiry
     /// that arrives after a renewal removes nothing; and one stamped with a
     /// term other than its entry's (a deposed leader's) removes nothing.
     Expire {
@@ -70,6 +71,17 @@ pub enum Command {
         instance_ids: Vec<String>,
         at: Millis,
         retention_ms: Millis,
+    },
+    /// `ExpireKeep` judged with the margin the leader stamped: the listed
+    /// instances whose committed `last_heartbeat + ttl + margin_ms <= now_ms`
+    /// go (the leader has checked its own bound first, see
+    /// [`super::lease`]).
+    ExpireAfter {
+        now_ms: Millis,
+        term: u64,
+        instances: Vec<(String, String)>,
+        keep: TombstonePolicy,
+        margin_ms: Millis,
     },
 }
 

@@ -25,7 +25,8 @@ pub use validate::{
 /// What a heartbeat renews or revives (see [`Registry::heartbeat_targets`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeartbeatTargets {
-    /// Live instances: `(instance id, committed last_heartbeat)`.
+    /// Live instances: `(instance id, until when a heartbeat is acknowledged
+    /// without a write)` (see [`lease::ack_until`]).
     Live(Vec<(String, Millis)>),
     /// Expired instances whose tombstones a heartbeat may revive.
     Expired(Vec<String>),
@@ -115,13 +116,38 @@ impl Registry {
                 now_ms,
                 term,
                 instances,
-            } => self.expire(*now_ms, *term, entry_term, instances, None, changes),
+            } => self.expire(
+                (*now_ms, *term, entry_term),
+                instances,
+                None,
+                lease::LEGACY_EXPIRY_SLACK_MS,
+                changes,
+            ),
             Command::ExpireKeep {
                 now_ms,
                 term,
                 instances,
                 keep,
-            } => self.expire(*now_ms, *term, entry_term, instances, Some(keep), changes),
+            } => self.expire(
+                (*now_ms, *term, entry_term),
+                instances,
+                Some(keep),
+                lease::LEGACY_EXPIRY_SLACK_MS,
+                changes,
+            ),
+            Command::ExpireAfter {
+                now_ms,
+                term,
+                instances,
+                keep,
+                margin_ms,
+            } => self.expire(
+                (*now_ms, *term, entry_term),
+                instances,
+                Some(keep),
+                *margin_ms,
+                changes,
+            ),
             Command::Revive {
                 service_name,
                 instance_ids,
@@ -295,13 +321,14 @@ impl Registry {
         ids.into_iter().cloned().collect()
     }
 
+    /// `stamp`: the entry's `(now_ms, term)` and the term of the log entry
+    /// that carries it.
     fn expire(
         &mut self,
-        now_ms: Millis,
-        term: u64,
-        entry_term: u64,
+        (now_ms, term, entry_term): (Millis, u64, u64),
         instances: &[(String, String)],
         keep: Option<&TombstonePolicy>,
+        margin: Millis,
         changes: &mut Vec<Change>,
     ) -> CommandResult {
         if term != entry_term {
@@ -311,7 +338,7 @@ impl Registry {
         for (service, id) in instances {
             let due = self
                 .get_instance(service, id)
-                .is_some_and(|i| lease::is_due(i, now_ms));
+                .is_some_and(|i| lease::is_due(i, margin, now_ms));
             if !due {
                 continue;
             }
@@ -466,7 +493,7 @@ impl Registry {
         if let Some(id) = instance_id {
             return match (self.live(service, id), self.tombstone(service, id)) {
                 (Some(l), _) => {
-                    HeartbeatTargets::Live(vec![(id.to_string(), l.instance.last_heartbeat)])
+                    HeartbeatTargets::Live(vec![(id.to_string(), lease::ack_until(&l.instance))])
                 }
                 (None, Some(_)) => HeartbeatTargets::Expired(vec![id.to_string()]),
                 (None, None) => HeartbeatTargets::Nothing,
@@ -477,7 +504,7 @@ impl Registry {
                 .into_iter()
                 .flatten()
                 .filter(|(_, e)| pick(e))
-                .map(|(i, _)| (i.instance_id.clone(), i.last_heartbeat))
+                .map(|(i, _)| (i.instance_id.clone(), lease::ack_until(i)))
                 .collect()
         };
         let dead = |pick: &dyn Fn(&InstanceExt) -> bool| -> Vec<String> {
@@ -545,13 +572,14 @@ impl Registry {
         self.services.values().map(BTreeMap::len).sum()
     }
 
-    /// Every instance due for expiry at `now_ms`, as `(service, instance id)`.
-    /// Most overdue first; reads the due instances only (a deadline index),
-    /// so a round costs what expires, not the size of the registry.
-    pub fn due(&self, now_ms: Millis) -> Vec<(String, String)> {
+    /// Every instance whose committed deadline is `margin` or more behind
+    /// `now_ms`, as `(service, instance id)`. Most overdue first; reads the
+    /// due instances only (a deadline index), so a round costs what expires,
+    /// not the size of the registry.
+    pub fn due(&self, now_ms: Millis, margin: Millis) -> Vec<(String, String)> {
         self.deadlines
             .iter()
-            .take_while(|(deadline, _, _)| lease::deadline_passed(*deadline, now_ms))
+            .take_while(|(deadline, _, _)| lease::deadline_passed(*deadline, margin, now_ms))
             .map(|(_, service, id)| (service.clone(), id.clone()))
             .collect()
     }
@@ -683,8 +711,8 @@ mod tests {
             },
         );
         // ttl 10 s: due from 12 s on (ttl + expiry slack).
-        let now = 10_000 + lease::EXPIRY_SLACK_MS;
-        let due = r.due(now);
+        let now = 10_000 + lease::LEGACY_EXPIRY_SLACK_MS;
+        let due = r.due(now, lease::LEGACY_EXPIRY_SLACK_MS);
         assert_eq!(due, vec![("a".to_string(), "1".to_string())]);
         // A renewal commits between the leader's decision and the expiry.
         apply(&mut r, renew("1", 9_000));
@@ -696,12 +724,43 @@ mod tests {
         assert_eq!(apply(&mut r, expire), CommandResult::Expired(0));
         assert_eq!(r.instance_count(), 1);
         let later = Command::Expire {
-            now_ms: 19_000 + lease::EXPIRY_SLACK_MS,
+            now_ms: 19_000 + lease::LEGACY_EXPIRY_SLACK_MS,
             term: 1,
             instances: vec![("a".into(), "1".into())],
         };
         assert_eq!(apply(&mut r, later), CommandResult::Expired(1));
         assert_eq!(r.service_count(), 0);
+    }
+
+    #[test]
+    fn expire_after_judges_with_the_margin_the_leader_stamped() {
+        let mut r = Registry::new();
+        apply(
+            &mut r,
+            Command::Register {
+                instance: inst("a", "1", 0),
+            },
+        );
+        let expire = |now_ms, margin_ms| Command::ExpireAfter {
+            now_ms,
+            term: 1,
+            instances: vec![("a".into(), "1".into())],
+            keep: TombstonePolicy {
+                retention_ms: 60_000,
+                max: 10,
+            },
+            margin_ms,
+        };
+        // ttl 10 s, margin 1 s: not at 10.999 s, at 11 s.
+        assert_eq!(
+            apply(&mut r, expire(10_999, 1_000)),
+            CommandResult::Expired(0)
+        );
+        assert_eq!(
+            apply(&mut r, expire(11_000, 1_000)),
+            CommandResult::Expired(1)
+        );
+        assert_eq!(r.tombstone_count(), 1);
     }
 
     #[test]
@@ -775,7 +834,7 @@ mod tests {
     }
 
     /// Due from ttl (10 s) + slack after its last heartbeat.
-    const DUE: Millis = 10_000 + lease::EXPIRY_SLACK_MS;
+    const DUE: Millis = 10_000 + lease::LEGACY_EXPIRY_SLACK_MS;
 
     #[test]
     fn name_only_calls_touch_the_callers_own_instances() {
@@ -909,9 +968,9 @@ mod tests {
                 },
             );
         }
-        let now = 15_000 + lease::EXPIRY_SLACK_MS;
+        let now = 15_000 + lease::LEGACY_EXPIRY_SLACK_MS;
         assert_eq!(
-            r.due(now),
+            r.due(now, lease::LEGACY_EXPIRY_SLACK_MS),
             [
                 ("a".to_string(), "early".to_string()),
                 ("a".to_string(), "late".to_string())
@@ -919,7 +978,10 @@ mod tests {
         );
         // A renewal moves an instance out of the due list; a removal drops it.
         apply(&mut r, renew("early", 14_000));
-        assert_eq!(r.due(now), [("a".to_string(), "late".to_string())]);
+        assert_eq!(
+            r.due(now, lease::LEGACY_EXPIRY_SLACK_MS),
+            [("a".to_string(), "late".to_string())]
+        );
         apply(
             &mut r,
             Command::Deregister {
@@ -927,7 +989,7 @@ mod tests {
                 instance_id: Some("late".into()),
             },
         );
-        assert!(r.due(now).is_empty());
+        assert!(r.due(now, lease::LEGACY_EXPIRY_SLACK_MS).is_empty());
         assert_eq!(r.deadlines.len(), r.instance_count());
     }
 }
