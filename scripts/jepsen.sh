@@ -10,6 +10,9 @@
 #   scripts/jepsen.sh --minutes 1 --seed 1         # the short run CI does
 #   scripts/jepsen.sh --minutes 0.5 --stale-reads --expect-violation
 #                                                  # proves the checker bites
+#   scripts/jepsen.sh --minutes 0.5 --broken-leases --expect-violation
+#                                                  # proves check (d) catches
+#                                                  # early expiry
 #   scripts/jepsen.sh --minutes 0.5 --tls          # nodes on mutual TLS
 #   scripts/jepsen.sh --help                       # every option
 #

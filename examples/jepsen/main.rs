@@ -64,10 +64,17 @@ struct Args {
     /// Start the nodes with the test-only stale consistent read path.
     #[arg(long)]
     stale_reads: bool,
+    /// Start the nodes with the test-only broken lease rule: renewals
+    /// acknowledged without a write are forgotten, so instances expire while
+    /// their heartbeats are acknowledged. With --expect-violation, the run
+    /// passes only if check (d) reports an early expiry.
+    #[arg(long)]
+    broken_leases: bool,
     /// Run the nodes with mutual TLS (certificates from a CA made for the run).
     #[arg(long)]
     tls: bool,
-    /// Succeed only if the checker reports an anomaly (proves it bites).
+    /// Succeed only if the checker reports an anomaly (proves it bites);
+    /// with --broken-leases, an early expiry (check (d)) in particular.
     #[arg(long)]
     expect_violation: bool,
     /// The vertice-register binary (default: next to this harness).
@@ -106,12 +113,26 @@ fn sleep_until(t: Instant) {
 fn main() {
     let args = Args::parse();
     match run(&args) {
-        Ok(anomalies) => {
+        Ok((anomalies, early_expiries)) => {
+            let bit = if args.broken_leases {
+                early_expiries > 0
+            } else {
+                anomalies > 0
+            };
             let code = match (anomalies > 0, args.expect_violation) {
-                (false, false) | (true, true) => 0,
+                (false, false) => 0,
+                (true, true) if bit => 0,
                 _ => 1,
             };
-            if args.expect_violation {
+            if args.expect_violation && args.broken_leases {
+                if bit {
+                    println!(
+                        "\nexpected early expiry, and check (d) reported {early_expiries}: it bites"
+                    );
+                } else {
+                    println!("\nexpected early expiry, but check (d) found none");
+                }
+            } else if args.expect_violation {
                 if anomalies > 0 {
                     println!(
                         "\nexpected a violation, and the checker reported {anomalies}: it bites"
@@ -232,7 +253,8 @@ fn inject(c: &mut Cluster, kind: &'static str, hold: Duration, rng: &mut StdRng)
     Ok(target)
 }
 
-fn run(args: &Args) -> Result<usize> {
+/// Runs the test: how many anomalies, and how many of them early expiries.
+fn run(args: &Args) -> Result<(usize, usize)> {
     let start = Instant::now();
     let bin = match &args.bin {
         Some(b) => b.clone(),
@@ -282,6 +304,9 @@ fn run(args: &Args) -> Result<usize> {
     if args.stale_reads {
         extra.push("--test-stale-reads".into());
     }
+    if args.broken_leases {
+        extra.push("--test-broken-leases".into());
+    }
     let run_for = Duration::from_secs_f64(args.minutes * 60.0);
     println!(
         "jepsen: seed {}, {:.1} min, {} clients + {} watchers + {} heartbeaters, faults: {}",
@@ -301,6 +326,11 @@ fn run(args: &Args) -> Result<usize> {
     if args.stale_reads {
         println!(
             "jepsen: nodes run with --test-stale-reads: consistent reads are NOT linearizable"
+        );
+    }
+    if args.broken_leases {
+        println!(
+            "jepsen: nodes run with --test-broken-leases: instances may expire while heartbeating"
         );
     }
     if args.tls {
@@ -600,5 +630,10 @@ fn run(args: &Args) -> Result<usize> {
     if passed && !args.keep {
         let _ = std::fs::remove_dir_all(&out);
     }
-    Ok(anomalies)
+    let early = report
+        .anomalies
+        .iter()
+        .filter(|a| a.check == "(d) early expiry")
+        .count();
+    Ok((anomalies, early))
 }
