@@ -11,13 +11,15 @@
 #   scripts/bench.sh [--seconds 10] [--clients 32] [--workloads a,b,..]
 #                    [--rounds 10] [--fill 100000] [--skip-etcd] [--keep DIR]
 #                    [--node-args "FLAGS"] [--fleet N:PERIOD[:SERVICES]]
-#                    [--max-in-flight 2048]
+#                    [--max-in-flight 2048] [--fleet-ttl SECS]
 #
 # --workloads: any of lookup,consistent-lookup,list,heartbeat,heartbeat-cold,
 #   mixed,register (default all, in that order), and fleet (not in the
 #   default: open loop, N instances over SERVICES services (default 100)
 #   each renewed every PERIOD seconds for --seconds, at most --max-in-flight
-#   heartbeats outstanding; --fleet default 10000:30); --rounds: leader kills per
+#   heartbeats outstanding; --fleet default 10000:30; --fleet-ttl: the TTL
+#   they register with, default 3 periods: raise it when a system takes
+#   longer than that to register the fleet); --rounds: leader kills per
 #   system (0 skips failover); --fill: instances for the memory, disk and
 #   startup figures (0 skips them; memory is also taken at 10,000 when the
 #   fill is larger); --keep DIR: copy the raw JSON reports there;
@@ -25,7 +27,7 @@
 #   "--unsafe-no-fsync" to measure what the fsyncs cost).
 set -euo pipefail
 SECS=10; CLIENTS=32; ROUNDS=10; FILL=100000; SKIP_ETCD=0; KEEP=""; NODE_ARGS=""
-FLEET=10000:30; MAX_IN_FLIGHT=2048
+FLEET=10000:30; MAX_IN_FLIGHT=2048; FLEET_TTL=""
 WORKLOADS=lookup,consistent-lookup,list,heartbeat,heartbeat-cold,mixed,register
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,7 +41,8 @@ while [ $# -gt 0 ]; do
     --node-args) NODE_ARGS=$2; shift 2 ;;
     --fleet) FLEET=$2; shift 2 ;;
     --max-in-flight) MAX_IN_FLIGHT=$2; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    --fleet-ttl) FLEET_TTL=$2; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -183,7 +186,8 @@ run_workload() {
   if [ "$1" = fleet ]; then
     log "$SYS: fleet, $FLEET_N instances over $FLEET_SERVICES services every ${FLEET_PERIOD}s, open loop, ${SECS}s"
     extra=(--fleet-instances "$FLEET_N" --fleet-period-secs "$FLEET_PERIOD"
-           --fleet-services "$FLEET_SERVICES" --max-in-flight "$MAX_IN_FLIGHT")
+           --fleet-services "$FLEET_SERVICES" --max-in-flight "$MAX_IN_FLIGHT"
+           ${FLEET_TTL:+--fleet-ttl-secs "$FLEET_TTL"})
   else
     log "$SYS: $1, $CLIENTS clients, ${SECS}s"
   fi
@@ -308,6 +312,9 @@ for x, y in [(ours.get("fleet"), etcd.get("fleet"))]:
         s = (f"{g['achieved_per_sec']:,.0f}/s, p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms, "
              f"max {x['max_ms']:.1f} ms, {x['errors']} errors, {na(g['missing'])} missing, "
              f"{na(g['leader_changes'])} leader changes")
+        cpu = g.get("cpu_ms_per_heartbeat")
+        s += f", node CPU {cpu:.3f} ms/heartbeat" if cpu is not None else ""
+
         return s + (f", {g['waited_for_slot']:,} waited for a slot" if g["waited_for_slot"] else "")
     label = (f"fleet (open loop): {f['instances']:,} instances / {f['period_secs']:g} s, "
              f"offered {f['offered_per_sec']:,.0f}/s" + (" (etcd: lease keepalive per instance)" if with_etcd else ""))

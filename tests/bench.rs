@@ -322,6 +322,10 @@ fn fleet_workload_renews_every_instance_on_schedule_and_cleans_up() {
     assert_eq!(f["leader_changes"], 0, "{f}");
     assert!(f["register_seconds"].as_f64().unwrap() > 0.0, "{f}");
     assert!(f["max_send_lag_ms"].as_f64().unwrap() >= 0.0, "{f}");
+    // The node's CPU over the run, from its process_cpu_seconds_total.
+    let cpu = f["node_cpu_seconds"].as_f64().unwrap();
+    let per = f["cpu_ms_per_heartbeat"].as_f64().unwrap();
+    assert!(cpu > 0.0 && (per - cpu * 1e3 / 600.0).abs() < 1e-9, "{f}");
     let left: Vec<String> = node
         .services()
         .into_iter()
@@ -341,6 +345,11 @@ fn fleet_flags_are_checked() {
         ("--fleet-services", "20000", "--fleet-services"),
         ("--max-in-flight", "0", "--max-in-flight"),
         ("--seconds", "inf", "--seconds"),
+        ("--fleet-ttl-secs", "4", "--fleet-ttl-secs"),
+        ("--fleet-ttl-secs", "86401", "--fleet-ttl-secs"),
+        // The default period is 30 s: a TTL of 30 s would expire instances
+        // between their heartbeats.
+        ("--fleet-ttl-secs", "30", "must be longer than the period"),
     ] {
         let out = Command::new(BIN)
             .args(["bench", "--targets", "http://127.0.0.1:1", "--workloads"])

@@ -113,9 +113,9 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// Removes every fleet service (errors only warned about, on stderr).
     fn fleet_cleanup(&self, fleet: &Self::Fleet) -> impl Future<Output = ()> + Send;
 
-    /// The sum over the targets of their leader-change counters (each
-    /// node's own `/metrics`); `None` if one could not be read.
-    fn leader_changes(&self) -> impl Future<Output = Option<u64>> + Send;
+    /// The sum over the targets of their leader-change counters and CPU
+    /// time (each node's own `/metrics`); `None` if one could not be read.
+    fn node_counters(&self) -> impl Future<Output = Option<NodeCounters>> + Send;
 
     /// The target that is the leader (waits for one).
     fn leader(&self) -> impl Future<Output = anyhow::Result<String>> + Send;
@@ -195,6 +195,59 @@ impl FillInstance {
     }
 }
 
+/// What the nodes count themselves, summed over the targets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeCounters {
+    pub leader_changes: u64,
+    /// `process_cpu_seconds_total`, when every node reports it.
+    pub cpu_seconds: Option<f64>,
+}
+
+impl NodeCounters {
+    /// Sums one node's `/metrics` text into `self`: `leader` names its
+    /// leader-change counter. `None` without that counter.
+    pub fn add(self, metrics: &str, leader: &str) -> Option<Self> {
+        let changes = counter_value(metrics, leader)?;
+        let cpu = metric_value(metrics, "process_cpu_seconds_total");
+        Some(Self {
+            leader_changes: self.leader_changes + changes,
+            cpu_seconds: self.cpu_seconds.zip(cpu).map(|(a, b)| a + b),
+        })
+    }
+
+    pub const ZERO: Self = Self {
+        leader_changes: 0,
+        cpu_seconds: Some(0.0),
+    };
+}
+
+/// The sum of the samples of counter `name` (without labels or with any)
+/// in a Prometheus text exposition; `None` if there is none.
+pub fn counter_value(text: &str, name: &str) -> Option<u64> {
+    metric_value(text, name).map(|v| v as u64)
+}
+
+/// The sum of every series of metric `name` in a Prometheus text page, as
+/// a float (`None` if it has none).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = match rest.chars().next() {
+            Some(' ') => rest,
+            Some('{') => rest.split_once('}').map(|(_, v)| v).unwrap_or(""),
+            _ => continue,
+        };
+        let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
+        if value.is_finite() && value >= 0.0 {
+            found = Some(found.unwrap_or(0.0) + value);
+        }
+    }
+    found
+}
+
 /// Longest TTL a registration may ask for (the API's bound).
 const MAX_TTL_SECONDS: u64 = 86_400;
 
@@ -224,10 +277,14 @@ impl FleetSpec {
             period.is_finite() && period > 0.0,
             "--fleet-period-secs must be a number of seconds above 0, not {period}"
         );
-        let ttl_seconds = ttl_for(period);
+        let ttl_seconds = args.fleet_ttl_secs.unwrap_or_else(|| ttl_for(period));
         anyhow::ensure!(
             ttl_seconds <= MAX_TTL_SECONDS,
             "--fleet-period-secs {period} is too long: the TTL (3 periods) would pass {MAX_TTL_SECONDS} s"
+        );
+        anyhow::ensure!(
+            ttl_seconds as f64 > period,
+            "--fleet-ttl-secs {ttl_seconds} must be longer than the period ({period} s), or instances expire between heartbeats"
         );
         let max_in_flight = usize::try_from(args.max_in_flight)
             .ok()
@@ -271,6 +328,18 @@ pub fn ttl_for(period_secs: f64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counters_from_prometheus_text() {
+        let text = "# HELP raft_leader_changes_total x\n# TYPE raft_leader_changes_total counter\nraft_leader_changes_total 3\nraft_leader_changes_totalx 9\n";
+        assert_eq!(counter_value(text, "raft_leader_changes_total"), Some(3));
+        let cpu = "process_cpu_seconds_total 1.25\nprocess_cpu_seconds_total_x 7\n";
+        assert_eq!(metric_value(cpu, "process_cpu_seconds_total"), Some(1.25));
+        assert_eq!(metric_value(cpu, "process_cpu_seconds"), None);
+        assert_eq!(counter_value("a{x=\"1\"} 2\na{x=\"2\"} 5\n", "a"), Some(7));
+        assert_eq!(counter_value("b 1\n", "a"), None);
+        assert_eq!(counter_value("a 1e+00\n", "a"), Some(1));
+    }
+
     use super::*;
 
     #[test]

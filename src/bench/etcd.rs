@@ -36,9 +36,8 @@ use etcd_client::{
     PutOptions,
 };
 
-use super::backend::{Backend, FillInstance, FleetSpec, Request, FILL_TTL_SECONDS};
+use super::backend::{Backend, FillInstance, FleetSpec, NodeCounters, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
-use super::fleet::counter_value;
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 
@@ -427,15 +426,15 @@ impl Backend for Etcd {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// `etcd_server_leader_changes_seen_total` of every target's `/metrics`
-    /// (served on the client URL).
-    async fn leader_changes(&self) -> Option<u64> {
-        let mut sum = 0;
+    /// `etcd_server_leader_changes_seen_total` and the CPU time of every
+    /// target's `/metrics` (served on the client URL).
+    async fn node_counters(&self) -> Option<NodeCounters> {
+        let mut sum = NodeCounters::ZERO;
         for t in &self.targets {
             let mut conn = Conn::new(Target::parse(t).ok()?, None, self.timeout);
             let a = conn.get("/metrics").await.and_then(Answer::ok).ok()?;
             let body = String::from_utf8_lossy(&a.body);
-            sum += counter_value(&body, "etcd_server_leader_changes_seen_total")?;
+            sum = sum.add(&body, "etcd_server_leader_changes_seen_total")?;
         }
         Some(sum)
     }

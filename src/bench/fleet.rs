@@ -92,7 +92,7 @@ pub async fn run<B: Backend>(
             registered.first_error.as_deref().unwrap_or("?")
         );
     }
-    let before = backend.leader_changes().await;
+    let before = backend.node_counters().await;
     let schedule = Schedule {
         instances: spec.instances,
         period: spec.period,
@@ -106,7 +106,7 @@ pub async fn run<B: Backend>(
         duration,
     )
     .await;
-    let after = backend.leader_changes().await;
+    let after = backend.node_counters().await;
     let missing = match backend.fleet_count(&fleet).await {
         Ok(present) => Some(spec.instances.saturating_sub(present)),
         Err(e) => {
@@ -118,6 +118,9 @@ pub async fn run<B: Backend>(
     let mut report = run
         .recorder
         .report("fleet", spec.max_in_flight, run.elapsed);
+    let node_cpu_seconds = before
+        .zip(after)
+        .and_then(|(b, a)| Some((a.cpu_seconds? - b.cpu_seconds?).max(0.0)));
     report.fleet = Some(FleetReport {
         instances: spec.instances,
         services: spec.services,
@@ -131,10 +134,13 @@ pub async fn run<B: Backend>(
         waited_for_slot: run.waited_for_slot,
         max_send_lag_ms: run.max_send_lag.as_secs_f64() * 1e3,
         missing,
-        leader_changes: match (before, after) {
-            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
-            _ => None,
-        },
+        leader_changes: before
+            .zip(after)
+            .map(|(b, a)| a.leader_changes.saturating_sub(b.leader_changes)),
+        node_cpu_seconds,
+        cpu_ms_per_heartbeat: node_cpu_seconds
+            .filter(|_| report.ops > 0)
+            .map(|cpu| cpu * 1e3 / report.ops as f64),
     });
     Ok(report)
 }
@@ -232,27 +238,6 @@ async fn open_loop<B: Backend>(
     }
 }
 
-/// The sum of the samples of counter `name` (without labels or with any)
-/// in a Prometheus text exposition; `None` if there is none.
-pub fn counter_value(text: &str, name: &str) -> Option<u64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let rest = match rest.chars().next() {
-            Some(' ') => rest,
-            Some('{') => rest.split_once('}').map(|(_, v)| v).unwrap_or(""),
-            _ => continue,
-        };
-        let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
-        if value.is_finite() && value >= 0.0 {
-            found = Some(found.unwrap_or(0) + value as u64);
-        }
-    }
-    found
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,14 +289,5 @@ mod tests {
         let s = schedule(10, 10_000);
         assert_eq!(s.events_within(Duration::from_millis(3_000)), 3);
         assert_eq!(s.events_within(Duration::from_millis(3_001)), 4);
-    }
-
-    #[test]
-    fn counters_from_prometheus_text() {
-        let text = "# HELP raft_leader_changes_total x\n# TYPE raft_leader_changes_total counter\nraft_leader_changes_total 3\nraft_leader_changes_totalx 9\n";
-        assert_eq!(counter_value(text, "raft_leader_changes_total"), Some(3));
-        assert_eq!(counter_value("a{x=\"1\"} 2\na{x=\"2\"} 5\n", "a"), Some(7));
-        assert_eq!(counter_value("b 1\n", "a"), None);
-        assert_eq!(counter_value("a 1e+00\n", "a"), Some(1));
     }
 }

@@ -109,6 +109,14 @@ pub struct BenchArgs {
     /// accepted); instances register with a TTL of 3 periods (at least 10 s).
     #[arg(long, env = "BENCH_FLEET_PERIOD_SECS", default_value_t = 30.0)]
     pub fleet_period_secs: f64,
+    /// fleet: the TTL the instances register with (default: 3 periods
+    /// rounded up, at least 10 s). Raise it when registering the fleet
+    /// takes longer than the TTL, or the first instances expire before
+    /// their first heartbeat (etcd's leases do: it registers 100,000 in
+    /// about 110 s here).
+    #[arg(long, env = "BENCH_FLEET_TTL_SECS",
+          value_parser = clap::value_parser!(u64).range(5..=86_400))]
+    pub fleet_ttl_secs: Option<u64>,
     /// fleet: most heartbeats outstanding at once; a heartbeat due while
     /// they are waits for a slot, its latency still counted from its
     /// scheduled time.

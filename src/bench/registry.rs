@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 
-use super::backend::{Backend, FillInstance, FleetSpec, Request, FILL_TTL_SECONDS};
+use super::backend::{Backend, FillInstance, FleetSpec, NodeCounters, Request, FILL_TTL_SECONDS};
 use super::driver::SEED_WAIT;
-use super::fleet::counter_value;
 use super::http::{Answer, Conn, Target};
 use super::{BenchArgs, Op, Workload};
 
@@ -291,12 +290,13 @@ impl Backend for Registry {
         }
     }
 
-    /// `raft_leader_changes_total` of every target's `/metrics`.
-    async fn leader_changes(&self) -> Option<u64> {
-        let mut sum = 0;
+    /// `raft_leader_changes_total` and the CPU time of every target's
+    /// `/metrics`.
+    async fn node_counters(&self) -> Option<NodeCounters> {
+        let mut sum = NodeCounters::ZERO;
         for conn in &mut self.conns() {
             let a = conn.get("/metrics").await.and_then(Answer::ok).ok()?;
-            sum += counter_value(
+            sum = sum.add(
                 &String::from_utf8_lossy(&a.body),
                 "raft_leader_changes_total",
             )?;

@@ -129,7 +129,7 @@ impl WorkloadReport {
         if let Some(f) = &self.fleet {
             let opt = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());
             s.push_str(&format!(
-                "\n{:<18} instances={} services={} period={}s offered={:.0}/s achieved={:.0}/s scheduled={} waited_for_slot={} max_send_lag={:.2}ms missing={} leader_changes={} (registered in {:.1}s)",
+                "\n{:<18} instances={} services={} period={}s offered={:.0}/s achieved={:.0}/s scheduled={} waited_for_slot={} max_send_lag={:.2}ms missing={} leader_changes={} node_cpu={} (registered in {:.1}s)",
                 "",
                 f.instances,
                 f.services,
@@ -141,6 +141,8 @@ impl WorkloadReport {
                 f.max_send_lag_ms,
                 opt(f.missing),
                 opt(f.leader_changes),
+                f.cpu_ms_per_heartbeat
+                    .map_or("?".to_owned(), |v| format!("{v:.3}ms/heartbeat")),
                 f.register_seconds
             ));
         }
@@ -178,6 +180,13 @@ pub struct FleetReport {
     /// Leader changes during the run, summed over the nodes' own counters
     /// (null if a node's metrics could not be read).
     pub leader_changes: Option<u64>,
+    /// CPU time the nodes spent during the run (user + system, summed over
+    /// the nodes' `process_cpu_seconds_total`; null if not readable).
+    #[serde(default)]
+    pub node_cpu_seconds: Option<f64>,
+    /// `node_cpu_seconds` per answered heartbeat, in milliseconds.
+    #[serde(default)]
+    pub cpu_ms_per_heartbeat: Option<f64>,
 }
 
 /// Runs `clients` copies of `client` until `duration` has passed and merges
