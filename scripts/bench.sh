@@ -12,6 +12,7 @@
 #                    [--rounds 10] [--fill 100000] [--skip-etcd] [--keep DIR]
 #                    [--node-args "FLAGS"] [--fleet N:PERIOD[:SERVICES]]
 #                    [--max-in-flight 2048] [--fleet-ttl SECS]
+#                    [--largest START:PERIOD[:MAX]]
 #
 # --workloads: any of lookup,consistent-lookup,list,heartbeat,heartbeat-cold,
 #   mixed,register (default all, in that order), and fleet (not in the
@@ -19,7 +20,12 @@
 #   each renewed every PERIOD seconds for --seconds, at most --max-in-flight
 #   heartbeats outstanding; --fleet default 10000:30; --fleet-ttl: the TTL
 #   they register with, default 3 periods: raise it when a system takes
-#   longer than that to register the fleet); --rounds: leader kills per
+#   longer than that to register the fleet); --largest: find each system's
+#   largest fleet at a PERIOD s cadence with p99 < 50 ms, no errors and none
+#   missing: fleets of START, 2×START, ... instances (up to MAX, default
+#   1280000), each run for --seconds, side by side, until a run fails (TTL
+#   --fleet-ttl, default 600 s here so slow registrations expire nothing);
+#   --rounds: leader kills per
 #   system (0 skips failover); --fill: instances for the memory, disk and
 #   startup figures (0 skips them; memory is also taken at 10,000 when the
 #   fill is larger); --keep DIR: copy the raw JSON reports there;
@@ -27,7 +33,7 @@
 #   "--unsafe-no-fsync" to measure what the fsyncs cost).
 set -euo pipefail
 SECS=10; CLIENTS=32; ROUNDS=10; FILL=100000; SKIP_ETCD=0; KEEP=""; NODE_ARGS=""
-FLEET=10000:30; MAX_IN_FLIGHT=2048; FLEET_TTL=""
+FLEET=10000:30; MAX_IN_FLIGHT=2048; FLEET_TTL=""; LARGEST=""
 WORKLOADS=lookup,consistent-lookup,list,heartbeat,heartbeat-cold,mixed,register
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,7 +48,8 @@ while [ $# -gt 0 ]; do
     --fleet) FLEET=$2; shift 2 ;;
     --max-in-flight) MAX_IN_FLIGHT=$2; shift 2 ;;
     --fleet-ttl) FLEET_TTL=$2; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --largest) LARGEST=$2; shift 2 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -195,6 +202,26 @@ run_workload() {
     >"$WORK/$SYS-w-$1.json"
 }
 
+largest_run() {  # N: one fleet run of N instances; true if it met the bar
+  local n=$1 out="$WORK/$SYS-largest-$1.json"
+  log "$SYS: largest fleet: $n instances every ${L_PERIOD}s, open loop, ${SECS}s"
+  sysbench --targets "$(all_urls)" --seconds "$SECS" --workloads fleet \
+    --fleet-instances "$n" --fleet-period-secs "$L_PERIOD" --fleet-services 100 \
+    --max-in-flight "$MAX_IN_FLIGHT" --fleet-ttl-secs "${FLEET_TTL:-600}" --json >"$out" || true
+  python3 - "$out" "$SYS" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))["results"][0]
+except Exception as e:
+    print(f"[bench] {sys.argv[2]}: no report ({e})"); sys.exit(1)
+f = r["fleet"]
+ok = r["p99_ms"] < 50 and r["errors"] == 0 and (f["missing"] or 0) == 0
+print(f"[bench] {sys.argv[2]}: {f['instances']:,} instances: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+      f"{r['errors']} errors, {f['missing']} missing, {f['leader_changes']} leader changes: {'pass' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
+}
+
 measure_memory() {  # INSTANCES: RSS and disk per node now
   local rss=() disk=()
   for id in 1 2 3; do
@@ -254,6 +281,25 @@ for w in ${WORKLOADS//,/ }; do
     use_sys "$s"; run_workload "$w"
   done
 done
+if [ -n "$LARGEST" ]; then
+  IFS=: read -r L_START L_PERIOD L_MAX <<<"$LARGEST"; L_MAX=${L_MAX:-1280000}
+  declare -A L_BEST L_DONE
+  n=$L_START
+  while [ "$n" -le "$L_MAX" ]; do
+    any=0
+    for s in "${SYSTEMS[@]}"; do
+      [ -n "${L_DONE[$s]:-}" ] && continue
+      use_sys "$s"; any=1
+      if largest_run "$n"; then L_BEST[$s]=$n; else L_DONE[$s]=1; fi
+    done
+    [ "$any" = 1 ] || break
+    n=$((n * 2))
+  done
+  for s in "${SYSTEMS[@]}"; do
+    echo "{\"period_secs\":$L_PERIOD,\"largest\":${L_BEST[$s]:-0},\"limit_reached\":$([ -z "${L_DONE[$s]:-}" ] && echo true || echo false)}" \
+      >"$WORK/$s-largest.json"
+  done
+fi
 for s in "${SYSTEMS[@]}"; do use_sys "$s"; stop_cluster; done
 if [ "$FILL" -gt 0 ]; then
   for s in "${SYSTEMS[@]}"; do
@@ -331,6 +377,14 @@ for key, what in [("failover_ms", "failover: kill -9 of the leader → next succ
     if not o and not e: continue
     fmt = lambda v: (f"p50 {pct(v,50):,.0f} ms, p99 {pct(v,99):,.0f} ms, max {max(v):,.0f} ms ({len(v)} run{'s' if len(v) != 1 else ''})" if v else "—")
     row(what, fmt(o), fmt(e), ratio(pct(e,99) if e else None, pct(o,99) if o else None) + " (p99)")
+lo, le = load("reg-largest.json"), load("etcd-largest.json")
+if lo or le:
+    def big(x):
+        if not x: return "—"
+        return f"{x['largest']:,} instances" + (" (the search's limit)" if x["limit_reached"] else "")
+    p = (lo or le)["period_secs"]
+    row(f"largest fleet at a {p:g} s cadence with p99 < 50 ms, no errors, none missing (doubling)",
+        big(lo), big(le), ratio(lo and lo["largest"], le and le["largest"]))
 mo, me = {m["instances"]: m for m in loadl("reg-memory.jsonl")}, {m["instances"]: m for m in loadl("etcd-memory.jsonl")}
 for n in sorted(set(mo) | set(me)):
     for key, what, unit in [("rss_kib", "RSS per node", 1024), ("disk_bytes", "size on disk per node", 1024 * 1024)]:
