@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
     --max-in-flight) MAX_IN_FLIGHT=$2; shift 2 ;;
     --fleet-ttl) FLEET_TTL=$2; shift 2 ;;
     --largest) LARGEST=$2; shift 2 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done

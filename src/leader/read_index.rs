@@ -43,6 +43,12 @@ use tokio::sync::oneshot;
 use crate::forwarding::ReadIndexReply;
 use crate::raft::{CheckIsLeaderError, NodeId, Raft, RaftError};
 
+/// How an unavailable answer for want of a quorum starts (the rounds the
+/// driver tries again).
+const NO_QUORUM: &str = "no quorum";
+/// Rounds tried again after one found no quorum (5, 10, ... ms apart).
+const ROUND_RETRIES: u64 = 8;
+
 pub struct ReadIndex {
     raft: Raft,
     /// The longest one confirmation round may take.
@@ -120,10 +126,23 @@ impl ReadIndex {
                 }
                 std::mem::take(&mut q.waiting)
             };
-            let (reply, how) = match self.under_leader_lease().await {
+            let (mut reply, how) = match self.under_leader_lease().await {
                 Some(index) => (ReadIndexReply::Index(index), "lease"),
                 None => (self.round().await, "round"),
             };
+            // A round that found no quorum in time (followers slow to
+            // answer under load) is tried again while anyone in the batch
+            // still waits: a later round starts after every caller arrived
+            // too, so it confirms as much. Load then costs latency, not 503s.
+            let mut tries = 0;
+            while tries < ROUND_RETRIES
+                && matches!(&reply, ReadIndexReply::Unavailable(m) if m.starts_with(NO_QUORUM))
+                && batch.iter().any(|tx| !tx.is_closed())
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(5 * tries)).await;
+                reply = self.round().await;
+            }
             if let Some(c) = &self.answered {
                 c.with_label_values(&[how]).inc();
             }
@@ -185,15 +204,15 @@ impl ReadIndex {
 
     async fn confirm(&self) -> ReadIndexReply {
         match tokio::time::timeout(self.round_limit, self.raft.get_read_log_id()).await {
-            Err(_) => ReadIndexReply::Unavailable(
-                "the leader could not confirm its leadership with a quorum in time".into(),
-            ),
+            Err(_) => ReadIndexReply::Unavailable(format!(
+                "{NO_QUORUM} in time: the leader could not confirm its leadership"
+            )),
             Ok(Ok((read_log_id, _))) => ReadIndexReply::Index(read_log_id.map_or(0, |l| l.index)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                 ReadIndexReply::NotLeader(f.leader_id)
             }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
-                ReadIndexReply::Unavailable(format!("no quorum: {e}"))
+                ReadIndexReply::Unavailable(format!("{NO_QUORUM}: {e}"))
             }
             Ok(Err(RaftError::Fatal(f))) => {
                 ReadIndexReply::Unavailable(format!("raft stopped: {f}"))
