@@ -5,9 +5,10 @@
 //! A heartbeat costs no Raft entry when it comes within the instance's ack
 //! window of its committed `last_heartbeat` (half the TTL plus 2 s; see
 //! [`crate::registry::lease`] for why that is safe): the renewal is
-//! remembered as *unsettled* and written, together with every other renewal
-//! of the last second, in one `Renew` checkpoint. So a fleet renewing every
-//! TTL/2 costs one checkpoint a second, not a commit per beat. When the
+//! remembered as *unsettled* and written, together with the other renewals
+//! waiting, in a `Renew` checkpoint (ten a second under load, else one). So
+//! a fleet renewing every TTL/2 costs a few small entries a second, not a
+//! commit per beat. When the
 //! committed value is older than that, the heartbeat waits for a `Renew`
 //! entry that carries it; concurrent ones share one entry (group commit).
 //! Followers forward heartbeats here, so the leader serves every renewal.

@@ -14,8 +14,8 @@
 //!    before the heartbeat arrived. It stamps the heartbeat `h` with its
 //!    clock *after* that confirmation. It acknowledges at once when
 //!    `h <= c + A` ([`can_ack`]) and remembers `h` as *unsettled* until a
-//!    checkpoint (a batched `Renew` entry, once a second) has put it in the
-//!    log; otherwise it first commits a `Renew` carrying `h`. So every
+//!    checkpoint (a batched `Renew` entry, within a second) has put it in
+//!    the log; otherwise it first commits a `Renew` carrying `h`. So every
 //!    acknowledged heartbeat is either committed (`h <= c`), or unsettled on
 //!    the leader that acknowledged it, with `h <= c + A`.
 //! 2. **Leaders follow each other.** A deposed leader acknowledges nothing
