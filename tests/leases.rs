@@ -296,7 +296,12 @@ async fn p3_a_fleet_on_a_ttl_half_cadence_renews_without_a_commit_per_beat() {
         committed, 0,
         "renewals on the TTL/2 cadence waited for a commit"
     );
-    assert_eq!(lease, (3 * N) as u64);
+    // (At least: a heartbeat retried through another node after a lost
+    // answer counts twice.)
+    assert!(
+        lease >= (3 * N) as u64,
+        "only {lease} renewals without a write"
+    );
     assert!(
         grown < (3 * N / 2) as u64,
         "{} renewals appended {grown} entries",
