@@ -296,13 +296,16 @@ impl Leases {
                     confirmed = true;
                     continue;
                 }
-                if !committed_once {
-                    if !self.config.broken_leases {
-                        let mut acks = self.acks();
-                        for (id, _) in &targets {
-                            acks.record((req.service_name.clone(), id.clone()), now);
-                        }
+                // Recorded after a commit too: the answer goes out at `now`,
+                // later than the committed renewal's stamp by the commit's
+                // latency, and the bound must cover the answer.
+                if !self.config.broken_leases {
+                    let mut acks = self.acks();
+                    for (id, _) in &targets {
+                        acks.record((req.service_name.clone(), id.clone()), now);
                     }
+                }
+                if !committed_once {
                     self.metrics
                         .renewals
                         .with_label_values(&["lease"])
@@ -347,6 +350,14 @@ impl Leases {
             Ok(r) => r,
         };
         if let WriteReply::Done(CommandResult::Revived(ids)) = &reply {
+            if !self.config.broken_leases {
+                // The answer goes out now, after the commit: as a renewal.
+                let now = now_ms();
+                let mut acks = self.acks();
+                for id in ids {
+                    acks.record((service.to_string(), id.clone()), now);
+                }
+            }
             self.metrics.revived.inc_by(ids.len() as u64);
             tracing::info!(service, instances = ?ids, "a heartbeat revived expired instances");
             self.audit.record(

@@ -15,9 +15,12 @@
 //!    clock *after* that confirmation. It acknowledges at once when
 //!    `h <= c + A` ([`can_ack`]) and remembers `h` as *unsettled* until a
 //!    checkpoint (a batched `Renew` entry, within a second) has put it in
-//!    the log; otherwise it first commits a `Renew` carrying `h`. So every
-//!    acknowledged heartbeat is either committed (`h <= c`), or unsettled on
-//!    the leader that acknowledged it, with `h <= c + A`.
+//!    the log; otherwise it first commits a `Renew` carrying its stamp, then
+//!    answers as above, stamped again and remembered as unsettled (the
+//!    answer comes later than the committed stamp, by the commit's latency;
+//!    revivals are remembered the same way). So every acknowledged
+//!    heartbeat is either committed (`h <= c`), or unsettled on the leader
+//!    that acknowledged it, with `h <= c + A`.
 //! 2. **Leaders follow each other.** A deposed leader acknowledges nothing
 //!    once its leader lease has run out, and no new leader can be elected
 //!    before that (the lease is shorter than the time followers refuse to
