@@ -8,9 +8,9 @@
 //! remembered as *unsettled* and written, together with the other renewals
 //! waiting, in a `Renew` checkpoint (ten a second under load, else one). So
 //! a fleet renewing every TTL/2 costs a few small entries a second, not a
-//! commit per beat. When the
-//! committed value is older than that, the heartbeat waits for a `Renew`
-//! entry that carries it; concurrent ones share one entry (group commit).
+//! commit per beat. When the committed value is older than that, the
+//! heartbeat waits for a `Renew` entry that carries it; concurrent ones
+//! share one entry (group commit).
 //! Followers forward heartbeats here, so the leader serves every renewal.
 //!
 //! Only the leader expires, once a second with jitter, at most
@@ -230,6 +230,18 @@ impl Leases {
         self.acks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Remembers that `ids` of `service` were answered at `at` (unless the
+    /// test-only broken rule forgets them).
+    fn remember<'a>(&self, service: &str, ids: impl IntoIterator<Item = &'a String>, at: Millis) {
+        if self.config.broken_leases {
+            return;
+        }
+        let mut acks = self.acks();
+        for id in ids {
+            acks.record((service.to_string(), id.clone()), at);
+        }
+    }
+
     /// Serves a heartbeat on the leader: `NotFound` for an unknown service or
     /// instance (the client registers again), else every matching instance
     /// is renewed and the count returned.
@@ -299,12 +311,7 @@ impl Leases {
                 // Recorded after a commit too: the answer goes out at `now`,
                 // later than the committed renewal's stamp by the commit's
                 // latency, and the bound must cover the answer.
-                if !self.config.broken_leases {
-                    let mut acks = self.acks();
-                    for (id, _) in &targets {
-                        acks.record((req.service_name.clone(), id.clone()), now);
-                    }
-                }
+                self.remember(&req.service_name, targets.iter().map(|(id, _)| id), now);
                 if !committed_once {
                     self.metrics
                         .renewals
@@ -350,14 +357,8 @@ impl Leases {
             Ok(r) => r,
         };
         if let WriteReply::Done(CommandResult::Revived(ids)) = &reply {
-            if !self.config.broken_leases {
-                // The answer goes out now, after the commit: as a renewal.
-                let now = now_ms();
-                let mut acks = self.acks();
-                for id in ids {
-                    acks.record((service.to_string(), id.clone()), now);
-                }
-            }
+            // The answer goes out now, after the commit: as a renewal.
+            self.remember(service, ids, now_ms());
             self.metrics.revived.inc_by(ids.len() as u64);
             tracing::info!(service, instances = ?ids, "a heartbeat revived expired instances");
             self.audit.record(
@@ -472,10 +473,11 @@ impl Leases {
         }
     }
 
-    /// Once a second, writes the renewals acknowledged without a write, so
-    /// followers (and a future leader) see a fresh `last_heartbeat`. Each
-    /// instance is carried once per renewal it made, so a fleet renewing
-    /// every TTL/2 puts each instance in the log once per TTL/2.
+    /// Every 100 ms once 256 wait, else once a second, writes the renewals
+    /// acknowledged without a write, so followers (and a future leader) see
+    /// a fresh `last_heartbeat`. Each instance is carried once per renewal
+    /// it made, so a fleet renewing every TTL/2 puts each instance in the
+    /// log once per TTL/2.
     async fn checkpoints(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut last = Instant::now();
         loop {
@@ -559,7 +561,7 @@ impl Leases {
             }
             let now = now_ms();
             let keep = self.config.tombstones;
-            let (total, due, paused, prune) = {
+            let (total, mut due, paused, prune) = {
                 let applied = self.replica.read();
                 let r = &applied.registry;
                 let prune = r.needs_pruning(now, &keep);
@@ -626,7 +628,6 @@ impl Leases {
             if pause_now {
                 continue;
             }
-            let mut due = due;
             due.truncate(MAX_EXPIRE_PER_ROUND);
             if due.is_empty() && prune {
                 // Nothing expires, but tombstones are past the window (or
