@@ -53,7 +53,7 @@ fn register_command(r: &RegisterRequest, now_ms: Millis) -> Command {
             host,
             port: r.port,
             health_endpoint: r.health_endpoint.clone(),
-            metadata: r.metadata.clone(),
+            metadata: r.metadata.clone().into(),
             ttl_seconds: r.ttl_seconds,
             registered_at: now_ms,
             last_heartbeat: now_ms,

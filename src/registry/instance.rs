@@ -3,9 +3,9 @@
 //! layouts are part of the Raft log, the snapshots and the sled records:
 //! fields are never reordered or removed.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
+
+use super::Metadata;
 
 /// Milliseconds since the Unix epoch, as stamped by the leader.
 pub type Millis = i64;
@@ -18,7 +18,7 @@ pub struct Instance {
     pub host: String,
     pub port: u16,
     pub health_endpoint: String,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     pub ttl_seconds: u32,
     pub registered_at: Millis,
     pub last_heartbeat: Millis,

@@ -303,7 +303,6 @@ impl ExpiryGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn inst(last_heartbeat: Millis, ttl: u32) -> Instance {
         Instance {
@@ -312,7 +311,7 @@ mod tests {
             host: "h".into(),
             port: 1,
             health_endpoint: "/health".into(),
-            metadata: BTreeMap::new(),
+            metadata: Default::default(),
             ttl_seconds: ttl,
             registered_at: 0,
             last_heartbeat,

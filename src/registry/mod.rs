@@ -12,12 +12,14 @@
 mod command;
 mod instance;
 pub mod lease;
+mod metadata;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use command::{Change, Command, CommandResult, Renewal};
 pub use instance::{Instance, InstanceExt, Millis, Tombstone, TombstonePolicy};
+pub use metadata::Metadata;
 pub use validate::{
     parse_heartbeat, parse_register, parse_register_with, HeartbeatRequest, RegisterRequest,
 };
@@ -33,6 +35,15 @@ pub enum HeartbeatTargets {
     Nothing,
 }
 
+/// An entry of the deadline index: `(deadline, "service\0id")`.
+fn deadline_key(deadline: Millis, service: &str, id: &str) -> (Millis, Box<str>) {
+    let mut names = String::with_capacity(service.len() + 1 + id.len());
+    names.push_str(service);
+    names.push('\0');
+    names.push_str(id);
+    (deadline, names.into_boxed_str())
+}
+
 /// A live instance and what is kept beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Live {
@@ -44,13 +55,18 @@ struct Live {
 /// tombstones of expired instances the same way.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    services: BTreeMap<String, BTreeMap<String, Live>>,
+    /// Boxed: a B-tree slot holds a pointer rather than the whole entry, and
+    /// slots run half empty after in-order inserts (a loaded registry).
+    services: BTreeMap<String, BTreeMap<String, Box<Live>>>,
     /// Every live instance by its deadline, so that an expiry round reads
     /// the due instances only, not the whole registry. Derived from
     /// `services`: every change to a live instance goes through
     /// [`Registry::insert_live`], [`Registry::renew_live`] or
     /// [`Registry::remove_instance`], which keep the two in step.
-    deadlines: BTreeSet<(Millis, String, String)>,
+    /// Each entry is the deadline and `service\0id` in one allocation
+    /// ([`deadline_key`]; names never hold a NUL, so the order is that of
+    /// `(service, id)`).
+    deadlines: BTreeSet<(Millis, Box<str>)>,
     expiry_paused: bool,
     tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
 }
@@ -227,26 +243,30 @@ impl Registry {
     /// Stores a live instance (replacing one of the same id) and keeps the
     /// deadline index in step.
     fn insert_live(&mut self, instance: Instance, ext: InstanceExt) {
-        let (service, id, deadline) = (
-            instance.service_name.clone(),
+        let deadline = instance.deadline();
+        let key = deadline_key(deadline, &instance.service_name, &instance.instance_id);
+        // Looked up first: the service's name is copied only for a new one.
+        let instances = match self.services.get_mut(&instance.service_name) {
+            Some(instances) => instances,
+            None => self
+                .services
+                .entry(instance.service_name.clone())
+                .or_default(),
+        };
+        let old = instances.insert(
             instance.instance_id.clone(),
-            instance.deadline(),
+            Box::new(Live { instance, ext }),
         );
-        let old = self
-            .services
-            .entry(service.clone())
-            .or_default()
-            .insert(id.clone(), Live { instance, ext });
         if let Some(old) = old {
             self.deadlines
-                .remove(&(old.instance.deadline(), service.clone(), id.clone()));
+                .remove(&(old.instance.deadline(), key.1.clone()));
         }
-        self.deadlines.insert((deadline, service, id));
+        self.deadlines.insert(key);
     }
 
     /// Moves an instance's entry in the deadline index.
     fn move_deadline(
-        deadlines: &mut BTreeSet<(Millis, String, String)>,
+        deadlines: &mut BTreeSet<(Millis, Box<str>)>,
         service: &str,
         id: &str,
         from: Millis,
@@ -254,11 +274,9 @@ impl Registry {
     ) {
         if from != to {
             // The entry taken out gives its names back for the new one.
-            let (service, id) = match deadlines.take(&(from, service.to_string(), id.to_string())) {
-                Some((_, service, id)) => (service, id),
-                None => (service.to_string(), id.to_string()),
-            };
-            deadlines.insert((to, service, id));
+            let key = deadline_key(from, service, id);
+            let (_, names) = deadlines.take(&key).unwrap_or(key);
+            deadlines.insert((to, names));
         }
     }
 
@@ -412,7 +430,7 @@ impl Registry {
         Some(t)
     }
 
-    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Live> {
+    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Box<Live>> {
         let instances = self.services.get_mut(service)?;
         let removed = instances.remove(id);
         if instances.is_empty() {
@@ -420,13 +438,13 @@ impl Registry {
         }
         if let Some(r) = &removed {
             self.deadlines
-                .remove(&(r.instance.deadline(), service.to_string(), id.to_string()));
+                .remove(&deadline_key(r.instance.deadline(), service, id));
         }
         removed
     }
 
     fn live(&self, service: &str, id: &str) -> Option<&Live> {
-        self.services.get(service)?.get(id)
+        self.services.get(service)?.get(id).map(|l| &**l)
     }
 
     /// Inserts an instance as loaded from disk or a snapshot.
@@ -579,8 +597,9 @@ impl Registry {
     pub fn due(&self, now_ms: Millis, margin: Millis) -> Vec<(String, String)> {
         self.deadlines
             .iter()
-            .take_while(|(deadline, _, _)| lease::deadline_passed(*deadline, margin, now_ms))
-            .map(|(_, service, id)| (service.clone(), id.clone()))
+            .take_while(|(deadline, _)| lease::deadline_passed(*deadline, margin, now_ms))
+            .filter_map(|(_, names)| names.split_once('\0'))
+            .map(|(service, id)| (service.to_string(), id.to_string()))
             .collect()
     }
 
@@ -621,7 +640,7 @@ mod tests {
             host: "10.0.0.1".into(),
             port: 80,
             health_endpoint: "/health".into(),
-            metadata: BTreeMap::new(),
+            metadata: Default::default(),
             ttl_seconds: 10,
             registered_at: t,
             last_heartbeat: t,
