@@ -149,7 +149,7 @@ impl RunningNode {
             reason: e.to_string(),
         })?;
         // Before anything is served: a damaged directory is refused here.
-        let (db, check) = raft::open_checked(&args.data_dir).map_err(|e| match e {
+        let (db, mut check) = raft::open_checked(&args.data_dir).map_err(|e| match e {
             DataDirError::Corrupt(reason) => StartError::Corrupt { dir, reason },
             DataDirError::Format(reason) => StartError::Format { dir, reason },
             DataDirError::Open(reason) => StartError::Storage { dir, reason },
@@ -160,7 +160,7 @@ impl RunningNode {
             snapshot_bytes = check.state_machine.snapshot.map_or(0, |s| s.1),
             open_ms = check.open_elapsed.as_secs_f64() * 1000.0,
             elapsed_ms = check.elapsed.as_secs_f64() * 1000.0,
-            "data directory verified"
+            "data directory verified and registry loaded"
         );
         let sync =
             match args.unsafe_no_fsync {
@@ -179,7 +179,9 @@ impl RunningNode {
             };
         let loading = std::time::Instant::now();
         let log = LogStore::open(&db, sync.clone()).map_err(|e| StartError::Load(e.to_string()))?;
-        let sm = StateMachineStore::open(&db, sync).map_err(|e| StartError::Load(e.to_string()))?;
+        // The check loaded the registry while it verified the records.
+        let sm = StateMachineStore::open_checked(&db, sync, &mut check.state_machine)
+            .map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
         tracing::info!(
             elapsed_ms = loading.elapsed().as_secs_f64() * 1000.0,

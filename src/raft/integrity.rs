@@ -86,7 +86,7 @@ impl From<Corruption> for DataDirError {
 }
 
 /// What the start-up check read, and how long it took.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct CheckReport {
     pub log: LogCheck,
     pub state_machine: StateMachineCheck,
@@ -186,7 +186,6 @@ fn ensure_format(db: &sled::Db) -> Result<(), DataDirError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use openraft::storage::RaftStateMachine;
     use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -211,7 +210,7 @@ mod tests {
                     host: format!("10.0.{}.{}", index / 250, index % 250),
                     port: 1000,
                     health_endpoint: "/health".into(),
-                    metadata: BTreeMap::from([("zone".into(), "a".into())]),
+                    metadata: [("zone".into(), "a".into())].into(),
                     ttl_seconds: 30,
                     registered_at: 1_700_000_000_000,
                     last_heartbeat: 1_700_000_000_000,
