@@ -115,6 +115,11 @@ async fn main() {
         rss_mib()
     );
     db.flush().expect("flush");
+    if std::env::var_os("PROBE_CRASH").is_some() {
+        // Leave as `kill -9` would: no destructor runs, sled writes no
+        // snapshot of its own on the way out.
+        std::process::exit(0);
+    }
 
     // What a follower that fell behind does with it: install into an empty
     // directory beside DIR.

@@ -365,6 +365,18 @@ for x, y in [(ours.get("fleet"), etcd.get("fleet"))]:
     label = (f"fleet (open loop): {f['instances']:,} instances / {f['period_secs']:g} s, "
              f"offered {f['offered_per_sec']:,.0f}/s" + (" (etcd: lease keepalive per instance)" if with_etcd else ""))
     row(label, fleet(x), fleet(y), ratio(y and y['p99_ms'], x and x['p99_ms']) + " (p99)")
+for name, first in [("fill2", 10000), ("fill1", 0)]:
+    fo, fe = load(f"reg-{name}.json"), load(f"etcd-{name}.json")
+    if not (fo or fe): continue
+    def filled(r):
+        if not r: return "—"
+        x = r["results"][0]
+        lc = x.get("leader_changes")
+        return rate(x) + ("" if lc is None else f", {lc} leader changes")
+    xo, xe = (r and r["results"][0] for r in (fo, fe))
+    row(f"fill: registering instances {first:,} to {fill:,}" + (" (etcd: lease grant + put)" if with_etcd else ""),
+        filled(fo), filled(fe), ratio(xo and xo["ops_per_sec"], xe and xe["ops_per_sec"]))
+    break
 def pct(v, p):
     v = sorted(v)
     return v[max(1, math.ceil(p / 100 * len(v))) - 1] if v else None

@@ -143,10 +143,12 @@ async fn fill<B: Backend>(
     offset: u64,
     count: u64,
 ) -> WorkloadReport {
+    let before = backend.node_counters().await;
     let init = {
         let backend = backend.clone();
         move |c| backend.client(c, &B::Heartbeats::default())
     };
+    let counters = backend.clone();
     let (rec, elapsed) = drive_numbered(
         clients,
         offset..offset + count,
@@ -161,7 +163,12 @@ async fn fill<B: Backend>(
         },
     )
     .await;
-    rec.report("fill", clients, elapsed)
+    let mut report = rec.report("fill", clients, elapsed);
+    let after = counters.node_counters().await;
+    report.leader_changes = before
+        .zip(after)
+        .map(|(b, a)| a.leader_changes.saturating_sub(b.leader_changes));
+    report
 }
 
 /// Prints a workload's report (a line, or nothing with `--json`: the whole

@@ -69,6 +69,7 @@ impl Recorder {
             max_ms: ms(lat.last().copied().unwrap_or(0)),
             errors: self.errors,
             first_error: self.first_error,
+            leader_changes: None,
             fleet: None,
         }
     }
@@ -103,6 +104,10 @@ pub struct WorkloadReport {
     pub errors: u64,
     /// The first error seen, to tell what went wrong.
     pub first_error: Option<String>,
+    /// Leader changes during the run, summed over the nodes' counters
+    /// (`fill` reports it; `fleet` has its own in `fleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_changes: Option<u64>,
     /// The `fleet` workload's own figures (absent for the others). Its
     /// `clients` is --max-in-flight, `ops_per_sec` the achieved rate, and
     /// its latencies count from each heartbeat's scheduled time.
@@ -125,6 +130,9 @@ impl WorkloadReport {
         );
         if let Some(e) = &self.first_error {
             s.push_str(&format!(" (first: {e})"));
+        }
+        if let Some(n) = self.leader_changes {
+            s.push_str(&format!("  leader_changes={n}"));
         }
         if let Some(f) = &self.fleet {
             let opt = |v: Option<u64>| v.map_or("?".to_owned(), |v| v.to_string());

@@ -16,6 +16,7 @@ mod metadata;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 pub use command::{Change, Command, CommandResult, Renewal};
 pub use instance::{Instance, InstanceExt, Millis, Tombstone, TombstonePolicy};
@@ -44,6 +45,9 @@ fn deadline_key(deadline: Millis, service: &str, id: &str) -> (Millis, Box<str>)
     (deadline, names.into_boxed_str())
 }
 
+/// One service's live instances, by instance id.
+type Instances = BTreeMap<String, Box<Live>>;
+
 /// A live instance and what is kept beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Live {
@@ -55,9 +59,13 @@ struct Live {
 /// tombstones of expired instances the same way.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    /// Boxed: a B-tree slot holds a pointer rather than the whole entry, and
-    /// slots run half empty after in-order inserts (a loaded registry).
-    services: BTreeMap<String, BTreeMap<String, Box<Live>>>,
+    /// Each service's instances behind an `Arc`, copied on write: a
+    /// snapshot takes the map of `Arc`s under the lock (a pointer per
+    /// service) and encodes outside it ([`Registry::for_snapshot`]), and
+    /// only a service written meanwhile is copied. Entries are boxed: a
+    /// B-tree slot holds a pointer rather than the whole entry, and slots
+    /// run half empty after in-order inserts (a loaded registry).
+    services: BTreeMap<String, Arc<Instances>>,
     /// Every live instance by its deadline, so that an expiry round reads
     /// the due instances only, not the whole registry. Derived from
     /// `services`: every change to a live instance goes through
@@ -93,7 +101,7 @@ impl Registry {
                     let Some(live) = self
                         .services
                         .get_mut(&r.service_name)
-                        .and_then(|m| m.get_mut(&r.instance_id))
+                        .and_then(|m| Arc::make_mut(m).get_mut(&r.instance_id))
                     else {
                         continue;
                     };
@@ -247,11 +255,12 @@ impl Registry {
         let key = deadline_key(deadline, &instance.service_name, &instance.instance_id);
         // Looked up first: the service's name is copied only for a new one.
         let instances = match self.services.get_mut(&instance.service_name) {
-            Some(instances) => instances,
-            None => self
-                .services
-                .entry(instance.service_name.clone())
-                .or_default(),
+            Some(instances) => Arc::make_mut(instances),
+            None => Arc::make_mut(
+                self.services
+                    .entry(instance.service_name.clone())
+                    .or_default(),
+            ),
         };
         let old = instances.insert(
             instance.instance_id.clone(),
@@ -325,7 +334,7 @@ impl Registry {
             .services
             .get(service)
             .into_iter()
-            .flatten()
+            .flat_map(|m| m.iter())
             .filter(|(_, l)| pick(&l.ext))
             .map(|(id, _)| id);
         let dead = self
@@ -431,7 +440,7 @@ impl Registry {
     }
 
     fn remove_instance(&mut self, service: &str, id: &str) -> Option<Box<Live>> {
-        let instances = self.services.get_mut(service)?;
+        let instances = Arc::make_mut(self.services.get_mut(service)?);
         let removed = instances.remove(id);
         if instances.is_empty() {
             self.services.remove(service);
@@ -454,7 +463,11 @@ impl Registry {
 
     /// Sets what is kept beside a restored instance (loaded from disk).
     pub fn restore_ext(&mut self, service: &str, id: &str, ext: InstanceExt) {
-        if let Some(live) = self.services.get_mut(service).and_then(|m| m.get_mut(id)) {
+        if let Some(live) = self
+            .services
+            .get_mut(service)
+            .and_then(|m| Arc::make_mut(m).get_mut(id))
+        {
             live.ext = ext;
         }
     }
@@ -587,7 +600,7 @@ impl Registry {
     }
 
     pub fn instance_count(&self) -> usize {
-        self.services.values().map(BTreeMap::len).sum()
+        self.services.values().map(|m| m.len()).sum()
     }
 
     /// Every instance whose committed deadline is `margin` or more behind
@@ -616,7 +629,7 @@ impl Registry {
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.services
             .values()
-            .flat_map(BTreeMap::values)
+            .flat_map(|m| m.values())
             .map(|l| &l.instance)
     }
 
@@ -624,8 +637,22 @@ impl Registry {
     pub fn instances_ext(&self) -> impl Iterator<Item = (&Instance, &InstanceExt)> {
         self.services
             .values()
-            .flat_map(BTreeMap::values)
+            .flat_map(|m| m.values())
             .map(|l| (&l.instance, &l.ext))
+    }
+
+    /// What a snapshot encodes, taken in a moment: the instances shared
+    /// with this registry (a pointer per service; a later write copies the
+    /// service it touches), the tombstones copied (they are bounded) and no
+    /// deadline index. For encoding only: expiry and lookups by deadline do
+    /// not work on it.
+    pub fn for_snapshot(&self) -> Registry {
+        Registry {
+            services: self.services.clone(),
+            deadlines: BTreeSet::new(),
+            expiry_paused: self.expiry_paused,
+            tombstones: self.tombstones.clone(),
+        }
     }
 }
 

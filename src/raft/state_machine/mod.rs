@@ -33,6 +33,18 @@ use records::{
 pub(crate) use records::{APPLIED, SM_TREE, SNAPSHOT_TREE};
 use snapshot::{decode_snapshot_data, encode_snapshot_data, StoredSnapshot};
 
+/// Runs blocking work on a multi-threaded runtime without holding up the
+/// worker's other tasks (`block_in_place`); elsewhere (tests on a
+/// current-thread runtime) just runs it.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Records per sled batch when a snapshot replaces the state.
 const INSTALL_BATCH: usize = 10_000;
 
@@ -111,16 +123,24 @@ impl StateMachineStore {
         }
     }
 
-    async fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
+    /// Stores `snap` as the current snapshot, durably, and gives it back.
+    async fn save_snapshot(&self, snap: StoredSnapshot) -> Result<StoredSnapshot, StorageError> {
         let sig = Some(snap.meta.signature());
-        self.snapshots
-            .insert(CURRENT_SNAPSHOT, encode(snap))
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        // Sealing and writing 160 MB (a million instances) is blocking work.
+        let snapshots = self.snapshots.clone();
+        let snap = tokio::task::spawn_blocking(move || {
+            snapshots
+                .insert(CURRENT_SNAPSHOT, encode(&snap))
+                .map(|_| snap)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &std::io::Error::other(e)))?
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         self.sync
             .flush(&self.db)
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-        Ok(())
+        Ok(snap)
     }
 
     /// Replaces the applied state, in memory and in sled, with a snapshot's.
@@ -185,17 +205,25 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_log_id, last_membership) = {
+        // Under the lock only long enough to share the instances (a pointer
+        // per service): encoding a million instances took 1.4 s, and
+        // holding the lock that long stalled apply, every read and, with
+        // them, the runtime's two workers, so that followers building a
+        // snapshot missed the leader's heartbeats and called elections.
+        let (view, last_log_id, last_membership) = {
             let applied = self.replica.read();
             (
-                encode_snapshot_data(&applied.registry),
+                applied.registry.for_snapshot(),
                 applied.last_applied,
                 applied.membership.clone(),
             )
         };
         // Plain bincode: this travels to followers as is. At rest the whole
-        // stored snapshot is sealed.
-        let data = data.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // stored snapshot is sealed. Encoded off the async workers.
+        let data = tokio::task::spawn_blocking(move || encode_snapshot_data(&view))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &std::io::Error::other(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // The id only has to be unique; the wall clock is fine here because
         // building a snapshot is not part of apply.
         let nanos = std::time::SystemTime::now()
@@ -211,7 +239,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             snapshot_id,
         };
         let stored = StoredSnapshot { meta, data };
-        self.save_snapshot(&stored).await?;
+        let stored = self.save_snapshot(stored).await?;
         tracing::info!(
             snapshot = %stored.meta.snapshot_id,
             bytes = stored.data.len(),
@@ -297,8 +325,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         // Save first: if we crash while replacing the state, `open` finds a
         // snapshot newer than the state and loads it again.
-        self.save_snapshot(&stored).await?;
-        self.load_snapshot(&stored)?;
+        let stored = self.save_snapshot(stored).await?;
+        // Seconds of sled writes at a million instances: other tasks (the
+        // Raft core's heartbeats among them) move to another thread.
+        blocking(|| self.load_snapshot(&stored))?;
         self.replica.count_snapshot_installed();
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot from leader");
         Ok(())
