@@ -72,7 +72,7 @@ async fn main() {
     };
     let _log = LogStore::open(&db, DiskSync::disabled()).expect("log store");
     let mut sm =
-        StateMachineStore::open_checked(&db, DiskSync::disabled(), &mut report.state_machine)
+        StateMachineStore::open_checked(&db, &dir, DiskSync::disabled(), &mut report.state_machine)
             .expect("state machine");
     println!(
         "start-up: {} instances in {:.0} ms (sled open {:.0} ms, verify and load {:.0} ms), RSS {:.0} MiB",
@@ -128,6 +128,7 @@ async fn main() {
     let (fresh, mut fresh_report) = open_checked(&beside).expect("open the install directory");
     let mut follower = StateMachineStore::open_checked(
         &fresh,
+        &beside,
         DiskSync::disabled(),
         &mut fresh_report.state_machine,
     )

@@ -12,7 +12,7 @@
 #                    [--rounds 10] [--fill 100000] [--skip-etcd] [--keep DIR]
 #                    [--node-args "FLAGS"] [--fleet N:PERIOD[:SERVICES]]
 #                    [--max-in-flight 2048] [--fleet-ttl SECS]
-#                    [--largest START:PERIOD[:MAX]]
+#                    [--largest START:PERIOD[:MAX[:HALVINGS]]]
 #
 # --workloads: any of lookup,consistent-lookup,list,heartbeat,heartbeat-cold,
 #   mixed,register (default all, in that order), and fleet (not in the
@@ -23,8 +23,10 @@
 #   longer than that to register the fleet); --largest: find each system's
 #   largest fleet at a PERIOD s cadence with p99 < 50 ms, no errors and none
 #   missing: fleets of START, 2×START, ... instances (up to MAX, default
-#   1280000), each run for --seconds, side by side, until a run fails (TTL
-#   --fleet-ttl, default 600 s here so slow registrations expire nothing);
+#   1280000), each run for --seconds, side by side, until a run fails, then
+#   HALVINGS (default 2) bisection steps between the last pass and the first
+#   failure, rounded to 10,000 (TTL --fleet-ttl, default 600 s here so slow
+#   registrations expire nothing);
 #   --rounds: leader kills per
 #   system (0 skips failover); --fill: instances for the memory, disk and
 #   startup figures (0 skips them; memory is also taken at 10,000 when the
@@ -282,21 +284,32 @@ for w in ${WORKLOADS//,/ }; do
   done
 done
 if [ -n "$LARGEST" ]; then
-  IFS=: read -r L_START L_PERIOD L_MAX <<<"$LARGEST"; L_MAX=${L_MAX:-1280000}
-  declare -A L_BEST L_DONE
+  IFS=: read -r L_START L_PERIOD L_MAX L_HALVINGS <<<"$LARGEST"
+  L_MAX=${L_MAX:-1280000}; L_HALVINGS=${L_HALVINGS:-2}
+  declare -A L_BEST L_DONE L_FAIL
   n=$L_START
   while [ "$n" -le "$L_MAX" ]; do
     any=0
     for s in "${SYSTEMS[@]}"; do
       [ -n "${L_DONE[$s]:-}" ] && continue
       use_sys "$s"; any=1
-      if largest_run "$n"; then L_BEST[$s]=$n; else L_DONE[$s]=1; fi
+      if largest_run "$n"; then L_BEST[$s]=$n; else L_DONE[$s]=1; L_FAIL[$s]=$n; fi
     done
     [ "$any" = 1 ] || break
     n=$((n * 2))
   done
+  # Bisection between the last fleet that passed and the first that failed.
   for s in "${SYSTEMS[@]}"; do
-    echo "{\"period_secs\":$L_PERIOD,\"largest\":${L_BEST[$s]:-0},\"limit_reached\":$([ -z "${L_DONE[$s]:-}" ] && echo true || echo false)}" \
+    [ -n "${L_FAIL[$s]:-}" ] && [ -n "${L_BEST[$s]:-}" ] || continue
+    use_sys "$s"
+    for _ in $(seq 1 "$L_HALVINGS"); do
+      m=$(( (${L_BEST[$s]} + ${L_FAIL[$s]}) / 20000 * 10000 ))
+      [ "$m" -gt "${L_BEST[$s]}" ] && [ "$m" -lt "${L_FAIL[$s]}" ] || break
+      if largest_run "$m"; then L_BEST[$s]=$m; else L_FAIL[$s]=$m; fi
+    done
+  done
+  for s in "${SYSTEMS[@]}"; do
+    echo "{\"period_secs\":$L_PERIOD,\"largest\":${L_BEST[$s]:-0},\"first_failure\":${L_FAIL[$s]:-null},\"limit_reached\":$([ -z "${L_DONE[$s]:-}" ] && echo true || echo false)}" \
       >"$WORK/$s-largest.json"
   done
 fi
@@ -393,9 +406,11 @@ lo, le = load("reg-largest.json"), load("etcd-largest.json")
 if lo or le:
     def big(x):
         if not x: return "—"
-        return f"{x['largest']:,} instances" + (" (the search's limit)" if x["limit_reached"] else "")
+        fail = x.get("first_failure")
+        return f"{x['largest']:,} instances" + (" (the search's limit)" if x["limit_reached"] else "") + \
+            (f" ({fail:,} failed)" if fail else "")
     p = (lo or le)["period_secs"]
-    row(f"largest fleet at a {p:g} s cadence with p99 < 50 ms, no errors, none missing (doubling)",
+    row(f"largest fleet at a {p:g} s cadence with p99 < 50 ms, no errors, none missing (doubling, then bisection)",
         big(lo), big(le), ratio(lo and lo["largest"], le and le["largest"]))
 mo, me = {m["instances"]: m for m in loadl("reg-memory.jsonl")}, {m["instances"]: m for m in loadl("etcd-memory.jsonl")}
 for n in sorted(set(mo) | set(me)):

@@ -16,7 +16,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
         // The real syncs, as a node runs them.
         let sync = DiskSync::open(dir.path(), None).expect("sled's files sync");
         let log = LogStore::open(&db, sync.clone()).expect("log store opens");
-        let sm = StateMachineStore::open(&db, sync)?;
+        let sm = StateMachineStore::open(&db, dir.path(), sync)?;
         Ok((dir, log, sm))
     }
 }

@@ -180,8 +180,9 @@ impl RunningNode {
         let loading = std::time::Instant::now();
         let log = LogStore::open(&db, sync.clone()).map_err(|e| StartError::Load(e.to_string()))?;
         // The check loaded the registry while it verified the records.
-        let sm = StateMachineStore::open_checked(&db, sync, &mut check.state_machine)
-            .map_err(|e| StartError::Load(e.to_string()))?;
+        let sm =
+            StateMachineStore::open_checked(&db, &args.data_dir, sync, &mut check.state_machine)
+                .map_err(|e| StartError::Load(e.to_string()))?;
         let replica = sm.replica();
         tracing::info!(
             elapsed_ms = loading.elapsed().as_secs_f64() * 1000.0,

@@ -5,8 +5,9 @@
 //! persists no metadata (the file's new size, its block allocation) and does
 //! not flush the device's write cache: it survives `kill -9`, not a power
 //! cut. sled calls `fsync` only from its periodic flusher thread. Large
-//! values (over ~128 KiB, such as our snapshot) go to files of their own under
-//! `sled/blobs/`, which sled never syncs.
+//! values (over ~128 KiB, such as the snapshots of earlier releases; ours are
+//! now files of their own) go to files of their own under `sled/blobs/`,
+//! which sled never syncs.
 //!
 //! So wherever durability is promised (an append or a vote reported saved, a
 //! truncation, a snapshot saved, a clean stop) the stores call
@@ -68,6 +69,11 @@ impl DiskSync {
     /// that need no durability).
     pub fn disabled() -> Self {
         Self { inner: None }
+    }
+
+    /// Whether syncs are on (off only with `--unsafe-no-fsync` and in tests).
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
     }
 
     /// For the sled database in `data_dir` (opened already, so its files

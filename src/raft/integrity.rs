@@ -9,10 +9,14 @@
 //! What the check covers: every value in every tree is verified against its
 //! CRC32 and decoded; the log must be contiguous from the purge point to its
 //! last entry, each entry under its own index, with terms never going down;
-//! each instance record must sit under its own key; the current snapshot and
-//! the registry inside it must decode. It costs one pass over the database:
-//! 0.15-0.35 s on a 2-core machine for 20,000 log entries, 20,000 instances
-//! and their 2.4 MB snapshot (the unit test below prints the figure).
+//! each instance record must sit under its own key; the current snapshot's
+//! checksum must match (its registry is decoded when used: sent to a
+//! follower, or loaded after a crash during an install). The pass over the
+//! state machine's records also loads the registry the node then serves, so
+//! checking costs nothing beyond loading: 0.15-0.35 s on a 2-core machine for
+//! 20,000 log entries, 20,000 instances and their 2.4 MB snapshot (the unit
+//! test below prints the figure), about 1.5-2 s for a million instances
+//! (`examples/storage_probe.rs`).
 //!
 //! What sled 0.34.7 does with damaged files. Experiment
 //! (`survey_of_byte_flips_in_sleds_files` in `tests/corruption.rs`): after
@@ -105,7 +109,7 @@ pub fn open_checked(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError>
         let opening = Instant::now();
         let db = super::open_db(dir).map_err(open_error)?;
         let started = Instant::now();
-        let mut report = check(&db)?;
+        let mut report = check(&db, dir)?;
         compare_clean_stop(dir, &db)?;
         report.elapsed = started.elapsed();
         report.open_elapsed = started - opening;
@@ -123,12 +127,13 @@ pub fn open_checked(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError>
     })
 }
 
-/// The format marker and the full integrity check on an open database.
-pub fn check(db: &sled::Db) -> Result<CheckReport, DataDirError> {
+/// The format marker and the full integrity check on an open database
+/// (`dir` is the data directory, which holds the snapshot file).
+pub fn check(db: &sled::Db, dir: &Path) -> Result<CheckReport, DataDirError> {
     let started = Instant::now();
     ensure_format(db)?;
     let log = log_store::check(db)?;
-    let state_machine = state_machine::check(db)?;
+    let state_machine = state_machine::check(db, dir)?;
     Ok(CheckReport {
         log,
         state_machine,
@@ -243,7 +248,7 @@ mod tests {
         openraft::storage::RaftLogStorage::purge(&mut log_meta, log_id(1, 0))
             .await
             .unwrap();
-        let mut sm = StateMachineStore::open(&db, sync).unwrap();
+        let mut sm = StateMachineStore::open(&db, dir.path(), sync).unwrap();
         sm.apply(entries).await.unwrap();
         sm.get_snapshot_builder()
             .await
@@ -267,8 +272,8 @@ mod tests {
         }
     }
 
-    fn corrupt(db: &sled::Db) -> String {
-        match check(db) {
+    fn corrupt(db: &sled::Db, dir: &Path) -> String {
+        match check(db, dir) {
             Err(DataDirError::Corrupt(why)) => why,
             other => panic!("expected corruption, got {other:?}"),
         }
@@ -276,8 +281,8 @@ mod tests {
 
     #[tokio::test]
     async fn check_of_20000_entries_and_instances_is_fast() {
-        let (_dir, db) = populated(20_000).await;
-        let report = check(&db).unwrap();
+        let (dir, db) = populated(20_000).await;
+        let report = check(&db, dir.path()).unwrap();
         assert_eq!(report.log.entries, 20_000);
         assert_eq!(report.log.last, Some(log_id(1, 20_000)));
         assert_eq!(report.state_machine.instances, 20_000);
@@ -335,7 +340,8 @@ mod tests {
 
     #[tokio::test]
     async fn damage_is_named() {
-        let (_dir, db) = populated(30).await;
+        let (dir, db) = populated(30).await;
+        let dir = dir.path();
         let log = db.open_tree(LOG_TREE).unwrap();
 
         // A flipped byte in an entry.
@@ -344,20 +350,23 @@ mod tests {
         let mid = bad.len() / 2;
         bad[mid] ^= 0x40;
         log.insert(key(17), bad).unwrap();
-        assert_eq!(corrupt(&db), "log entry 17: checksum mismatch");
+        assert_eq!(corrupt(&db, dir), "log entry 17: checksum mismatch");
         log.insert(key(17), good.clone()).unwrap();
-        check(&db).unwrap();
+        check(&db, dir).unwrap();
 
         // A valid entry under the wrong key.
         log.insert(key(17), log.get(key(18)).unwrap().unwrap())
             .unwrap();
-        assert_eq!(corrupt(&db), "log entry 17: holds the entry of index 18");
+        assert_eq!(
+            corrupt(&db, dir),
+            "log entry 17: holds the entry of index 18"
+        );
         log.insert(key(17), good.clone()).unwrap();
 
         // A hole.
         log.remove(key(17)).unwrap();
         assert_eq!(
-            corrupt(&db),
+            corrupt(&db, dir),
             "log entry 17: missing (the next stored entry is 18)"
         );
         log.insert(key(17), good).unwrap();
@@ -367,19 +376,19 @@ mod tests {
         log.insert(key(29), seal(&register(2, 29)).unwrap())
             .unwrap();
         assert_eq!(
-            corrupt(&db),
+            corrupt(&db, dir),
             "log entry 30: term 1 is lower than the term 2 before it"
         );
         log.insert(key(29), seal(&register(1, 29)).unwrap())
             .unwrap();
         assert_eq!(log.get(key(30)).unwrap().unwrap(), last);
-        check(&db).unwrap();
+        check(&db, dir).unwrap();
 
         // The vote.
         let meta = db.open_tree(META_TREE).unwrap();
         let vote = meta.get(b"vote").unwrap().unwrap();
         meta.insert(b"vote", &vote[..vote.len() - 1]).unwrap();
-        assert_eq!(corrupt(&db), "vote: checksum mismatch");
+        assert_eq!(corrupt(&db, dir), "vote: checksum mismatch");
         meta.insert(b"vote", vote).unwrap();
 
         // An instance record, and one moved under another key.
@@ -388,7 +397,7 @@ mod tests {
         let mut bad = v.to_vec();
         *bad.last_mut().unwrap() ^= 1;
         sm.insert(&k, bad).unwrap();
-        let why = corrupt(&db);
+        let why = corrupt(&db, dir);
         assert!(
             why.starts_with("state machine instance svc-3/10.0.0.")
                 && why.ends_with(": checksum mismatch"),
@@ -397,20 +406,34 @@ mod tests {
         sm.insert(&k, v.clone()).unwrap();
         sm.insert(b"i/svc-3\0elsewhere", v).unwrap();
         assert_eq!(
-            corrupt(&db),
+            corrupt(&db, dir),
             "state machine instance svc-3/elsewhere: holds instance svc-3/10.0.0.3:1000"
         );
         sm.remove(b"i/svc-3\0elsewhere").unwrap();
 
-        // The snapshot.
-        let snaps = db.open_tree("snapshot").unwrap();
-        let snap = snaps.get(b"current").unwrap().unwrap();
-        let mut bad = snap.to_vec();
+        // The snapshot, in its file.
+        let file = dir.join(crate::raft::state_machine::SNAPSHOT_FILE);
+        let snap = std::fs::read(&file).unwrap();
+        let mut bad = snap.clone();
         bad[snap.len() / 2] ^= 0xff;
+        std::fs::write(&file, &bad).unwrap();
+        assert_eq!(corrupt(&db, dir), "current snapshot: checksum mismatch");
+        // Cut short.
+        std::fs::write(&file, &snap[..snap.len() - 1]).unwrap();
+        assert_eq!(corrupt(&db, dir), "current snapshot: checksum mismatch");
+        std::fs::write(&file, &snap).unwrap();
+        check(&db, dir).unwrap();
+
+        // Where an earlier release kept it: sled's `snapshot` tree, read
+        // when there is no file.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(check(&db, dir).unwrap().state_machine.snapshot, None);
+        let snaps = db.open_tree("snapshot").unwrap();
         snaps.insert(b"current", bad).unwrap();
-        assert_eq!(corrupt(&db), "current snapshot: checksum mismatch");
+        assert_eq!(corrupt(&db, dir), "current snapshot: checksum mismatch");
         snaps.insert(b"current", snap).unwrap();
-        check(&db).unwrap();
+        let found = check(&db, dir).unwrap().state_machine.snapshot;
+        assert_eq!(found.map(|s| s.0), Some(Some(log_id(1, 30))));
     }
 }
 

@@ -1,10 +1,11 @@
 //! Raft plumbing: the type configuration, the sled-backed log and state
 //! machine stores, and the HTTP transport between nodes.
 //!
-//! How it fits together: one sled database per node holds four trees: the
+//! How it fits together: one sled database per node holds three trees: the
 //! Raft log (`log`), Raft's own metadata (`raft`: vote, committed, last
-//! purged), the applied registry (`sm`) and the current snapshot
-//! (`snapshot`). sled writes all trees through one log, so whatever survives
+//! purged) and the applied registry (`sm`); the current snapshot is a file
+//! beside it (a fourth tree, `snapshot`, held it in earlier releases: see
+//! `state_machine::snapshot_file`). sled writes all trees through one log, so whatever survives
 //! a crash is a prefix of what was written; the log store flushes and then
 //! `fdatasync`s sled's files ([`durable`]) before it reports an append or a
 //! vote durable, which makes every acknowledged write survive `kill -9` and

@@ -46,7 +46,7 @@ fn deadline_key(deadline: Millis, service: &str, id: &str) -> (Millis, Box<str>)
 }
 
 /// One service's live instances, by instance id.
-type Instances = BTreeMap<String, Box<Live>>;
+type Instances = BTreeMap<String, Arc<Live>>;
 
 /// A live instance and what is kept beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,11 +59,12 @@ struct Live {
 /// tombstones of expired instances the same way.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    /// Each service's instances behind an `Arc`, copied on write: a
-    /// snapshot takes the map of `Arc`s under the lock (a pointer per
-    /// service) and encodes outside it ([`Registry::for_snapshot`]), and
-    /// only a service written meanwhile is copied. Entries are boxed: a
-    /// B-tree slot holds a pointer rather than the whole entry, and slots
+    /// Each service's instances behind an `Arc`, and each instance too,
+    /// copied on write: a snapshot takes the map of `Arc`s under the lock
+    /// (a pointer per service) and encodes outside it
+    /// ([`Registry::for_snapshot`]); a service written meanwhile has its map
+    /// of pointers copied, and an instance written meanwhile itself. A
+    /// B-tree slot holds a pointer rather than the whole entry, as slots
     /// run half empty after in-order inserts (a loaded registry).
     services: BTreeMap<String, Arc<Instances>>,
     /// Every live instance by its deadline, so that an expiry round reads
@@ -102,6 +103,7 @@ impl Registry {
                         .services
                         .get_mut(&r.service_name)
                         .and_then(|m| Arc::make_mut(m).get_mut(&r.instance_id))
+                        .map(Arc::make_mut)
                     else {
                         continue;
                     };
@@ -264,7 +266,7 @@ impl Registry {
         };
         let old = instances.insert(
             instance.instance_id.clone(),
-            Box::new(Live { instance, ext }),
+            Arc::new(Live { instance, ext }),
         );
         if let Some(old) = old {
             self.deadlines
@@ -378,9 +380,10 @@ impl Registry {
                 instance_id: id.clone(),
             });
             if keep.is_some_and(|k| k.max > 0) {
+                let Live { instance, ext } = Arc::unwrap_or_clone(live);
                 let t = Tombstone {
-                    instance: live.instance,
-                    ext: live.ext,
+                    instance,
+                    ext,
                     expired_at: now_ms,
                 };
                 changes.push(Change::Bury(t.clone()));
@@ -439,7 +442,7 @@ impl Registry {
         Some(t)
     }
 
-    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Box<Live>> {
+    fn remove_instance(&mut self, service: &str, id: &str) -> Option<Arc<Live>> {
         let instances = Arc::make_mut(self.services.get_mut(service)?);
         let removed = instances.remove(id);
         if instances.is_empty() {
@@ -468,7 +471,7 @@ impl Registry {
             .get_mut(service)
             .and_then(|m| Arc::make_mut(m).get_mut(id))
         {
-            live.ext = ext;
+            Arc::make_mut(live).ext = ext;
         }
     }
 

@@ -43,7 +43,7 @@ async fn voter(dir: &Path, sync: bool) -> (Raft, LogStore) {
         false => DiskSync::disabled(),
     };
     let log = LogStore::open(&db, sync.clone()).unwrap();
-    let sm = StateMachineStore::open(&db, sync).unwrap();
+    let sm = StateMachineStore::open(&db, dir, sync).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 100,

@@ -11,7 +11,10 @@
 use openraft::StoredMembership;
 use serde::Serialize;
 
-use super::snapshot::StoredSnapshot;
+use std::path::Path;
+
+use super::snapshot::read_meta;
+use super::snapshot_file;
 use crate::raft::codec::{describe_sled, seal, show_key, unseal, Corruption};
 use crate::raft::replica::Applied;
 use crate::raft::{LogId, Node, NodeId};
@@ -219,7 +222,7 @@ impl std::fmt::Debug for StateMachineCheck {
 /// is newer than the records, after a crash during an install): its
 /// checksum already shows the bytes are those written, and decoding a
 /// million instances twice was most of a node's start-up.
-pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
+pub fn check(db: &sled::Db, dir: &Path) -> Result<StateMachineCheck, Corruption> {
     let sled_err = |what: &str, e: sled::Error| Corruption::new(what, describe_sled(&e));
     let sm = db
         .open_tree(SM_TREE)
@@ -258,6 +261,7 @@ pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
     })?;
     found.applied = found.state.last_applied;
 
+    // The snapshot of an earlier release, in sled (see `snapshot_file`).
     let snapshots = db
         .open_tree(SNAPSHOT_TREE)
         .map_err(|e| sled_err("snapshot", e))?;
@@ -269,9 +273,16 @@ pub fn check(db: &sled::Db) -> Result<StateMachineCheck, Corruption> {
                 format!("unexpected key {}", show_key(&k)),
             ));
         }
-        let snap: StoredSnapshot =
-            unseal(&v).map_err(|why| Corruption::new("current snapshot", why))?;
-        found.snapshot = Some((snap.meta.last_log_id, snap.data.len()));
+        let (meta, len) = read_meta(&v).map_err(|why| Corruption::new("current snapshot", why))?;
+        found.snapshot = Some((meta.last_log_id, len));
+    }
+    let file = snapshot_file::path(dir);
+    if let Some(sealed) = snapshot_file::read(dir)
+        .map_err(|e| Corruption::new(format!("snapshot file {}", file.display()), e))?
+    {
+        let (meta, len) =
+            read_meta(&sealed).map_err(|why| Corruption::new("current snapshot", why))?;
+        found.snapshot = Some((meta.last_log_id, len));
     }
     Ok(found)
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::raft::{Node, NodeId};
 use crate::registry::{Instance, InstanceExt, Registry, Tombstone};
 
-/// A snapshot as stored in sled and sent to followers.
+/// A snapshot as stored (sealed, in its file) and sent to followers.
 #[derive(Serialize, Deserialize)]
 pub(super) struct StoredSnapshot {
     pub(super) meta: SnapshotMeta<NodeId, Node>,
@@ -34,6 +34,27 @@ struct SnapshotExt {
     /// default.
     ext: Vec<(String, String, InstanceExt)>,
     tombstones: Vec<Tombstone>,
+}
+
+/// The metadata and data size of a sealed [`StoredSnapshot`], checking its
+/// checksum, without copying out the data (160 MB at a million instances,
+/// which bincode reads byte by byte).
+pub(super) fn read_meta(
+    sealed: &[u8],
+) -> Result<(SnapshotMeta<NodeId, Node>, usize), crate::raft::codec::BadValue> {
+    use crate::raft::codec::{verify, BadValue};
+    let payload = verify(sealed)?;
+    let mut cursor = Cursor::new(payload);
+    let meta: SnapshotMeta<NodeId, Node> =
+        bincode::deserialize_from(&mut cursor).map_err(BadValue::Decode)?;
+    let len: u64 = bincode::deserialize_from(&mut cursor).map_err(BadValue::Decode)?;
+    let rest = payload.len() as u64 - cursor.position();
+    if len != rest {
+        return Err(BadValue::Decode(Box::new(bincode::ErrorKind::Custom(
+            format!("its data should be {len} bytes long, {rest} follow"),
+        ))));
+    }
+    Ok((meta, rest as usize))
 }
 
 /// A snapshot's registry, both parts, written straight from the registry:
