@@ -125,14 +125,10 @@ impl StateMachineStore {
         applied.views.reset(floor);
         *store.replica.write() = applied;
         store.replica.publish(floor);
-        let newer = |s: &Option<(Option<LogId>, usize)>| {
-            s.as_ref().is_some_and(|(last, _)| *last > found.applied)
-        };
-        if newer(&found.snapshot) {
+        // A snapshot newer than the records: a crash during an install.
+        if found.snapshot.is_some_and(|(last, _)| last > found.applied) {
             if let Some(snap) = store.read_snapshot()? {
-                if snap.meta.last_log_id > store.replica.read().last_applied {
-                    store.load_snapshot(&snap)?;
-                }
+                store.load_snapshot(&snap)?;
             }
         }
         Ok(store)
@@ -204,9 +200,14 @@ impl StateMachineStore {
         let registry = decode_snapshot_data(&snap.data)
             .map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
         let mut batch = sled::Batch::default();
+        // Counts a record added to `batch`, writing the batch once it is full.
         let mut pending = 0;
-        let flush = |batch: &mut sled::Batch, pending: &mut usize| {
-            *pending = 0;
+        let mut added = |batch: &mut sled::Batch| {
+            pending += 1;
+            if pending < INSTALL_BATCH {
+                return Ok(());
+            }
+            pending = 0;
             self.sm.apply_batch(std::mem::take(batch))
         };
         // The applied id goes first, so that no batch but the last leaves
@@ -214,29 +215,20 @@ impl StateMachineStore {
         batch.remove(APPLIED);
         for item in self.sm.iter().keys() {
             batch.remove(item.map_err(|e| write_err(&e))?);
-            pending += 1;
-            if pending == INSTALL_BATCH {
-                flush(&mut batch, &mut pending).map_err(|e| write_err(&e))?;
-            }
+            added(&mut batch).map_err(|e| write_err(&e))?;
         }
         for (inst, ext) in registry.instances_ext() {
             put_instance(&mut batch, inst, ext);
-            pending += 1;
-            if pending == INSTALL_BATCH {
-                flush(&mut batch, &mut pending).map_err(|e| write_err(&e))?;
-            }
+            added(&mut batch).map_err(|e| write_err(&e))?;
         }
         for t in registry.tombstones() {
             put_tombstone(&mut batch, t);
-            pending += 1;
-            if pending == INSTALL_BATCH {
-                flush(&mut batch, &mut pending).map_err(|e| write_err(&e))?;
-            }
+            added(&mut batch).map_err(|e| write_err(&e))?;
         }
         batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
         batch.insert(EXPIRY_PAUSED, encode(&registry.expiry_paused()));
         batch.insert(APPLIED, encode(&snap.meta.last_log_id));
-        flush(&mut batch, &mut pending).map_err(|e| write_err(&e))?;
+        self.sm.apply_batch(batch).map_err(|e| write_err(&e))?;
         let floor = snap.meta.last_log_id.map_or(0, |l| l.index);
         let mut views = ViewIndex::default();
         views.reset(floor);
