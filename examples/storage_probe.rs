@@ -20,6 +20,10 @@ use openraft::EntryPayload;
 use vertice_register::raft::{open_checked, DiskSync, LogStore, StateMachineStore, TypeConfig};
 use vertice_register::registry::{Command, Instance};
 
+// The binary's allocator, so that the figures are the node's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_mib() -> f64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()

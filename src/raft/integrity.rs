@@ -15,7 +15,7 @@
 //! state machine's records also loads the registry the node then serves, so
 //! checking costs nothing beyond loading: 0.15-0.35 s on a 2-core machine for
 //! 20,000 log entries, 20,000 instances and their 2.4 MB snapshot (the unit
-//! test below prints the figure), about 1.5-2 s for a million instances
+//! test below prints the figure), about 1.3-2 s for a million instances
 //! (`examples/storage_probe.rs`).
 //!
 //! What sled 0.34.7 does with damaged files. Experiment

@@ -9,6 +9,7 @@
 //! Every command is an idempotent upsert or delete: applying a retried
 //! command a second time leaves the registry as the first did.
 
+mod builder;
 mod command;
 mod instance;
 pub mod lease;
@@ -18,6 +19,7 @@ pub mod validate;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+pub use builder::RegistryBuilder;
 pub use command::{Change, Command, CommandResult, Renewal};
 pub use instance::{Instance, InstanceExt, Millis, Tombstone, TombstonePolicy};
 pub use metadata::Metadata;

@@ -10,6 +10,7 @@
 //! verifies every record and the current snapshot at start-up.
 
 mod records;
+mod scan;
 mod snapshot;
 mod snapshot_file;
 
@@ -458,6 +459,45 @@ mod tests {
         let new = encode_snapshot_data(&r).unwrap();
         let read_by_old: SnapshotData = bincode::deserialize(&new).unwrap();
         assert_eq!(read_by_old.instances.len(), 2);
+    }
+
+    /// A starting node checks its snapshot file as a stream; the answers
+    /// are those of the check on the whole bytes, for every damaged byte.
+    #[test]
+    fn a_snapshot_file_checked_as_a_stream_gives_what_the_whole_check_gives() {
+        use crate::raft::codec::seal;
+        let meta = openraft::SnapshotMeta::<NodeId, Node> {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(2, 1),
+                7,
+            )),
+            last_membership: Default::default(),
+            snapshot_id: "2-1-7".into(),
+        };
+        let sealed = seal(&StoredSnapshot {
+            meta,
+            data: encode_snapshot_data(&registry()).unwrap(),
+        })
+        .unwrap();
+        let show = |r: Result<(openraft::SnapshotMeta<NodeId, Node>, usize), _>| match r {
+            Ok((m, len)) => format!("{:?} {len}", m.last_log_id),
+            Err(e) => format!("{e}"),
+        };
+        let mut cases = vec![sealed.clone(), sealed[..2].to_vec(), Vec::new()];
+        for at in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[at] ^= 0x40;
+            cases.push(bad);
+        }
+        let mut longer = sealed.clone();
+        longer.push(0);
+        cases.push(longer);
+        for (i, bytes) in cases.iter().enumerate() {
+            let whole = show(snapshot::read_meta(bytes));
+            let streamed = show(snapshot::read_meta_from(&bytes[..]).unwrap());
+            assert_eq!(streamed, whole, "case {i}");
+        }
+        assert!(show(snapshot::read_meta(&sealed)).contains("7"));
     }
 
     #[tokio::test]

@@ -13,12 +13,12 @@ use serde::Serialize;
 
 use std::path::Path;
 
-use super::snapshot::read_meta;
+use super::snapshot::{read_meta, read_meta_from};
 use super::snapshot_file;
 use crate::raft::codec::{describe_sled, seal, show_key, unseal, Corruption};
 use crate::raft::replica::Applied;
 use crate::raft::{LogId, Node, NodeId};
-use crate::registry::{Change, Instance, InstanceExt, Tombstone};
+use crate::registry::{Change, Instance, InstanceExt, RegistryBuilder, Tombstone};
 
 pub(crate) const APPLIED: &[u8] = b"m/applied";
 pub(super) const MEMBERSHIP: &[u8] = b"m/membership";
@@ -167,29 +167,25 @@ pub(super) fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, Corruption> {
     })
 }
 
-/// Records read from sled per hand-over to the thread that loads them.
-const READ_BATCH: usize = 4096;
-
-/// Verifies one record and loads it into `applied`.
+/// Loads one verified record: the registry's parts into `registry`, the
+/// Raft position into `applied`.
 fn load_record(
     applied: &mut Applied,
+    registry: &mut RegistryBuilder,
     instances: &mut u64,
-    k: &[u8],
-    v: &[u8],
-) -> Result<(), Corruption> {
-    match decode_record(k, v)? {
+    record: Record,
+) {
+    match record {
         Record::Applied(a) => applied.last_applied = a,
         Record::Membership(m) => applied.membership = m,
-        Record::ExpiryPaused(p) => applied.registry.restore_expiry_paused(p),
+        Record::ExpiryPaused(p) => registry.expiry_paused(p),
         Record::Instance(inst) => {
             *instances += 1;
-            applied.registry.restore(inst, InstanceExt::default());
+            registry.push(inst, InstanceExt::default());
         }
-        // Keys sort `i/` < `m/` < `t/` < `x/`: instances come first.
-        Record::Ext(service, id, ext) => applied.registry.restore_ext(&service, &id, ext),
-        Record::Tombstone(t) => applied.registry.restore_tombstone(t),
+        Record::Ext(service, id, ext) => registry.ext(service, id, ext),
+        Record::Tombstone(t) => registry.tombstone(t),
     }
-    Ok(())
 }
 
 /// What the start-up check read from the state machine, and the state it
@@ -229,36 +225,28 @@ pub fn check(db: &sled::Db, dir: &Path) -> Result<StateMachineCheck, Corruption>
         .map_err(|e| sled_err("state machine", e))?;
     let mut found = StateMachineCheck::default();
     let applied = &mut found.state;
-    // Two threads: one reads sled's pages (about half the time at a million
-    // records), the other decodes and loads what it read.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<_>, sled::Error>>(4);
-    std::thread::scope(|scope| -> Result<(), Corruption> {
-        scope.spawn(move || {
-            let mut batch = Vec::with_capacity(READ_BATCH);
-            for item in sm.iter() {
-                match item {
-                    Ok(kv) => batch.push(kv),
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                }
-                if batch.len() == READ_BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(READ_BATCH));
-                    if tx.send(Ok(full)).is_err() {
-                        return; // the loader stopped at a damaged record
-                    }
-                }
-            }
-            let _ = tx.send(Ok(batch));
+    let mut registry = RegistryBuilder::new();
+    // The snapshot file is checked on a thread of its own meanwhile.
+    let file = snapshot_file::path(dir);
+    let file_error = |e| Corruption::new(format!("snapshot file {}", file.display()), e);
+    let file_check = |f: std::fs::File| {
+        read_meta_from(f)
+            .map_err(file_error)?
+            .map_err(|why| Corruption::new("current snapshot", why))
+    };
+    let snapshot_file = snapshot_file::open(dir).map_err(file_error)?;
+    let (scanned, from_file) = std::thread::scope(|scope| {
+        let from_file = snapshot_file.map(|f| scope.spawn(move || file_check(f)));
+        // Read and decoded on two threads, loaded here (see `scan`).
+        let scanned = super::scan::scan(&sm, INSTANCE_PREFIX, decode_record, |record| {
+            load_record(applied, &mut registry, &mut found.instances, record);
+            Ok(())
         });
-        for batch in rx {
-            for (k, v) in batch.map_err(|e| sled_err("state machine", e))? {
-                load_record(applied, &mut found.instances, &k, &v)?;
-            }
-        }
-        Ok(())
-    })?;
+        let from_file = from_file.map(|t| t.join().expect("the snapshot check does not panic"));
+        (scanned, from_file)
+    });
+    scanned?;
+    found.state.registry = registry.finish();
     found.applied = found.state.last_applied;
 
     // The snapshot of an earlier release, in sled (see `snapshot_file`).
@@ -276,12 +264,8 @@ pub fn check(db: &sled::Db, dir: &Path) -> Result<StateMachineCheck, Corruption>
         let (meta, len) = read_meta(&v).map_err(|why| Corruption::new("current snapshot", why))?;
         found.snapshot = Some((meta.last_log_id, len));
     }
-    let file = snapshot_file::path(dir);
-    if let Some(sealed) = snapshot_file::read(dir)
-        .map_err(|e| Corruption::new(format!("snapshot file {}", file.display()), e))?
-    {
-        let (meta, len) =
-            read_meta(&sealed).map_err(|why| Corruption::new("current snapshot", why))?;
+    if let Some(from_file) = from_file {
+        let (meta, len) = from_file?;
         found.snapshot = Some((meta.last_log_id, len));
     }
     Ok(found)

@@ -8,7 +8,7 @@ use openraft::SnapshotMeta;
 use serde::{Deserialize, Serialize};
 
 use crate::raft::{Node, NodeId};
-use crate::registry::{Instance, InstanceExt, Registry, Tombstone};
+use crate::registry::{Instance, InstanceExt, Registry, RegistryBuilder, Tombstone};
 
 /// A snapshot as stored (sealed, in its file) and sent to followers.
 #[derive(Serialize, Deserialize)]
@@ -55,6 +55,81 @@ pub(super) fn read_meta(
         ))));
     }
     Ok((meta, rest as usize))
+}
+
+/// A snapshot's metadata and the length of its data.
+pub(super) type MetaAndLen = (SnapshotMeta<NodeId, Node>, usize);
+
+/// The most a snapshot's metadata and length take (the membership is a few
+/// nodes' ids and addresses).
+const HEADER_LIMIT: u64 = 1 << 20;
+
+/// [`read_meta`] on a sealed snapshot read from `r` as a stream, without
+/// holding it in memory (a starting node checks a 160 MB snapshot file this
+/// way while it loads its records). The answers are [`read_meta`]'s,
+/// including which error a damaged snapshot gives.
+pub(super) fn read_meta_from(
+    r: impl std::io::Read,
+) -> std::io::Result<Result<MetaAndLen, crate::raft::codec::BadValue>> {
+    use crate::raft::codec::{BadValue, CRC_LEN};
+    use std::io::Read;
+
+    /// Hashes and counts what is read through it.
+    struct Hashing<R> {
+        inner: R,
+        hasher: crc32fast::Hasher,
+        read: u64,
+    }
+    impl<R: Read> Read for Hashing<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.hasher.update(&buf[..n]);
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    let mut r = std::io::BufReader::with_capacity(1 << 20, r);
+    let mut crc = [0u8; CRC_LEN];
+    let mut got = 0;
+    while got < CRC_LEN {
+        match r.read(&mut crc[got..])? {
+            0 => return Ok(Err(BadValue::TooShort(got))),
+            n => got += n,
+        }
+    }
+    let mut payload = Hashing {
+        inner: r,
+        hasher: crc32fast::Hasher::new(),
+        read: 0,
+    };
+    // Decoded before the checksum is known, so a damaged length must not
+    // make bincode allocate what it claims: the header is small, bounded.
+    let header = (|| -> Result<_, bincode::Error> {
+        use bincode::Options;
+        let bounded = bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .allow_trailing_bytes()
+            .with_limit(HEADER_LIMIT);
+        let meta: SnapshotMeta<NodeId, Node> = bounded.deserialize_from(&mut payload)?;
+        let len: u64 = bounded.deserialize_from(&mut payload)?;
+        Ok((meta, len, payload.read))
+    })();
+    std::io::copy(&mut payload, &mut std::io::sink())?;
+    if u32::from_le_bytes(crc) != payload.hasher.finalize() {
+        return Ok(Err(BadValue::Checksum));
+    }
+    let (meta, len, header_len) = match header {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(BadValue::Decode(e))),
+    };
+    let rest = payload.read - header_len;
+    if len != rest {
+        return Ok(Err(BadValue::Decode(Box::new(bincode::ErrorKind::Custom(
+            format!("its data should be {len} bytes long, {rest} follow"),
+        )))));
+    }
+    Ok(Ok((meta, rest as usize)))
 }
 
 /// A snapshot's registry, both parts, written straight from the registry:
@@ -138,16 +213,16 @@ pub(super) fn decode_snapshot_data(bytes: &[u8]) -> Result<Registry, bincode::Er
     } else {
         SnapshotExt::default()
     };
-    let mut registry = Registry::new();
-    registry.restore_expiry_paused(data.expiry_paused);
+    let mut registry = RegistryBuilder::new();
+    registry.expiry_paused(data.expiry_paused);
     for inst in data.instances {
-        registry.restore(inst, InstanceExt::default());
+        registry.push(inst, InstanceExt::default());
     }
     for (service, id, e) in ext.ext {
-        registry.restore_ext(&service, &id, e);
+        registry.ext(service, id, e);
     }
     for t in ext.tombstones {
-        registry.restore_tombstone(t);
+        registry.tombstone(t);
     }
-    Ok(registry)
+    Ok(registry.finish())
 }

@@ -40,6 +40,15 @@ pub(crate) fn read(dir: &Path) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// The current snapshot's file, open for reading, if there is one.
+pub(crate) fn open(dir: &Path) -> io::Result<Option<File>> {
+    match File::open(path(dir)) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Replaces the current snapshot with `sealed`: the new bytes are on disk
 /// (and, with `fsync`, durable) before the name points at them, so a crash
 /// leaves the old snapshot or the new one, never a mix.
