@@ -111,10 +111,37 @@ impl RegistryBuilder {
     /// The registry, with its deadline index.
     pub fn finish(mut self) -> Registry {
         self.settle();
-        for (service, id, ext) in std::mem::take(&mut self.exts) {
-            self.registry.restore_ext(&service, &id, ext);
+        let exts = std::mem::take(&mut self.exts);
+        let sorted = exts
+            .windows(2)
+            .all(|w| (&w[0].0, &w[0].1) < (&w[1].0, &w[1].1));
+        // Every instance registered over HTTP has one (its origin): then a
+        // walk beside the instances, rather than a search for each.
+        if sorted && exts.len() * 16 >= self.registry.deadlines.len() {
+            self.merge_exts(exts);
+        } else {
+            for (service, id, ext) in exts {
+                self.registry.restore_ext(&service, &id, ext);
+            }
         }
         self.registry
+    }
+
+    /// Sets each ext on its instance, both sorted by `(service, id)`.
+    fn merge_exts(&mut self, exts: Vec<(String, String, InstanceExt)>) {
+        let mut exts = exts.into_iter().peekable();
+        for (service, instances) in self.registry.services.iter_mut() {
+            while exts.next_if(|(s, _, _)| s < service).is_some() {}
+            if exts.peek().is_none_or(|(s, _, _)| s != service) {
+                continue;
+            }
+            for (id, live) in Arc::make_mut(instances).iter_mut() {
+                while exts.next_if(|(s, i, _)| s == service && i < id).is_some() {}
+                if let Some((_, _, ext)) = exts.next_if(|(s, i, _)| s == service && i == id) {
+                    Arc::make_mut(live).ext = ext;
+                }
+            }
+        }
     }
 }
 
@@ -153,16 +180,41 @@ mod tests {
         shuffled.swap(199, 0);
         let mut with_repeats = sorted.clone();
         with_repeats.insert(60, inst("a", "10.0.0.007:80", 5_000)); // replaces one
-        for input in [sorted, shuffled, with_repeats] {
-            let mut one_by_one = Registry::new();
-            let mut builder = RegistryBuilder::new();
-            for i in &input {
-                one_by_one.insert_live(i.clone(), InstanceExt::default());
-                builder.push(i.clone(), InstanceExt::default());
+        let ext = |n: usize| InstanceExt {
+            origin: Some(format!("10.1.0.{n}")),
+            https: n.is_multiple_of(2),
+        };
+        // Exts for every third instance (walked beside them), for three
+        // (looked up), repeated or out of order (looked up), and for unknown
+        // ones.
+        let many: Vec<_> = sorted
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| n.is_multiple_of(3))
+            .collect();
+        let mut repeated = many.clone();
+        repeated.insert(5, (999, &sorted[0]));
+        let few: Vec<_> = sorted.iter().enumerate().take(3).collect();
+        let mut unordered = many.clone();
+        unordered.reverse();
+        let ghost = inst("b", "nowhere", 1);
+        let ghosts = vec![(1, &ghost), (2, &ghost)];
+        for input in [sorted.clone(), shuffled, with_repeats] {
+            for exts in [&many, &repeated, &few, &unordered, &ghosts] {
+                let mut one_by_one = Registry::new();
+                let mut builder = RegistryBuilder::new();
+                for i in &input {
+                    one_by_one.insert_live(i.clone(), InstanceExt::default());
+                    builder.push(i.clone(), InstanceExt::default());
+                }
+                for (n, i) in exts.iter() {
+                    one_by_one.restore_ext(&i.service_name, &i.instance_id, ext(*n));
+                    builder.ext(i.service_name.clone(), i.instance_id.clone(), ext(*n));
+                }
+                let built = builder.finish();
+                assert_eq!(built, one_by_one);
+                assert_eq!(built.deadlines.len(), built.instance_count());
             }
-            let built = builder.finish();
-            assert_eq!(built, one_by_one);
-            assert_eq!(built.deadlines.len(), built.instance_count());
         }
     }
 }

@@ -23,7 +23,7 @@ use openraft::{
     EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
 };
 
-use super::codec::{unseal, Corruption};
+use super::codec::Corruption;
 use super::durable::DiskSync;
 use super::replica::{Applied, Replica, ViewIndex};
 use super::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
@@ -156,7 +156,7 @@ impl StateMachineStore {
         match sealed {
             None => Ok(None),
             Some(v) => Ok(Some(
-                unseal(&v)
+                snapshot::unseal_stored(v)
                     .map_err(|why| Corruption::new("current snapshot", why))
                     .map_err(|e| StorageIOError::read_snapshot(None, &e))?,
             )),
@@ -464,7 +464,7 @@ mod tests {
     /// A starting node checks its snapshot file as a stream; the answers
     /// are those of the check on the whole bytes, for every damaged byte.
     #[test]
-    fn a_snapshot_file_checked_as_a_stream_gives_what_the_whole_check_gives() {
+    fn a_snapshot_read_as_a_stream_or_moved_out_gives_what_bincode_gives() {
         use crate::raft::codec::seal;
         let meta = openraft::SnapshotMeta::<NodeId, Node> {
             last_log_id: Some(openraft::LogId::new(
@@ -492,10 +492,17 @@ mod tests {
         let mut longer = sealed.clone();
         longer.push(0);
         cases.push(longer);
+        let show_stored = |r: Result<StoredSnapshot, _>| match r {
+            Ok(s) => format!("{:?} {:?}", s.meta.last_log_id, s.data),
+            Err(e) => format!("{e}"),
+        };
         for (i, bytes) in cases.iter().enumerate() {
             let whole = show(snapshot::read_meta(bytes));
             let streamed = show(snapshot::read_meta_from(&bytes[..]).unwrap());
             assert_eq!(streamed, whole, "case {i}");
+            // And the whole snapshot, data moved out, as bincode decodes it.
+            let decoded = show_stored(crate::raft::codec::unseal(bytes));
+            assert_eq!(show_stored(snapshot::unseal_stored(bytes.clone())), decoded);
         }
         assert!(show(snapshot::read_meta(&sealed)).contains("7"));
     }

@@ -39,10 +39,15 @@ struct SnapshotExt {
 /// The metadata and data size of a sealed [`StoredSnapshot`], checking its
 /// checksum, without copying out the data (160 MB at a million instances,
 /// which bincode reads byte by byte).
-pub(super) fn read_meta(
+pub(super) fn read_meta(sealed: &[u8]) -> Result<MetaAndLen, crate::raft::codec::BadValue> {
+    read_header(sealed).map(|(meta, len, _)| (meta, len))
+}
+
+/// [`read_meta`], and where in `sealed` the data starts.
+fn read_header(
     sealed: &[u8],
-) -> Result<(SnapshotMeta<NodeId, Node>, usize), crate::raft::codec::BadValue> {
-    use crate::raft::codec::{verify, BadValue};
+) -> Result<(SnapshotMeta<NodeId, Node>, usize, usize), crate::raft::codec::BadValue> {
+    use crate::raft::codec::{verify, BadValue, CRC_LEN};
     let payload = verify(sealed)?;
     let mut cursor = Cursor::new(payload);
     let meta: SnapshotMeta<NodeId, Node> =
@@ -54,7 +59,19 @@ pub(super) fn read_meta(
             format!("its data should be {len} bytes long, {rest} follow"),
         ))));
     }
-    Ok((meta, rest as usize))
+    Ok((meta, rest as usize, CRC_LEN + cursor.position() as usize))
+}
+
+/// A sealed [`StoredSnapshot`], verified and decoded: what `unseal` gives,
+/// with the data moved rather than decoded byte by byte (bincode reads a
+/// `Vec<u8>` an element at a time: 1.5 s for 195 MB, which a starting
+/// node paid when Raft asked for the current snapshot).
+pub(super) fn unseal_stored(
+    mut sealed: Vec<u8>,
+) -> Result<StoredSnapshot, crate::raft::codec::BadValue> {
+    let (meta, _, data_at) = read_header(&sealed)?;
+    sealed.drain(..data_at);
+    Ok(StoredSnapshot { meta, data: sealed })
 }
 
 /// A snapshot's metadata and the length of its data.
