@@ -147,21 +147,8 @@ impl RegistryBuilder {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::inst;
     use super::*;
-
-    fn inst(service: &str, id: &str, t: Millis) -> Instance {
-        Instance {
-            service_name: service.into(),
-            instance_id: id.into(),
-            host: "10.0.0.1".into(),
-            port: 80,
-            health_endpoint: "/health".into(),
-            metadata: Default::default(),
-            ttl_seconds: 30,
-            registered_at: t,
-            last_heartbeat: t,
-        }
-    }
 
     /// Whatever the order, the builder gives the registry that inserting
     /// one by one gives, deadline index included.

@@ -665,7 +665,8 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn inst(service: &str, id: &str, t: Millis) -> Instance {
+    /// An instance with a TTL of 10 s, registered and renewed at `t`.
+    pub(super) fn inst(service: &str, id: &str, t: Millis) -> Instance {
         Instance {
             service_name: service.into(),
             instance_id: id.into(),

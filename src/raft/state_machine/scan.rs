@@ -59,10 +59,10 @@ pub(super) fn scan<T: Send>(
                     return;
                 };
                 let tx = senders[i].lock().ok().and_then(|mut tx| tx.take());
-                if stop.load(Ordering::Relaxed) || tx.is_none() {
+                let Some(tx) = tx.filter(|_| !stop.load(Ordering::Relaxed)) else {
                     return;
-                }
-                read_range(tree, (lo, hi), decode, tx.expect("checked"), stop);
+                };
+                read_range(tree, (lo, hi), decode, tx, stop);
             });
         }
         let result = (|| {

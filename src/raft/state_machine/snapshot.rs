@@ -54,12 +54,20 @@ fn read_header(
         bincode::deserialize_from(&mut cursor).map_err(BadValue::Decode)?;
     let len: u64 = bincode::deserialize_from(&mut cursor).map_err(BadValue::Decode)?;
     let rest = payload.len() as u64 - cursor.position();
-    if len != rest {
-        return Err(BadValue::Decode(Box::new(bincode::ErrorKind::Custom(
-            format!("its data should be {len} bytes long, {rest} follow"),
-        ))));
-    }
+    check_length(len, rest)?;
     Ok((meta, rest as usize, CRC_LEN + cursor.position() as usize))
+}
+
+/// That the data is as long as the header says.
+fn check_length(len: u64, rest: u64) -> Result<(), crate::raft::codec::BadValue> {
+    if len == rest {
+        return Ok(());
+    }
+    Err(crate::raft::codec::BadValue::Decode(Box::new(
+        bincode::ErrorKind::Custom(format!(
+            "its data should be {len} bytes long, {rest} follow"
+        )),
+    )))
 }
 
 /// A sealed [`StoredSnapshot`], verified and decoded: what `unseal` gives,
@@ -141,10 +149,8 @@ pub(super) fn read_meta_from(
         Err(e) => return Ok(Err(BadValue::Decode(e))),
     };
     let rest = payload.read - header_len;
-    if len != rest {
-        return Ok(Err(BadValue::Decode(Box::new(bincode::ErrorKind::Custom(
-            format!("its data should be {len} bytes long, {rest} follow"),
-        )))));
+    if let Err(e) = check_length(len, rest) {
+        return Ok(Err(e));
     }
     Ok(Ok((meta, rest as usize)))
 }
