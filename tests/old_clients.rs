@@ -210,6 +210,12 @@ async fn the_old_client_and_gateway_work_unchanged() {
     // An instance that expired and was then deregistered stays gone too.
     let (s, _) = a.register(&url1).await;
     assert!(s.is_success());
+    // Seen first, so that "gone" below is the expiry and not a read that
+    // ran ahead of the registration reaching node 1.
+    wait_for("node 1 to see A", Duration::from_secs(10), || async {
+        gateway_lookup(&c, 1).await.map(|_| ())
+    })
+    .await;
     wait_for("A to expire", Duration::from_secs(30), || async {
         gateway_lookup(&c, 1).await.is_none().then_some(())
     })
