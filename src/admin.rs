@@ -22,21 +22,30 @@ pub enum AdminError {
 pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
     let (method, path, body) = match &args.action {
         ClusterAction::Status => (reqwest::Method::GET, "/cluster/status".to_string(), None),
-        ClusterAction::Add { id, addr } => (
+        ClusterAction::Add { id, addr, wait } => (
             reqwest::Method::POST,
             "/cluster/nodes".to_string(),
-            Some(json!({"id": id, "addr": addr})),
+            Some(json!({"id": id, "addr": addr, "wait_seconds": wait})),
         ),
-        ClusterAction::Remove { id } => (
+        ClusterAction::Remove { id, force } => (
             reqwest::Method::DELETE,
-            format!("/cluster/nodes/{id}"),
+            if *force {
+                format!("/cluster/nodes/{id}?force=true")
+            } else {
+                format!("/cluster/nodes/{id}")
+            },
             None,
         ),
+    };
+    // An addition waits for the node to catch up, then for the commit.
+    let wait = match &args.action {
+        ClusterAction::Add { wait, .. } => Duration::from_secs(*wait + 60),
+        _ => Duration::from_secs(90),
     };
     let tls = crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)
         .map_err(AdminError::Config)?;
     let builder = reqwest::Client::builder()
-        .timeout(Duration::from_secs(90))
+        .timeout(wait)
         .connect_timeout(Duration::from_secs(2));
     let http = tls
         .apply(builder)
@@ -67,7 +76,10 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         };
         let status = resp.status();
         let value: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.as_u16() == 503 {
+        // Any node passes a change on to the leader: a `503` to a change is
+        // its answer (e.g. the node did not catch up), not a reason to ask
+        // the next node, which would start the change again.
+        if status.as_u16() == 503 && matches!(args.action, ClusterAction::Status) {
             last_error = format!(
                 "{base}: {}",
                 value["message"].as_str().unwrap_or("unavailable")
@@ -82,10 +94,38 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         }
         return Ok(match args.action {
             ClusterAction::Status => status_table(&value),
-            _ => serde_json::to_string_pretty(&value).unwrap_or_default(),
+            ClusterAction::Add { .. } => added(&value),
+            ClusterAction::Remove { .. } => removed(&value),
         });
     }
     Err(AdminError::Unreachable(last_error))
+}
+
+/// The answer to `cluster add`, as a sentence.
+fn added(v: &Value) -> String {
+    let (id, addr) = (cell(&v["id"]), cell(&v["addr"]));
+    let voters = ids(&v["voters"]);
+    if v["changed"] == json!(false) {
+        format!("node {id} at {addr} is already a voter; nothing changed (voters: {voters})\n")
+    } else {
+        format!("node {id} at {addr} caught up and is a voter now (voters: {voters})\n")
+    }
+}
+
+/// The answer to `cluster remove`, as a sentence.
+fn removed(v: &Value) -> String {
+    format!(
+        "node {} removed (voters: {})\n",
+        cell(&v["removed"]),
+        ids(&v["voters"])
+    )
+}
+
+fn ids(v: &Value) -> String {
+    match v.as_array() {
+        Some(a) => a.iter().map(cell).collect::<Vec<_>>().join(", "),
+        None => cell(v),
+    }
 }
 
 fn cell(v: &Value) -> String {
@@ -107,6 +147,9 @@ pub fn status_table(v: &Value) -> String {
         cell(&v["last_log_index"]),
         cell(&v["committed"])
     );
+    if v["membership_changing"] == json!(true) {
+        out.push_str("a membership change is in progress: it completes once enough voters of both the old and the new set answer\n");
+    }
     let header = [
         "ID",
         "ADDRESS",
@@ -164,5 +207,21 @@ mod tests {
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("b:2"));
         assert!(t.lines().nth(3).unwrap().contains("no"));
+    }
+
+    #[test]
+    fn changes_print_as_sentences() {
+        let v =
+            json!({"id": 6, "addr": "h:6", "voter": true, "changed": true, "voters": [1, 2, 6]});
+        assert_eq!(
+            added(&v),
+            "node 6 at h:6 caught up and is a voter now (voters: 1, 2, 6)\n"
+        );
+        let v = json!({"id": 2, "addr": "h:2", "voter": true, "changed": false, "voters": [1, 2]});
+        assert!(added(&v).contains("already a voter; nothing changed"));
+        assert_eq!(
+            removed(&json!({"removed": 3, "voters": [1, 2]})),
+            "node 3 removed (voters: 1, 2)\n"
+        );
     }
 }

@@ -48,6 +48,7 @@ pub struct ClusterArgs {
         env = "REGISTRY_URLS",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:8888",
+        value_parser = registry_url,
         global = true
     )]
     pub registry: Vec<String>,
@@ -73,17 +74,26 @@ pub struct ClusterArgs {
 pub enum ClusterAction {
     /// Leader, term, and every member's address, role, reachability and lag.
     Status,
-    /// Add a node (learner first, voter once caught up).
+    /// Add a node: a learner first, a voter once it has answered the leader
+    /// and caught up; if it has not within --wait, it stays a learner.
     Add {
         /// The new node's id.
         id: NodeId,
         /// The address other nodes reach it at (HOST:PORT).
         addr: String,
+        /// How long the node may take to catch up, in seconds (1-600).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+        wait: u64,
     },
     /// Remove a node from the cluster.
     Remove {
         /// The node's id.
         id: NodeId,
+        /// Remove a voter even when too few of the remaining voters answer to
+        /// form a majority (the cluster then commits nothing until they are
+        /// back).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -97,7 +107,8 @@ pub struct GatewayArgs {
         long,
         env = "GATEWAY_REGISTRY",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:8888"
+        default_value = "http://127.0.0.1:8888",
+        value_parser = registry_url
     )]
     pub registry: Vec<String>,
     /// Per-request timeout towards an upstream, in milliseconds.
@@ -426,6 +437,28 @@ pub fn parse_peers(s: &str) -> Result<Peers, String> {
     Ok(Peers(peers))
 }
 
+/// A registry node's URL: `http://` or `https://`, or a bare `HOST:PORT`
+/// (taken as `http://HOST:PORT`).
+pub fn registry_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let url = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            Ok(url.trim_end_matches('/').to_string())
+        }
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => Err(format!(
+            "{s}: the scheme must be http:// or https://, not {}://",
+            u.scheme()
+        )),
+        Ok(_) => Err(format!("{s}: no host (want http://HOST:PORT or HOST:PORT)")),
+        Err(e) => Err(format!("{s}: {e} (want http://HOST:PORT or HOST:PORT)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +490,36 @@ mod tests {
         let g = parse(&["--read-timeout-ms", "100", "--rate-limit-per-ip", "50"]).unwrap();
         assert_eq!((g.read_timeout_ms, g.rate_limit_per_ip), (100, 50));
         assert!(parse(&["--read-timeout-ms", "99"]).is_err());
+    }
+
+    #[test]
+    fn registry_urls_take_a_bare_address_and_refuse_other_schemes() {
+        assert_eq!(
+            registry_url("127.0.0.1:19001").unwrap(),
+            "http://127.0.0.1:19001"
+        );
+        assert_eq!(
+            registry_url("https://r.example:443/").unwrap(),
+            "https://r.example:443"
+        );
+        assert_eq!(registry_url(" http://h:1 ").unwrap(), "http://h:1");
+        assert!(registry_url("ftp://h:1")
+            .unwrap_err()
+            .contains("http:// or https://"));
+        assert!(registry_url("http://").is_err());
+        assert!(registry_url("h:notaport").is_err());
+        let cli = Cli::try_parse_from([
+            "vertice-register",
+            "cluster",
+            "status",
+            "--registry",
+            "127.0.0.1:1,https://b:2",
+        ])
+        .unwrap();
+        let Some(Command::Cluster(c)) = cli.command else {
+            panic!("not the cluster command")
+        };
+        assert_eq!(c.registry, ["http://127.0.0.1:1", "https://b:2"]);
     }
 
     #[test]

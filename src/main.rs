@@ -23,6 +23,8 @@ async fn main() -> ExitCode {
         )
         // Logs go to stderr; stdout stays free for command output.
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in log files or `docker logs`.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -311,3 +311,143 @@ impl Drop for KillOnDrop {
             .status();
     }
 }
+
+/// `vertice-register cluster ARGS` against `registry` (a bare HOST:PORT, as
+/// operators type it): success, stdout, stderr.
+fn cluster_cli(registry: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("cluster")
+        .args(args)
+        .args(["--registry", registry, "--cluster-secret", SECRET])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The voters and learners in `cluster status` (through the HTTP route).
+fn members(client: &reqwest::blocking::Client, url: &str) -> (Vec<u64>, Vec<u64>) {
+    let st: Value = client
+        .get(format!("{url}/cluster/status"))
+        .header("x-cluster-secret", SECRET)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut voters = vec![];
+    let mut learners = vec![];
+    for m in st["members"].as_array().unwrap() {
+        let id = m["id"].as_u64().unwrap();
+        if m["voter"] == json!(true) {
+            voters.push(id)
+        } else {
+            learners.push(id)
+        }
+    }
+    (voters, learners)
+}
+
+/// Issue 18, item 1, as an operator meets it on real processes: an address
+/// another member has is refused; a node that does not answer stays a
+/// learner (503 after `--wait`, shown in status) instead of becoming a
+/// voter the cluster then depends on; removing a live voter while another
+/// is down (which would leave 1 of 2 voters, no majority) is refused with
+/// 409, and `--force` does it, completing once the dead voter is back.
+/// Shown to fail with the old rules (promotion right after openraft's
+/// `add_learner`, no address or majority check): node 6 became a voter and
+/// node 5 was accepted at node 2's address.
+#[test]
+fn membership_changes_that_would_weaken_the_cluster_are_refused() {
+    let mut p = Procs::start();
+    let client = http();
+    let leader = wait_for_leader(&p, &[1, 2, 3]);
+    let mut followers = (1..=3).filter(|i| *i != leader);
+    let (f, g) = (followers.next().unwrap(), followers.next().unwrap());
+    let registry = format!("127.0.0.1:{}", p.ports[leader - 1]);
+    let url = p.url(leader);
+
+    // Another member's address: 400 naming the field, nothing changes.
+    let taken = format!("127.0.0.1:{}", p.ports[f - 1]);
+    let (ok, _, err) = cluster_cli(&registry, &["add", "5", &taken]);
+    assert!(
+        !ok && err.contains("400") && err.contains(&format!("node {f}")),
+        "{err}"
+    );
+    let r = client
+        .post(format!("{url}/cluster/nodes"))
+        .header("x-cluster-secret", SECRET)
+        .json(&json!({"id": 5, "addr": taken}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["field"], "addr");
+    assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![]));
+
+    // Nothing listens at the new node's address: it stays a learner.
+    let nobody = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let (ok, _, err) = cluster_cli(&registry, &["add", "6", &nobody, "--wait", "3"]);
+    assert!(
+        !ok && err.contains("503") && err.contains("stays a learner"),
+        "{err}"
+    );
+    assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![6]));
+    let (ok, table, err) = cluster_cli(&registry, &["status"]);
+    assert!(ok, "{err}");
+    let row6 = table.lines().find(|l| l.starts_with("6 ")).unwrap();
+    assert!(row6.contains(&nobody) && row6.contains(" no "), "{table}");
+    let (ok, out, err) = cluster_cli(&registry, &["remove", "6"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "node 6 removed (voters: 1, 2, 3)");
+
+    // With f down, removing g would leave {leader, f}: one of two answers.
+    p.kill9(f);
+    let (ok, _, err) = cluster_cli(&registry, &["remove", &g.to_string()]);
+    assert!(
+        !ok && err.contains("409") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(members(&client, &url).0, vec![1, 2, 3]);
+    assert!(register(&client, &url, "still-writable"));
+
+    // Forced, it waits for f; once f is back it completes.
+    let forced = Command::new(BIN)
+        .args(["cluster", "remove", &g.to_string(), "--force"])
+        .args(["--registry", &registry, "--cluster-secret", SECRET])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    poll(
+        "the forced removal to be proposed",
+        Duration::from_secs(10),
+        || {
+            let st: Value = client
+                .get(format!("{url}/cluster/status"))
+                .header("x-cluster-secret", SECRET)
+                .send()
+                .ok()?
+                .json()
+                .ok()?;
+            (st["membership_changing"] == json!(true)).then_some(())
+        },
+    );
+    p.spawn(f);
+    let out = forced.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected = vec![leader as u64, f as u64];
+    expected.sort();
+    assert_eq!(members(&client, &url).0, expected);
+    poll("a write after the removal", Duration::from_secs(20), || {
+        register(&client, &url, "after-forced-removal").then_some(())
+    });
+}

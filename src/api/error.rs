@@ -38,6 +38,10 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
+    /// `409`: the request is valid but would leave the cluster worse off
+    /// (e.g. a removal that leaves too few reachable voters).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     TooManyRequests(String),
     #[error("{0}")]
@@ -57,6 +61,7 @@ impl ApiError {
             Self::Unauthorized(_) | Self::TokenRequired(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +78,7 @@ impl ApiError {
             Self::Unauthorized(_) | Self::TokenRequired(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::Unavailable(_) => "unavailable",
+            Self::Conflict(_) => "conflict",
             Self::TooManyRequests(_) => "too_many_requests",
             Self::RequestTimeout(_) => "request_timeout",
             Self::Internal(_) => "internal",

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Extension, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header::AUTHORIZATION, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -27,8 +27,17 @@ use crate::raft::{ClientWriteError, NodeId, RaftError};
 
 /// Marks a request one node passed on to the leader, so it is not passed on again.
 const FORWARDED: &str = "x-registry-forwarded";
-/// How long a new node may take to catch up before it becomes a voter.
+/// How long a new node may take to catch up before it becomes a voter,
+/// unless the request says otherwise (`wait_seconds`, up to [`MAX_WAIT`]).
 const CATCH_UP: Duration = Duration::from_secs(60);
+/// The longest `wait_seconds` an operator may ask for.
+const MAX_WAIT: u64 = 600;
+/// A learner is promoted once its log is at most this many entries behind
+/// the leader's (and holds the entry that added it).
+const MAX_LAG: u64 = 100;
+/// How long a membership change may take to commit before the answer is
+/// `503` (it may still complete later).
+const COMMIT_WAIT: Duration = Duration::from_secs(20);
 /// How long the status waits for each member's `/health`.
 const PING: Duration = Duration::from_millis(500);
 
@@ -60,7 +69,7 @@ impl AppState {
                     .request(method.clone(), self.leadership.net.url(&addr, path))
                     .header(FORWARDED, "1")
                     .header(VIA_HEADER, self.leadership.id.to_string())
-                    .timeout(CATCH_UP + Duration::from_secs(10));
+                    .timeout(Duration::from_secs(MAX_WAIT) + COMMIT_WAIT + Duration::from_secs(10));
                 if let Some(a) = &caller.addr {
                     req = req.header(CALLER_HEADER, a);
                 }
@@ -106,6 +115,85 @@ impl AppState {
         let voters = m.membership().voter_ids().collect();
         (nodes, voters)
     }
+
+    /// A member's own view (`/health`, which is public), or `None` when it
+    /// does not answer within [`PING`]. This node answers for itself.
+    async fn ping(&self, id: NodeId, addr: &str) -> Option<Value> {
+        if id == self.leadership.id {
+            return Some(json!({"role": self.leadership.leader_view().role, "last_contact_ms": 0}));
+        }
+        let req = self
+            .leadership
+            .net
+            .client
+            .get(self.leadership.net.url(addr, "/health"))
+            .timeout(PING);
+        match req.send().await {
+            Ok(r) => r.json::<Value>().await.ok(),
+            Err(_) => None,
+        }
+    }
+
+    /// Proposes a membership change and waits at most [`COMMIT_WAIT`] for it.
+    async fn change(&self, change: ChangeMembers<NodeId, BasicNode>) -> Result<(), ApiError> {
+        let changed = self.leadership.raft.change_membership(change, false);
+        match tokio::time::timeout(COMMIT_WAIT, changed).await {
+            Ok(r) => r.map(|_| ()).map_err(change_error),
+            Err(_) => Err(ApiError::Unavailable(format!(
+                "the membership change was proposed but not committed within {COMMIT_WAIT:?}: \
+                 too few voters answer; it completes once enough of them are back"
+            ))),
+        }
+    }
+
+    /// Waits until the leader's log reaches learner `id` up to `since` and
+    /// it is at most [`MAX_LAG`] entries behind; `503` after `wait`, or
+    /// when this node stops leading.
+    async fn caught_up(&self, id: NodeId, since: u64, wait: Duration) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut rx = self.leadership.raft.metrics();
+        loop {
+            let (lag, leading) = {
+                let m = rx.borrow_and_update();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied())
+                    .flatten()
+                    .map(|l| l.index)
+                    .filter(|i| *i >= since);
+                (
+                    matched.map(|i| last.saturating_sub(i)),
+                    m.state == ServerState::Leader,
+                )
+            };
+            if !leading {
+                return Err(ApiError::Unavailable(format!(
+                    "leadership changed while node {id} was catching up; it stays a learner; retry"
+                )));
+            }
+            if lag.is_some_and(|l| l <= MAX_LAG) {
+                return Ok(());
+            }
+            let behind = match lag {
+                Some(l) => format!("it is {l} entries behind"),
+                None => "it has not answered the leader".to_string(),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ApiError::Unavailable(format!(
+                    "node {id} did not catch up within {wait:?} ({behind}); it stays a learner: \
+                     check that it runs and that the leader can reach it, then add it again to \
+                     make it a voter, or remove it"
+                )));
+            }
+            let changed = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.changed());
+            if let Ok(Err(_)) = changed.await {
+                return Err(ApiError::Unavailable("the node is stopping".into()));
+            }
+        }
+    }
 }
 
 fn change_error(e: RaftError<ClientWriteError>) -> ApiError {
@@ -143,29 +231,8 @@ pub async fn status(
     let (nodes, voters) = state.membership();
     // Ask every member for its own view, at once and briefly.
     let pings = nodes.iter().map(|(id, addr)| {
-        let (state, id, addr) = (state.clone(), *id, addr.clone());
-        async move {
-            if id == state.leadership.id {
-                return (
-                    id,
-                    Some(
-                        json!({"role": state.leadership.leader_view().role, "last_contact_ms": 0}),
-                    ),
-                );
-            }
-            // `/health` is public: no secret needed.
-            let req = state
-                .leadership
-                .net
-                .client
-                .get(state.leadership.net.url(&addr, "/health"))
-                .timeout(PING);
-            let health = match req.send().await {
-                Ok(r) => r.json::<Value>().await.ok(),
-                Err(_) => None,
-            };
-            (id, health)
-        }
+        let state = state.clone();
+        async move { (*id, state.ping(*id, addr).await) }
     });
     let health: BTreeMap<NodeId, Option<Value>> =
         futures::future::join_all(pings).await.into_iter().collect();
@@ -199,6 +266,9 @@ pub async fn status(
         "answered_by": state.leadership.id,
         "last_log_index": last_log,
         "committed": state.log.committed_index(),
+        // A joint configuration: a change waits for voters of both the old
+        // and the new set.
+        "membership_changing": m.membership_config.membership().get_joint_config().len() > 1,
         "members": members,
     }))
     .into_response()
@@ -264,45 +334,73 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
         })
         .ok_or_else(|| ApiError::bad("addr", "addr must be HOST:PORT"))?
         .to_string();
+    let wait = match &body["wait_seconds"] {
+        Value::Null => CATCH_UP,
+        v => v
+            .as_u64()
+            .filter(|s| (1..=MAX_WAIT).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "wait_seconds",
+                    format!("wait_seconds must be a whole number of seconds from 1 to {MAX_WAIT}"),
+                )
+            })?,
+    };
     let (nodes, voters) = state.membership();
-    if let Some(existing) = nodes.get(&id) {
-        if *existing != addr {
+    if let Some((other, _)) = nodes
+        .iter()
+        .find(|(i, a)| **i != id && a.eq_ignore_ascii_case(&addr))
+    {
+        return Err(ApiError::bad(
+            "addr",
+            format!("{addr} is already the address of node {other}; give the new node its own"),
+        ));
+    }
+    let since = match nodes.get(&id) {
+        Some(existing) if *existing != addr => {
             return Err(ApiError::bad(
                 "id",
                 format!("node {id} is already a member at {existing}; remove it first"),
             ));
         }
-        if voters.contains(&id) {
-            return Ok(
-                Json(json!({"id": id, "addr": addr, "voter": true, "changed": false}))
-                    .into_response(),
-            );
+        Some(_) if voters.contains(&id) => {
+            return Ok(Json(
+                json!({"id": id, "addr": addr, "voter": true, "changed": false, "voters": voters}),
+            )
+            .into_response());
         }
-    }
-    tracing::info!(id, %addr, "adding a node: learner first");
-    let added = tokio::time::timeout(
-        CATCH_UP,
-        state
+        // A learner already: promote it once it has caught up.
+        Some(_) => state
             .leadership
             .raft
-            .add_learner(id, BasicNode { addr: addr.clone() }, true),
-    )
-    .await;
-    match added {
-        Err(_) => {
-            return Err(ApiError::Unavailable(format!(
-                "node {id} did not catch up within {CATCH_UP:?}; it stays a learner; retry to make it a voter"
-            )))
+            .metrics()
+            .borrow()
+            .membership_config
+            .log_id()
+            .map_or(0, |l| l.index),
+        None => {
+            tracing::info!(id, %addr, "adding a node: learner first");
+            let added =
+                state
+                    .leadership
+                    .raft
+                    .add_learner(id, BasicNode { addr: addr.clone() }, false);
+            match tokio::time::timeout(COMMIT_WAIT, added).await {
+                Err(_) => {
+                    return Err(ApiError::Unavailable(format!(
+                    "adding node {id} as a learner was not committed within {COMMIT_WAIT:?}; retry"
+                )))
+                }
+                Ok(Err(e)) => return Err(change_error(e)),
+                Ok(Ok(r)) => r.log_id.index,
+            }
         }
-        Ok(Err(e)) => return Err(change_error(e)),
-        Ok(Ok(_)) => {}
-    }
+    };
+    state.caught_up(id, since, wait).await?;
     state
-        .leadership
-        .raft
-        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-        .await
-        .map_err(change_error)?;
+        .change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+        .await?;
     tracing::info!(id, %addr, "node is a voter now");
     let (_, voters) = state.membership();
     Ok(
@@ -311,12 +409,24 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
     )
 }
 
-/// `DELETE /cluster/nodes/{id}`: remove a node from the cluster.
+/// `?force=true` on `DELETE /cluster/nodes/{id}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `DELETE /cluster/nodes/{id}[?force=true]`: remove a node from the
+/// cluster. Removing a voter that would leave fewer reachable voters than a
+/// majority of those remaining is refused (`409`) unless forced: the
+/// cluster could commit nothing, that change included, until they return.
 pub async fn remove(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Response {
     let mut target = Value::Null;
     let result = async {
@@ -326,15 +436,20 @@ pub async fn remove(
             .ok()
             .filter(|id| *id > 0)
             .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))?;
-        target = json!({ "id": id });
-        if let Some(resp) = state
-            .to_leader(
-                Method::DELETE,
-                &format!("/cluster/nodes/{id}"),
-                None,
-                &headers,
-                &caller,
+        let Query(RemoveQuery { force }) = query.map_err(|e| {
+            ApiError::bad(
+                "force",
+                format!("the only parameter is force=true|false ({})", e.body_text()),
             )
+        })?;
+        target = json!({ "id": id, "force": force });
+        let path = if force {
+            format!("/cluster/nodes/{id}?force=true")
+        } else {
+            format!("/cluster/nodes/{id}")
+        };
+        if let Some(resp) = state
+            .to_leader(Method::DELETE, &path, None, &headers, &caller)
             .await
         {
             return Ok(resp);
@@ -346,18 +461,37 @@ pub async fn remove(
         if voters.len() == 1 && voters.contains(&id) {
             return Err(ApiError::bad("id", "cannot remove the last voter"));
         }
+        if voters.contains(&id) && !force {
+            let remaining: Vec<NodeId> = voters.iter().copied().filter(|v| *v != id).collect();
+            let answers = futures::future::join_all(remaining.iter().map(|v| {
+                let addr = nodes.get(v).cloned().unwrap_or_default();
+                let state = &state;
+                async move { (*v, state.ping(*v, &addr).await.is_some()) }
+            }))
+            .await;
+            let reachable: Vec<NodeId> = answers
+                .iter()
+                .filter(|(_, up)| *up)
+                .map(|(v, _)| *v)
+                .collect();
+            let need = remaining.len() / 2 + 1;
+            if reachable.len() < need {
+                return Err(ApiError::Conflict(format!(
+                    "removing node {id} would leave voters {remaining:?}, of which only \
+                     {reachable:?} answer: fewer than the {need} needed to commit anything, this \
+                     change included, until the others are back; bring them back (or remove a \
+                     node that is down instead), or force it with force=true \
+                     (`cluster remove {id} --force`)"
+                )));
+            }
+        }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        tracing::info!(id, "removing a node");
-        state
-            .leadership
-            .raft
-            .change_membership(change, false)
-            .await
-            .map_err(change_error)?;
+        tracing::info!(id, force, "removing a node");
+        state.change(change).await?;
         let (_, voters) = state.membership();
         Ok(Json(json!({"removed": id, "voters": voters})).into_response())
     }
