@@ -1,12 +1,15 @@
-//! The `cluster` subcommand: operator requests to `/cluster/*`, printed as
-//! readable tables. Tries each given node until one answers.
+//! The `cluster` and `snapshot` subcommands: operator requests to `/cluster/*`,
+//! printed as tables and sentences. Each tries the given nodes until one answers.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::config::{ClusterAction, ClusterArgs};
+use std::path::{Path, PathBuf};
+
+use crate::config::{ClusterAction, ClusterArgs, RemoteArgs, SnapshotAction, SnapshotArgs};
 use crate::raft::network::SECRET_HEADER;
+use crate::raft::state_machine::backup;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -42,28 +45,10 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         ClusterAction::Add { wait, .. } => Duration::from_secs(*wait + 60),
         _ => Duration::from_secs(90),
     };
-    let tls = crate::tls::ClientTls::from_files(args.tls_ca.as_deref(), None, None)
-        .map_err(AdminError::Config)?;
-    let builder = reqwest::Client::builder()
-        .timeout(wait)
-        .connect_timeout(Duration::from_secs(2));
-    let http = tls
-        .apply(builder)
-        .map_err(AdminError::Config)?
-        .build()
-        .map_err(|e| AdminError::Unreachable(e.to_string()))?;
+    let http = client(&args.remote, wait)?;
     let mut last_error = String::from("no --registry given");
-    for base in &args.registry {
-        let mut req = http.request(
-            method.clone(),
-            format!("{}{path}", base.trim_end_matches('/')),
-        );
-        if let Some(s) = &args.cluster_secret {
-            req = req.header(SECRET_HEADER, s.expose());
-        }
-        if let Some(t) = &args.token {
-            req = req.bearer_auth(t.expose());
-        }
+    for base in &args.remote.registry {
+        let mut req = request(&http, &args.remote, method.clone(), base, &path);
         if let Some(b) = &body {
             req = req.json(b);
         }
@@ -99,6 +84,137 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         });
     }
     Err(AdminError::Unreachable(last_error))
+}
+
+/// An HTTP client for the cluster's nodes, with the given timeout.
+fn client(remote: &RemoteArgs, timeout: Duration) -> Result<reqwest::Client, AdminError> {
+    let tls = crate::tls::ClientTls::from_files(remote.tls_ca.as_deref(), None, None)
+        .map_err(AdminError::Config)?;
+    let builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2));
+    tls.apply(builder)
+        .map_err(AdminError::Config)?
+        .build()
+        .map_err(|e| AdminError::Unreachable(e.to_string()))
+}
+
+/// A request to `path` on node `base`, with the secret or token.
+fn request(
+    http: &reqwest::Client,
+    remote: &RemoteArgs,
+    method: reqwest::Method,
+    base: &str,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    let mut req = http.request(method, format!("{}{path}", base.trim_end_matches('/')));
+    if let Some(s) = &remote.cluster_secret {
+        req = req.header(SECRET_HEADER, s.expose());
+    }
+    if let Some(t) = &remote.token {
+        req = req.bearer_auth(t.expose());
+    }
+    req
+}
+
+/// Runs one `snapshot` action and returns what to print.
+pub async fn snapshot(args: &SnapshotArgs) -> Result<String, AdminError> {
+    let SnapshotAction::Save { file } = &args.action;
+    // Taking a backup of a million instances takes seconds; sending it, more.
+    let http = client(&args.remote, Duration::from_secs(600))?;
+    let mut last_error = String::from("no --registry given");
+    for base in &args.remote.registry {
+        let req = request(
+            &http,
+            &args.remote,
+            reqwest::Method::GET,
+            base,
+            "/cluster/snapshot",
+        );
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last_error = format!("{base}: {e}");
+                continue;
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let value: Value = resp.json().await.unwrap_or(Value::Null);
+            let message = value["message"].as_str().unwrap_or("").to_string();
+            if status.as_u16() == 503 {
+                last_error = format!("{base}: {message}");
+                continue;
+            }
+            return Err(AdminError::Refused {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        return save(resp, file).await;
+    }
+    Err(AdminError::Unreachable(last_error))
+}
+
+/// Streams a backup into a temporary file beside `file`, checks it whole,
+/// syncs it, renames it into place and syncs the folder: `file` is either
+/// absent (or as it was) or a complete, checked backup.
+async fn save(mut resp: reqwest::Response, file: &Path) -> Result<String, AdminError> {
+    use std::io::Write;
+
+    let io = |what: &str, e: std::io::Error| AdminError::Config(format!("{what}: {e}"));
+    let name = file
+        .file_name()
+        .ok_or_else(|| AdminError::Config(format!("{} is not a file name", file.display())))?;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = async {
+        let mut out = std::fs::File::create(&tmp)
+            .map_err(|e| io(&format!("creating {}", tmp.display()), e))?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| AdminError::Unreachable(format!("the backup was cut off: {e}")))?
+        {
+            out.write_all(&chunk)
+                .map_err(|e| io(&format!("writing {}", tmp.display()), e))?;
+            bytes.extend_from_slice(&chunk);
+        }
+        let (header, _) = backup::decode(&bytes)
+            .map_err(|e| AdminError::Config(format!("the node sent a bad backup: {e}")))?;
+        out.sync_all()
+            .map_err(|e| io(&format!("syncing {}", tmp.display()), e))?;
+        drop(out);
+        std::fs::rename(&tmp, file)
+            .map_err(|e| io(&format!("renaming it to {}", file.display()), e))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&format!("syncing {}", dir.display()), e))?;
+        Ok(format!(
+            "saved {}: index {} (term {}) from node {}, {} services, {} instances, {} bytes, sha256 {}\n",
+            file.display(),
+            header.index,
+            header.term,
+            header.taken_by,
+            header.services,
+            header.instances,
+            bytes.len(),
+            backup::checksum_hex(&bytes)
+        ))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// The answer to `cluster add`, as a sentence.

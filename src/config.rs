@@ -33,6 +33,8 @@ pub enum Command {
     DemoService(DemoArgs),
     /// Inspect or change cluster membership.
     Cluster(ClusterArgs),
+    /// Back up the registry.
+    Snapshot(SnapshotArgs),
     /// Load nodes (this registry's, or etcd's) with a workload and report
     /// ops/s, p50/p99/max latency and errors; probes for scripts/bench.sh.
     Bench(crate::bench::BenchArgs),
@@ -42,7 +44,15 @@ pub enum Command {
 pub struct ClusterArgs {
     #[command(subcommand)]
     pub action: ClusterAction,
-    /// Registry nodes to ask, comma-separated URLs (the first that answers).
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// How the `cluster` and `snapshot` commands reach the cluster.
+#[derive(Debug, Clone, Args)]
+pub struct RemoteArgs {
+    /// Registry nodes to ask, comma-separated URLs or HOST:PORT (the first
+    /// that answers).
     #[arg(
         long,
         env = "REGISTRY_URLS",
@@ -68,6 +78,24 @@ pub struct ClusterArgs {
     /// cluster's --tls-ca.
     #[arg(long, env = "REGISTRY_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub action: SnapshotAction,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SnapshotAction {
+    /// Save a consistent, checksummed backup of the registry to FILE
+    /// (written to a temporary file, synced, then renamed into place).
+    Save {
+        /// Where to write the backup.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -519,7 +547,7 @@ mod tests {
         let Some(Command::Cluster(c)) = cli.command else {
             panic!("not the cluster command")
         };
-        assert_eq!(c.registry, ["http://127.0.0.1:1", "https://b:2"]);
+        assert_eq!(c.remote.registry, ["http://127.0.0.1:1", "https://b:2"]);
     }
 
     #[test]

@@ -39,6 +39,10 @@ async fn main() -> ExitCode {
             .await
             .map(|out| print!("{out}"))
             .map_err(|e| anyhow::anyhow!(e)),
+        Some(Command::Snapshot(args)) => vertice_register::admin::snapshot(&args)
+            .await
+            .map(|out| print!("{out}"))
+            .map_err(|e| anyhow::anyhow!(e)),
         Some(Command::Bench(args)) => vertice_register::bench::run(args).await,
         Some(Command::DemoService(args)) => {
             vertice_register::demo::run_from_cli(args, shutdown_signal())

@@ -337,16 +337,20 @@ async fn tokens_guard_reads_writes_forwarding_and_cluster_routes() {
     // The `cluster` subcommand with a token and no secret.
     let args = vertice_register::config::ClusterArgs {
         action: vertice_register::config::ClusterAction::Status,
-        registry: vec![c.url(follower)],
-        cluster_secret: None,
-        token: Some(ADMIN.into()),
-        tls_ca: None,
+        remote: vertice_register::config::RemoteArgs {
+            registry: vec![c.url(follower)],
+            cluster_secret: None,
+            token: Some(ADMIN.into()),
+            tls_ca: None,
+        },
     };
     let table = vertice_register::admin::run(&args).await.unwrap();
     assert!(table.starts_with(&format!("leader {leader}")), "{table}");
     let args = vertice_register::config::ClusterArgs {
-        token: Some(READER.into()),
-        tls_ca: None,
+        remote: vertice_register::config::RemoteArgs {
+            token: Some(READER.into()),
+            ..args.remote
+        },
         ..args
     };
     assert!(matches!(

@@ -514,10 +514,12 @@ async fn the_gateway_and_the_cluster_command_speak_tls() {
     // `cluster status` over HTTPS with --tls-ca.
     let args = vertice_register::config::ClusterArgs {
         action: vertice_register::config::ClusterAction::Status,
-        registry: vec![c.url(leader)],
-        cluster_secret: Some(common::SECRET.into()),
-        token: None,
-        tls_ca: Some(pki.ca_path()),
+        remote: vertice_register::config::RemoteArgs {
+            registry: vec![c.url(leader)],
+            cluster_secret: Some(common::SECRET.into()),
+            token: None,
+            tls_ca: Some(pki.ca_path()),
+        },
     };
     let out = vertice_register::admin::run(&args).await.unwrap();
     assert!(out.contains("leader"), "{out}");

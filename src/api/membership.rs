@@ -308,7 +308,13 @@ pub async fn add(
 
 impl AppState {
     /// Audits a membership change this node made or passed on.
-    fn audit_membership(&self, caller: &Caller, op: &str, target: Value, resp: &Response) {
+    pub(super) fn audit_membership(
+        &self,
+        caller: &Caller,
+        op: &str,
+        target: Value,
+        resp: &Response,
+    ) {
         let status = resp.status();
         let outcome = if status.is_success() {
             Outcome::Ok

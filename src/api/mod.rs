@@ -3,6 +3,7 @@
 //! errors become status codes in `error.rs` and nowhere else.
 
 mod access;
+pub mod backup;
 pub mod batch_forward;
 pub mod error;
 mod forward;

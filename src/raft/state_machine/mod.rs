@@ -9,6 +9,7 @@
 //! Every value is sealed with a CRC32 (see [`super::codec`]); [`check`]
 //! verifies every record and the current snapshot at start-up.
 
+pub mod backup;
 mod records;
 mod scan;
 mod snapshot;
