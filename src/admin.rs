@@ -30,6 +30,11 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
             "/cluster/nodes".to_string(),
             Some(json!({"id": id, "addr": addr, "wait_seconds": wait})),
         ),
+        ClusterAction::Promote { id, wait } => (
+            reqwest::Method::POST,
+            format!("/cluster/nodes/{id}/promote"),
+            Some(json!({"wait_seconds": wait})),
+        ),
         ClusterAction::Remove { id, force } => (
             reqwest::Method::DELETE,
             if *force {
@@ -42,7 +47,9 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
     };
     // An addition waits for the node to catch up, then for the commit.
     let wait = match &args.action {
-        ClusterAction::Add { wait, .. } => Duration::from_secs(*wait + 60),
+        ClusterAction::Add { wait, .. } | ClusterAction::Promote { wait, .. } => {
+            Duration::from_secs(*wait + 60)
+        }
         _ => Duration::from_secs(90),
     };
     let http = client(&args.remote, wait)?;
@@ -79,7 +86,7 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         }
         return Ok(match args.action {
             ClusterAction::Status => status_table(&value),
-            ClusterAction::Add { .. } => added(&value),
+            ClusterAction::Add { .. } | ClusterAction::Promote { .. } => added(&value),
             ClusterAction::Remove { .. } => removed(&value),
         });
     }
@@ -221,7 +228,9 @@ async fn save(mut resp: reqwest::Response, file: &Path) -> Result<String, AdminE
 fn added(v: &Value) -> String {
     let (id, addr) = (cell(&v["id"]), cell(&v["addr"]));
     let voters = ids(&v["voters"]);
-    if v["changed"] == json!(false) {
+    if v["voter"] == json!(false) {
+        format!("node {id} at {addr} is a learner (a read replica; voters: {voters})\n")
+    } else if v["changed"] == json!(false) {
         format!("node {id} at {addr} is already a voter; nothing changed (voters: {voters})\n")
     } else {
         format!("node {id} at {addr} caught up and is a voter now (voters: {voters})\n")

@@ -113,6 +113,15 @@ pub enum ClusterAction {
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
         wait: u64,
     },
+    /// Make a learner (e.g. a read replica started with --learner) a voter,
+    /// once it has caught up.
+    Promote {
+        /// The learner's id.
+        id: NodeId,
+        /// How long it may take to catch up, in seconds (1-600).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+        wait: u64,
+    },
     /// Remove a node from the cluster.
     Remove {
         /// The node's id.
@@ -248,6 +257,11 @@ pub struct NodeArgs {
     /// learner, then a voter once it has caught up. --peers is then ignored.
     #[arg(long, env = "REGISTRY_JOIN")]
     pub join: Option<String>,
+    /// With --join: stay a learner, a read replica that serves reads (and
+    /// forwards writes) but does not vote; `cluster promote ID` makes it a
+    /// voter later.
+    #[arg(long, env = "REGISTRY_LEARNER", requires = "join")]
+    pub learner: bool,
     /// Shared secret required on /raft/* and /cluster/* (header X-Cluster-Secret).
     #[arg(long, env = "REGISTRY_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<Secret>,

@@ -35,7 +35,7 @@ impl Procs {
     }
 
     fn peers(&self) -> String {
-        self.ports
+        self.ports[..3]
             .iter()
             .enumerate()
             .map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1))
@@ -48,6 +48,17 @@ impl Procs {
     }
 
     fn spawn(&mut self, id: usize) {
+        let peers = self.peers();
+        self.spawn_with(id, &["--peers", &peers]);
+    }
+
+    /// Starts node `id` (one of the first three, or the next one, on a new
+    /// port) with `args` besides its id, address, data and secret.
+    fn spawn_with(&mut self, id: usize, args: &[&str]) {
+        if id > self.ports.len() {
+            self.ports.push(free_ports(1)[0]);
+            self.children.push(None);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -58,7 +69,8 @@ impl Procs {
             .args(["--addr", &format!("127.0.0.1:{}", self.ports[id - 1])])
             .arg("--data-dir")
             .arg(self.data_dir(id))
-            .args(["--peers", &self.peers(), "--cluster-secret", SECRET])
+            .args(["--cluster-secret", SECRET])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -91,7 +103,7 @@ impl Procs {
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for id in 1..=3 {
+        for id in 1..=self.children.len() {
             self.kill9(id);
         }
     }
@@ -567,4 +579,44 @@ fn a_backup_is_taken_while_writes_go_on_and_saved_whole() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+}
+
+/// Issue 18: a read replica. Node 4 joins with `--learner`: it serves
+/// reads and forwards writes but stays out of the voters, and `cluster
+/// promote 4` makes it a voter once it has caught up.
+#[test]
+fn a_learner_serves_reads_without_voting_until_promoted() {
+    let mut p = Procs::start();
+    let client = http();
+    let leader = wait_for_leader(&p, &[1, 2, 3]);
+    let url = p.url(leader);
+    assert!(register(&client, &url, "before-replica"));
+    p.spawn_with(4, &["--join", &url, "--learner"]);
+    let replica = p.url(4);
+    poll(
+        "the replica to serve a read",
+        Duration::from_secs(30),
+        || {
+            let r = client
+                .get(format!("{replica}/services/before-replica"))
+                .send()
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    );
+    assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![4]));
+    assert_eq!(health(&client, &replica).unwrap()["role"], "learner");
+    assert!(register(&client, &replica, "through-replica"));
+    let (ok, out, err) = cluster_cli(&replica, &["promote", "4"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "node 4 at 127.0.0.1:{} caught up and is a voter now (voters: 1, 2, 3, 4)",
+            p.ports[3]
+        )
+    );
+    assert_eq!(members(&client, &url), (vec![1, 2, 3, 4], vec![]));
+    let (ok, _, err) = cluster_cli(&replica, &["promote", "9"]);
+    assert!(!ok && err.contains("404"), "{err}");
 }

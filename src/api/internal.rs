@@ -32,6 +32,10 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/cluster/status", get(super::membership::status))
         .route("/cluster/nodes", post(super::membership::add))
         .route("/cluster/nodes/{id}", delete(super::membership::remove))
+        .route(
+            "/cluster/nodes/{id}/promote",
+            post(super::membership::promote),
+        )
         .route("/cluster/snapshot", get(super::backup::snapshot))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(

@@ -286,7 +286,7 @@ pub async fn add(
         Ok(JsonBody(b)) => b,
         Err(e) => return e.into_response(),
     };
-    let target = json!({"id": body["id"], "addr": body["addr"]});
+    let target = json!({"id": body["id"], "addr": body["addr"], "voter": body["voter"]});
     let resp = match state
         .to_leader(
             Method::POST,
@@ -340,18 +340,11 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
         })
         .ok_or_else(|| ApiError::bad("addr", "addr must be HOST:PORT"))?
         .to_string();
-    let wait = match &body["wait_seconds"] {
-        Value::Null => CATCH_UP,
-        v => v
-            .as_u64()
-            .filter(|s| (1..=MAX_WAIT).contains(s))
-            .map(Duration::from_secs)
-            .ok_or_else(|| {
-                ApiError::bad(
-                    "wait_seconds",
-                    format!("wait_seconds must be a whole number of seconds from 1 to {MAX_WAIT}"),
-                )
-            })?,
+    let wait = wait_seconds(body)?;
+    let voter = match &body["voter"] {
+        Value::Null => true,
+        Value::Bool(b) => *b,
+        _ => return Err(ApiError::bad("voter", "voter must be true or false")),
     };
     let (nodes, voters) = state.membership();
     if let Some((other, _)) = nodes
@@ -371,20 +364,25 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
             ));
         }
         Some(_) if voters.contains(&id) => {
+            if !voter {
+                return Err(ApiError::bad(
+                    "voter",
+                    format!("node {id} is a voter; remove it first to add it back as a learner"),
+                ));
+            }
             return Ok(Json(
                 json!({"id": id, "addr": addr, "voter": true, "changed": false, "voters": voters}),
             )
             .into_response());
         }
+        Some(_) if !voter => {
+            return Ok(Json(
+                json!({"id": id, "addr": addr, "voter": false, "changed": false, "voters": voters}),
+            )
+            .into_response());
+        }
         // A learner already: promote it once it has caught up.
-        Some(_) => state
-            .leadership
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .log_id()
-            .map_or(0, |l| l.index),
+        Some(_) => membership_index(state),
         None => {
             tracing::info!(id, %addr, "adding a node: learner first");
             let added =
@@ -403,6 +401,54 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
             }
         }
     };
+    if !voter {
+        tracing::info!(id, %addr, "node added as a learner (read replica)");
+        return Ok(Json(
+            json!({"id": id, "addr": addr, "voter": false, "changed": true, "voters": voters}),
+        )
+        .into_response());
+    }
+    promote_here(state, id, &addr, since, wait).await
+}
+
+/// `wait_seconds` in a body: how long a learner may take to catch up.
+fn wait_seconds(body: &Value) -> Result<Duration, ApiError> {
+    match &body["wait_seconds"] {
+        Value::Null => Ok(CATCH_UP),
+        v => v
+            .as_u64()
+            .filter(|s| (1..=MAX_WAIT).contains(s))
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "wait_seconds",
+                    format!("wait_seconds must be a whole number of seconds from 1 to {MAX_WAIT}"),
+                )
+            }),
+    }
+}
+
+/// The log index of the membership in force.
+fn membership_index(state: &AppState) -> u64 {
+    state
+        .leadership
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .log_id()
+        .map_or(0, |l| l.index)
+}
+
+/// Makes learner `id` a voter once its log holds index `since` and it has
+/// caught up; `503` after `wait`, and it stays a learner.
+async fn promote_here(
+    state: &AppState,
+    id: NodeId,
+    addr: &str,
+    since: u64,
+    wait: Duration,
+) -> Result<Response, ApiError> {
     state.caught_up(id, since, wait).await?;
     state
         .change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
@@ -413,6 +459,66 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
         Json(json!({"id": id, "addr": addr, "voter": true, "changed": true, "voters": voters}))
             .into_response(),
     )
+}
+
+/// `POST /cluster/nodes/{id}/promote [{"wait_seconds"}]`: make a learner a
+/// voter once it has caught up (as an addition does).
+pub async fn promote(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut target = Value::Null;
+    let result = async {
+        let Path(raw) = path?;
+        let id: NodeId = raw
+            .parse()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))?;
+        target = json!({ "id": id });
+        // The body is optional: none, or a JSON object.
+        let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(&body)
+                .ok()
+                .filter(Value::is_object)
+                .ok_or_else(|| ApiError::bad("body", "the body must be empty or a JSON object"))?
+        };
+        let wait = wait_seconds(&body)?;
+        if let Some(resp) = state
+            .to_leader(
+                Method::POST,
+                &format!("/cluster/nodes/{id}/promote"),
+                Some(&body),
+                &headers,
+                &caller,
+            )
+            .await
+        {
+            return Ok(resp);
+        }
+        let (nodes, voters) = state.membership();
+        let Some(addr) = nodes.get(&id) else {
+            return Err(ApiError::NotFound(format!("node {id} is not a member")));
+        };
+        if voters.contains(&id) {
+            return Ok(Json(
+                json!({"id": id, "addr": addr, "voter": true, "changed": false, "voters": voters}),
+            )
+            .into_response());
+        }
+        promote_here(&state, id, addr, membership_index(&state), wait).await
+    }
+    .await;
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
+    if !target.is_null() {
+        state.audit_membership(&caller, "cluster.promote", target, &resp);
+    }
+    resp
 }
 
 /// `?force=true` on `DELETE /cluster/nodes/{id}`.

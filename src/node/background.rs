@@ -56,9 +56,9 @@ pub(super) async fn watchdog(
 /// Asks a running cluster to add this node, until it says yes. An already
 /// added node is answered at once ("no change"), so restarting with the same
 /// `--join` is harmless.
-pub(super) async fn join(state: Arc<AppState>, url: String, advertise: String) {
+pub(super) async fn join(state: Arc<AppState>, url: String, advertise: String, voter: bool) {
     let url = format!("{}/cluster/nodes", url.trim_end_matches('/'));
-    let body = serde_json::json!({"id": state.leadership.id, "addr": advertise});
+    let body = serde_json::json!({"id": state.leadership.id, "addr": advertise, "voter": voter});
     let mut attempt: u32 = 0;
     loop {
         let req = state

@@ -313,7 +313,7 @@ impl RunningNode {
 
         if let Some(url) = args.join.clone() {
             let me = args.advertise().to_string();
-            tasks.push(tokio::spawn(join(state.clone(), url, me)));
+            tasks.push(tokio::spawn(join(state.clone(), url, me, !args.learner)));
         }
         tasks.push(tokio::spawn(watchdog(
             state.clone(),
