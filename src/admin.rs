@@ -126,7 +126,10 @@ fn request(
 
 /// Runs one `snapshot` action and returns what to print.
 pub async fn snapshot(args: &SnapshotArgs) -> Result<String, AdminError> {
-    let SnapshotAction::Save { file } = &args.action;
+    let file = match &args.action {
+        SnapshotAction::Save { file } => file,
+        SnapshotAction::Restore { file, data_dir } => return restore(file, data_dir),
+    };
     // Taking a backup of a million instances takes seconds; sending it, more.
     let http = client(&args.remote, Duration::from_secs(600))?;
     let mut last_error = String::from("no --registry given");
@@ -222,6 +225,56 @@ async fn save(mut resp: reqwest::Response, file: &Path) -> Result<String, AdminE
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `snapshot restore`: checks the backup whole, then copies it into the
+/// empty (or new) data directory as [`backup::RESTORE_FILE`], synced and
+/// renamed into place; the node installs it when it first starts there.
+fn restore(file: &Path, data_dir: &Path) -> Result<String, AdminError> {
+    let cfg = |m: String| AdminError::Config(m);
+    let bytes = std::fs::read(file).map_err(|e| cfg(format!("reading {}: {e}", file.display())))?;
+    let (header, _) =
+        backup::decode(&bytes).map_err(|e| cfg(format!("{}: {e}", file.display())))?;
+    match std::fs::read_dir(data_dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(cfg(format!(
+                    "{} is not empty: a restore seeds an empty data directory (move this one aside first)",
+                    data_dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| cfg(format!("creating {}: {e}", data_dir.display())))?;
+        }
+        Err(e) => return Err(cfg(format!("reading {}: {e}", data_dir.display()))),
+    }
+    let target = data_dir.join(backup::RESTORE_FILE);
+    let tmp = data_dir.join(format!("{}.tmp", backup::RESTORE_FILE));
+    let written = (|| {
+        use std::io::Write;
+        let mut out = std::fs::File::create(&tmp)?;
+        out.write_all(&bytes)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    })();
+    written.map_err(|e| cfg(format!("writing {}: {e}", target.display())))?;
+    Ok(format!(
+        "{} seeded from {}: index {} (term {}, taken by node {}), {} services, {} instances, sha256 {}\n\
+         Start a node on it with --peers (the same list on every node restored from this file), \
+         or alone and let others --join it. Every instance's TTL starts again when the new \
+         cluster's first leader is elected.\n",
+        data_dir.display(),
+        file.display(),
+        header.index,
+        header.term,
+        header.taken_by,
+        header.services,
+        header.instances,
+        backup::checksum_hex(&bytes)
+    ))
 }
 
 /// The answer to `cluster add`, as a sentence.

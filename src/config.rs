@@ -96,6 +96,16 @@ pub enum SnapshotAction {
         /// Where to write the backup.
         file: PathBuf,
     },
+    /// Check a backup and seed an empty data directory with it; a node
+    /// started there (with --peers, or alone) forms a new cluster holding
+    /// the backup's registry.
+    Restore {
+        /// The backup `snapshot save` wrote.
+        file: PathBuf,
+        /// The new node's data directory (absent or empty).
+        #[arg(long, env = "REGISTRY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -22,16 +22,20 @@ struct Procs {
 
 impl Procs {
     fn start() -> Self {
-        let ports = free_ports(3);
-        let mut p = Self {
-            dir: tempfile::tempdir().unwrap(),
-            ports,
-            children: vec![None, None, None],
-        };
+        let mut p = Self::new();
         for id in 1..=3 {
             p.spawn(id);
         }
         p
+    }
+
+    /// Ports and folders for three nodes, none started.
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            ports: free_ports(3),
+            children: vec![None, None, None],
+        }
     }
 
     fn peers(&self) -> String {
@@ -619,4 +623,157 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     assert_eq!(members(&client, &url), (vec![1, 2, 3, 4], vec![]));
     let (ok, _, err) = cluster_cli(&replica, &["promote", "9"]);
     assert!(!ok && err.contains("404"), "{err}");
+}
+
+/// `vertice-register snapshot ARGS`: success, stdout, stderr.
+fn snapshot_cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("snapshot")
+        .args(args)
+        .args(["--cluster-secret", SECRET])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An instance's `ttl_remaining` on the node at `url`, if it is there.
+fn ttl_remaining(client: &reqwest::blocking::Client, url: &str, name: &str) -> Option<f64> {
+    let r = client.get(format!("{url}/services/{name}")).send().ok()?;
+    if r.status().as_u16() != 200 {
+        return None;
+    }
+    r.json::<Value>().ok()?["ttl_remaining"].as_f64()
+}
+
+/// Issue 18, item 3, on real processes: a backup of cluster A, whose
+/// instances (TTL 5 s) cluster A has since expired, restored into the three
+/// empty data directories of cluster B started with new `--peers`: every
+/// node of B holds every instance, each with a TTL that started again
+/// (A's clocks would have them long expired), B takes writes, a fourth
+/// node that joins B gets the registry, and with no heartbeats the
+/// instances expire in B too. A non-empty directory is refused, and so is
+/// a restored directory started with --join.
+#[test]
+fn a_backup_restores_into_a_new_cluster_with_fresh_ttls() {
+    // Every instance here expires at once, which the mass-expiry
+    // protection would rightly pause: off for this test.
+    let unprotected = |p: &mut Procs, id: usize| {
+        let peers = p.peers();
+        p.spawn_with(id, &["--peers", &peers, "--expiry-pause-threshold", "1"]);
+    };
+    let mut a = Procs::new();
+    for id in 1..=3 {
+        unprotected(&mut a, id);
+    }
+    let client = http();
+    let leader = wait_for_leader(&a, &[1, 2, 3]);
+    for i in 0..20 {
+        let r = client
+            .post(format!("{}/register", a.url(leader)))
+            .json(&json!({"service_name": format!("svc-{i}"), "host": "10.0.0.9", "port": 9000, "ttl_seconds": 5}))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.backup");
+    let registry = a.url(leader);
+    let (ok, out, err) = snapshot_cli(&[
+        "save".as_ref(),
+        file.as_os_str(),
+        "--registry".as_ref(),
+        registry.as_ref(),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("20 instances"), "{out}");
+    // The backup's clocks are now older than the TTL: A has expired them.
+    poll(
+        "cluster A to expire its instances",
+        Duration::from_secs(30),
+        || (ttl_remaining(&client, &a.url(leader), "svc-0").is_none()).then_some(()),
+    );
+    drop(a);
+
+    let mut b = Procs::new();
+    for id in 1..=3 {
+        let (ok, out, err) = snapshot_cli(&[
+            "restore".as_ref(),
+            file.as_os_str(),
+            "--data-dir".as_ref(),
+            b.data_dir(id).as_os_str(),
+        ]);
+        assert!(ok, "{out}{err}");
+        assert!(out.contains("seeded"), "{out}");
+    }
+    let (ok, _, err) = snapshot_cli(&[
+        "restore".as_ref(),
+        file.as_os_str(),
+        "--data-dir".as_ref(),
+        b.data_dir(1).as_os_str(),
+    ]);
+    assert!(!ok && err.contains("not empty"), "{err}");
+    for id in 1..=3 {
+        unprotected(&mut b, id);
+    }
+    let leader = wait_for_leader(&b, &[1, 2, 3]);
+    for id in 1..=3 {
+        poll(
+            "every restored instance with a fresh TTL on every node",
+            Duration::from_secs(30),
+            || {
+                (0..20)
+                    .all(|i| {
+                        ttl_remaining(&client, &b.url(id), &format!("svc-{i}"))
+                            .is_some_and(|t| t >= 2.0)
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    assert!(register(&client, &b.url(leader), "after-restore"));
+    b.spawn_with(4, &["--join", &b.url(leader)]);
+    poll(
+        "the joined node to hold the restored registry",
+        Duration::from_secs(30),
+        || ttl_remaining(&client, &b.url(4), "svc-7").map(|_| ()),
+    );
+    poll(
+        "the restored instances to expire without heartbeats",
+        Duration::from_secs(30),
+        || (ttl_remaining(&client, &b.url(leader), "svc-0").is_none()).then_some(()),
+    );
+
+    // A restored directory is for a new cluster, not for --join.
+    let seeded = tempfile::tempdir().unwrap();
+    let (ok, _, err) = snapshot_cli(&[
+        "restore".as_ref(),
+        file.as_os_str(),
+        "--data-dir".as_ref(),
+        seeded.path().as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let out = Command::new(BIN)
+        .args([
+            "node",
+            "--id",
+            "7",
+            "--addr",
+            &format!("127.0.0.1:{}", free_ports(1)[0]),
+        ])
+        .arg("--data-dir")
+        .arg(seeded.path())
+        .args(["--join", &b.url(leader), "--cluster-secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not --join"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

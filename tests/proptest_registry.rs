@@ -296,7 +296,7 @@ fn command() -> impl Strategy<Value = Command> {
             .prop_map(|(now_ms, term, instances, retention_ms, max, margin_ms)| Command::ExpireAfter {
                 now_ms, term, instances, keep: TombstonePolicy { retention_ms, max }, margin_ms,
             }),
-        2 => (0..SERVICES.len(), proptest::collection::vec(0..IDS.len(), 0..3), stamp, 0i64..60_000)
+        2 => (0..SERVICES.len(), proptest::collection::vec(0..IDS.len(), 0..3), stamp.clone(), 0i64..60_000)
             .prop_map(|(s, ids, at, retention_ms)| Command::Revive {
                 service_name: SERVICES[s].into(),
                 instance_ids: ids.into_iter().map(|i| IDS[i].to_string()).collect(),
@@ -304,6 +304,7 @@ fn command() -> impl Strategy<Value = Command> {
                 retention_ms,
             }),
         1 => any::<bool>().prop_map(|paused| Command::SetExpiryPaused { paused }),
+        1 => stamp.clone().prop_map(|at| Command::RestartClocks { at }),
     ]
 }
 
@@ -313,6 +314,7 @@ struct Shadow {
     live: BTreeMap<(String, String), (Instance, InstanceExt)>,
     tombstones: BTreeMap<(String, String), Tombstone>,
     paused: bool,
+    clocks_pending: bool,
 }
 
 /// Follows `changes` the way the persistent copy does.
@@ -347,6 +349,7 @@ fn follow(shadow: &mut Shadow, changes: &[Change]) {
                     .remove(&(service_name.clone(), instance_id.clone()));
             }
             Change::ExpiryPaused(p) => shadow.paused = *p,
+            Change::ClocksPending(p) => shadow.clocks_pending = *p,
             Change::Bury(t) => {
                 let i = &t.instance;
                 shadow
@@ -394,6 +397,7 @@ proptest! {
             prop_assert_eq!(&shadow.tombstones, &graves, "the tombstone changes do not match");
             prop_assert_eq!(one.tombstone_count(), graves.len());
             prop_assert_eq!(shadow.paused, one.expiry_paused());
+            prop_assert_eq!(shadow.clocks_pending, one.clocks_pending());
             // The deadline index agrees with a scan of every instance, at
             // every moment around every deadline.
             for i in one.instances() {

@@ -560,6 +560,21 @@ impl Leases {
                 continue;
             }
             let now = now_ms();
+            // Restored from a backup: every instance gets its whole TTL from
+            // now, before anything may expire.
+            if self.replica.read().registry.clocks_pending() {
+                match self
+                    .raft
+                    .client_write(Command::RestartClocks { at: now })
+                    .await
+                {
+                    Ok(resp) => {
+                        tracing::info!(result = ?resp.data, "restarted the restored instances' clocks")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "clock restart not committed"),
+                }
+                continue;
+            }
             let keep = self.config.tombstones;
             let (total, mut due, paused, prune) = {
                 let applied = self.replica.read();

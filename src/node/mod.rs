@@ -24,6 +24,7 @@ use crate::raft::{
 };
 
 mod background;
+mod restore;
 mod settings;
 
 use background::{join, leader_changes, watchdog};
@@ -299,7 +300,19 @@ impl RunningNode {
             )));
         }
 
-        if args.join.is_none() && !raft.is_initialized().await.unwrap_or(true) {
+        let restore = args
+            .data_dir
+            .join(crate::raft::state_machine::backup::RESTORE_FILE);
+        if restore.exists() {
+            if args.join.is_some() {
+                return Err(StartError::Config(format!(
+                    "{} holds a restored backup, which starts a new cluster: start this node with \
+                     --peers (or alone), not --join",
+                    args.data_dir.display()
+                )));
+            }
+            restore::install(&raft, &restore, &peers).await?;
+        } else if args.join.is_none() && !raft.is_initialized().await.unwrap_or(true) {
             let members: BTreeMap<NodeId, BasicNode> = peers
                 .iter()
                 .map(|(id, a)| (*id, BasicNode { addr: a.clone() }))

@@ -83,6 +83,10 @@ impl RegistryBuilder {
         self.registry.restore_expiry_paused(paused);
     }
 
+    pub fn clocks_pending(&mut self, pending: bool) {
+        self.registry.restore_clocks_pending(pending);
+    }
+
     /// Moves the service being gathered into the registry.
     fn flush(&mut self) {
         if let Some((service, ids)) = self.current.take() {

@@ -83,6 +83,11 @@ pub enum Command {
         keep: TombstonePolicy,
         margin_ms: Millis,
     },
+    /// After a restore from a backup: every live instance's last heartbeat
+    /// becomes at least `at` (the leader's time), so each gets its whole
+    /// TTL from the restore instead of expiring for the time the backup
+    /// sat on disk; clears the registry's `clocks_pending`.
+    RestartClocks { at: Millis },
 }
 
 /// One acknowledged renewal: the instance and the leader's time of it.
@@ -128,6 +133,9 @@ pub enum Change {
         instance_id: String,
     },
     ExpiryPaused(bool),
+    /// The restored registry's clocks were restarted (`false`), or a
+    /// restore set them to wait for a leader (`true`).
+    ClocksPending(bool),
     /// A tombstone was added (or replaced).
     Bury(Tombstone),
     /// A tombstone went (revived, deregistered, registered again, pruned).
@@ -145,7 +153,10 @@ impl Change {
             Self::Ext { service_name, .. } => Some(service_name),
             Self::Delete { service_name, .. } => Some(service_name),
             // Tombstones are not part of any read view.
-            Self::ExpiryPaused(_) | Self::Bury(_) | Self::Unbury { .. } => None,
+            Self::ExpiryPaused(_)
+            | Self::ClocksPending(_)
+            | Self::Bury(_)
+            | Self::Unbury { .. } => None,
         }
     }
 }

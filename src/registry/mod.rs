@@ -80,6 +80,9 @@ pub struct Registry {
     deadlines: BTreeSet<(Millis, Box<str>)>,
     expiry_paused: bool,
     tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
+    /// Restored from a backup, and no leader has restarted the instances'
+    /// clocks yet ([`Command::RestartClocks`]): expiry waits until one has.
+    clocks_pending: bool,
 }
 
 impl Registry {
@@ -211,6 +214,27 @@ impl Registry {
                     changes.push(Change::ExpiryPaused(*paused));
                 }
                 CommandResult::None
+            }
+            Command::RestartClocks { at } => {
+                let mut touched = 0;
+                for (service, instances) in &mut self.services {
+                    for (id, live) in Arc::make_mut(instances).iter_mut() {
+                        if *at > live.instance.last_heartbeat {
+                            let live = Arc::make_mut(live);
+                            let was = live.instance.deadline();
+                            live.instance.last_heartbeat = *at;
+                            changes.push(Change::Put(live.instance.clone()));
+                            let now_due = live.instance.deadline();
+                            Self::move_deadline(&mut self.deadlines, service, id, was, now_due);
+                            touched += 1;
+                        }
+                    }
+                }
+                if self.clocks_pending {
+                    self.clocks_pending = false;
+                    changes.push(Change::ClocksPending(false));
+                }
+                CommandResult::Touched(touched)
             }
             Command::Batch { commands } => CommandResult::Batch(
                 commands
@@ -631,6 +655,17 @@ impl Registry {
         self.expiry_paused = paused;
     }
 
+    /// Whether the registry was restored from a backup and its instances'
+    /// clocks still wait for a leader to restart them.
+    pub fn clocks_pending(&self) -> bool {
+        self.clocks_pending
+    }
+
+    /// Sets the flag as loaded from disk or a snapshot, or for a restore.
+    pub fn restore_clocks_pending(&mut self, pending: bool) {
+        self.clocks_pending = pending;
+    }
+
     pub fn instances(&self) -> impl Iterator<Item = &Instance> {
         self.services
             .values()
@@ -657,6 +692,7 @@ impl Registry {
             deadlines: BTreeSet::new(),
             expiry_paused: self.expiry_paused,
             tombstones: self.tombstones.clone(),
+            clocks_pending: self.clocks_pending,
         }
     }
 }
@@ -729,6 +765,33 @@ mod tests {
         assert_eq!(apply(&mut r, renew("1", 3000)), CommandResult::Touched(1));
         assert_eq!(apply(&mut r, renew("1", 2000)), CommandResult::Touched(1));
         assert_eq!(r.get_instance("a", "1").unwrap().last_heartbeat, 3000);
+    }
+
+    /// A restore's clock restart: every instance older than `at` gets it
+    /// (and a deadline from it), none moves back, the flag clears, and
+    /// nothing is due before the new deadlines.
+    #[test]
+    fn restarting_clocks_gives_every_instance_its_ttl_from_then() {
+        let mut r = Registry::new();
+        for (id, t) in [("1", 1_000), ("2", 50_000)] {
+            apply(
+                &mut r,
+                Command::Register {
+                    instance: inst("a", id, t),
+                },
+            );
+        }
+        r.restore_clocks_pending(true);
+        assert_eq!(r.due(40_000, 0).len(), 1);
+        let mut changes = Vec::new();
+        let res = r.apply(&Command::RestartClocks { at: 30_000 }, 1, &mut changes);
+        assert_eq!(res, CommandResult::Touched(1));
+        assert!(!r.clocks_pending());
+        assert!(changes.contains(&Change::ClocksPending(false)));
+        assert_eq!(r.get_instance("a", "1").unwrap().last_heartbeat, 30_000);
+        assert_eq!(r.get_instance("a", "2").unwrap().last_heartbeat, 50_000);
+        assert!(r.due(39_999, 0).is_empty());
+        assert_eq!(r.due(40_000, 0).len(), 1);
     }
 
     #[test]

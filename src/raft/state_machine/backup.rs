@@ -150,6 +150,20 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Registry), BackupError> {
     Ok((header, registry))
 }
 
+/// The file a restore leaves in a data directory; the node installs it at
+/// its first start and then deletes it.
+pub const RESTORE_FILE: &str = "restore.backup";
+
+/// A checked backup as the data of the snapshot a restored node installs:
+/// its registry, flagged so that the first leader restarts every
+/// instance's clock before anything may expire.
+pub fn restore_data(bytes: &[u8]) -> Result<(Header, Vec<u8>), BackupError> {
+    let (header, mut registry) = decode(bytes)?;
+    registry.restore_clocks_pending(true);
+    let data = encode_snapshot_data(&registry).map_err(|e| BackupError::Encode(e.to_string()))?;
+    Ok((header, data))
+}
+
 /// The SHA-256 a backup ends with, in hex (what `snapshot save` prints).
 pub fn checksum_hex(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(SUM_LEN);

@@ -32,7 +32,8 @@ use crate::registry::CommandResult;
 
 pub use records::{check, StateMachineCheck};
 use records::{
-    encode, put_instance, put_tombstone, write_change, CURRENT_SNAPSHOT, EXPIRY_PAUSED, MEMBERSHIP,
+    encode, put_instance, put_tombstone, write_change, CLOCKS_PENDING, CURRENT_SNAPSHOT,
+    EXPIRY_PAUSED, MEMBERSHIP,
 };
 pub(crate) use records::{APPLIED, SM_TREE, SNAPSHOT_TREE};
 use snapshot::{decode_snapshot_data, encode_snapshot_data, StoredSnapshot};
@@ -229,6 +230,11 @@ impl StateMachineStore {
         }
         batch.insert(MEMBERSHIP, encode(&snap.meta.last_membership));
         batch.insert(EXPIRY_PAUSED, encode(&registry.expiry_paused()));
+        if registry.clocks_pending() {
+            batch.insert(CLOCKS_PENDING, encode(&true));
+        } else {
+            batch.remove(CLOCKS_PENDING);
+        }
         batch.insert(APPLIED, encode(&snap.meta.last_log_id));
         self.sm.apply_batch(batch).map_err(|e| write_err(&e))?;
         let floor = snap.meta.last_log_id.map_or(0, |l| l.index);

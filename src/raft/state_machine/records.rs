@@ -3,7 +3,8 @@
 //! decoded, how a registry [`Change`] becomes writes, and [`check`], which
 //! verifies every record and the current snapshot at start-up.
 //!
-//! Keys: `m/applied`, `m/membership`, `m/expiry_paused`; `i/{service}\0{id}`
+//! Keys: `m/applied`, `m/membership`, `m/expiry_paused`, `m/clocks_pending`;
+//! `i/{service}\0{id}`
 //! an instance; `x/{service}\0{id}` what is kept beside it ([`InstanceExt`],
 //! only when not the default); `t/{service}\0{id}` a tombstone. Tree
 //! `snapshot` holds the current snapshot under `current`.
@@ -23,6 +24,9 @@ use crate::registry::{Change, Instance, InstanceExt, RegistryBuilder, Tombstone}
 pub(crate) const APPLIED: &[u8] = b"m/applied";
 pub(super) const MEMBERSHIP: &[u8] = b"m/membership";
 pub(super) const EXPIRY_PAUSED: &[u8] = b"m/expiry_paused";
+/// Set by a restore until a leader has restarted the instances' clocks
+/// (absent: not pending).
+pub(super) const CLOCKS_PENDING: &[u8] = b"m/clocks_pending";
 pub(super) const INSTANCE_PREFIX: &[u8] = b"i/";
 /// What is kept beside an instance ([`InstanceExt`]), when not the default.
 pub(super) const EXT_PREFIX: &[u8] = b"x/";
@@ -92,6 +96,7 @@ pub(super) enum Record {
     Applied(Option<LogId>),
     Membership(StoredMembership<NodeId, Node>),
     ExpiryPaused(bool),
+    ClocksPending(bool),
     Instance(Instance),
     Ext(String, String, InstanceExt),
     Tombstone(Tombstone),
@@ -103,6 +108,7 @@ pub(super) fn record_name(k: &[u8]) -> String {
         APPLIED => "state machine applied log id".into(),
         MEMBERSHIP => "state machine membership".into(),
         EXPIRY_PAUSED => "state machine expiry flag".into(),
+        CLOCKS_PENDING => "state machine restored-clocks flag".into(),
         _ => {
             let named = [
                 (INSTANCE_PREFIX, "instance"),
@@ -128,6 +134,7 @@ pub(super) fn decode_record(k: &[u8], v: &[u8]) -> Result<Record, Corruption> {
         APPLIED => Record::Applied(unseal(v).map_err(bad)?),
         MEMBERSHIP => Record::Membership(unseal(v).map_err(bad)?),
         EXPIRY_PAUSED => Record::ExpiryPaused(unseal(v).map_err(bad)?),
+        CLOCKS_PENDING => Record::ClocksPending(unseal(v).map_err(bad)?),
         _ if k.starts_with(INSTANCE_PREFIX) => {
             let inst: Instance = unseal(v).map_err(bad)?;
             if !is_key_of(INSTANCE_PREFIX, &inst.service_name, &inst.instance_id, k) {
@@ -179,6 +186,7 @@ fn load_record(
         Record::Applied(a) => applied.last_applied = a,
         Record::Membership(m) => applied.membership = m,
         Record::ExpiryPaused(p) => registry.expiry_paused(p),
+        Record::ClocksPending(p) => registry.clocks_pending(p),
         Record::Instance(inst) => {
             *instances += 1;
             registry.push(inst, InstanceExt::default());
@@ -299,6 +307,10 @@ pub(super) fn write_change(batch: &mut sled::Batch, change: Change) {
             batch.remove(prefixed_key(EXT_PREFIX, &service_name, &instance_id));
         }
         Change::ExpiryPaused(p) => batch.insert(EXPIRY_PAUSED, encode(&p)),
+        // Kept only while pending, so that a directory that never saw a
+        // restore holds no key an earlier release would not know.
+        Change::ClocksPending(true) => batch.insert(CLOCKS_PENDING, encode(&true)),
+        Change::ClocksPending(false) => batch.remove(CLOCKS_PENDING),
         Change::Bury(t) => put_tombstone(batch, &t),
         Change::Unbury {
             service_name,

@@ -27,6 +27,13 @@ pub(super) struct SnapshotData {
     pub(super) expiry_paused: bool,
 }
 
+/// A part added after [`SnapshotExt`], read when bytes remain after it.
+#[derive(Serialize, Deserialize, Default)]
+struct SnapshotExt2 {
+    /// Restored from a backup; a leader has yet to restart the clocks.
+    clocks_pending: bool,
+}
+
 /// The part of a snapshot added after the first release.
 #[derive(Serialize, Deserialize, Default)]
 struct SnapshotExt {
@@ -172,10 +179,16 @@ pub(super) fn encode_snapshot_data(registry: &Registry) -> Result<Vec<u8>, binco
             .collect(),
         tombstones: registry.tombstones().collect(),
     };
-    let size = bincode::serialized_size(&data)? + bincode::serialized_size(&ext)?;
+    let ext2 = SnapshotExt2 {
+        clocks_pending: registry.clocks_pending(),
+    };
+    let size = bincode::serialized_size(&data)?
+        + bincode::serialized_size(&ext)?
+        + bincode::serialized_size(&ext2)?;
     let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     bincode::serialize_into(&mut out, &data)?;
     bincode::serialize_into(&mut out, &ext)?;
+    bincode::serialize_into(&mut out, &ext2)?;
     Ok(out)
 }
 
@@ -224,6 +237,10 @@ pub(super) fn encode_snapshot_data_owned(registry: &Registry) -> Result<Vec<u8>,
     };
     let mut out = bincode::serialize(&data)?;
     bincode::serialize_into(&mut out, &ext)?;
+    let ext2 = SnapshotExt2 {
+        clocks_pending: registry.clocks_pending(),
+    };
+    bincode::serialize_into(&mut out, &ext2)?;
     Ok(out)
 }
 
@@ -231,13 +248,20 @@ pub(super) fn encode_snapshot_data_owned(registry: &Registry) -> Result<Vec<u8>,
 pub(super) fn decode_snapshot_data(bytes: &[u8]) -> Result<Registry, bincode::Error> {
     let mut cursor = Cursor::new(bytes);
     let data: SnapshotData = bincode::deserialize_from(&mut cursor)?;
-    let ext: SnapshotExt = if (cursor.position() as usize) < bytes.len() {
+    let more = |c: &Cursor<&[u8]>| (c.position() as usize) < bytes.len();
+    let ext: SnapshotExt = if more(&cursor) {
         bincode::deserialize_from(&mut cursor)?
     } else {
         SnapshotExt::default()
     };
+    let ext2: SnapshotExt2 = if more(&cursor) {
+        bincode::deserialize_from(&mut cursor)?
+    } else {
+        SnapshotExt2::default()
+    };
     let mut registry = RegistryBuilder::new();
     registry.expiry_paused(data.expiry_paused);
+    registry.clocks_pending(ext2.clocks_pending);
     for inst in data.instances {
         registry.push(inst, InstanceExt::default());
     }
