@@ -33,8 +33,11 @@ pub enum Command {
     DemoService(DemoArgs),
     /// Inspect or change cluster membership.
     Cluster(ClusterArgs),
-    /// Back up the registry.
+    /// Back up the registry, or seed a new node's data from a backup.
     Snapshot(SnapshotArgs),
+    /// After a cluster lost a majority for good: make a stopped node's data
+    /// a one-voter cluster of itself (keeping its data, id and address).
+    Recover(RecoverArgs),
     /// Load nodes (this registry's, or etcd's) with a workload and report
     /// ops/s, p50/p99/max latency and errors; probes for scripts/bench.sh.
     Bench(crate::bench::BenchArgs),
@@ -78,6 +81,16 @@ pub struct RemoteArgs {
     /// cluster's --tls-ca.
     #[arg(long, env = "REGISTRY_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RecoverArgs {
+    /// The stopped node's data directory.
+    #[arg(long, env = "REGISTRY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The node's id (as it was started with).
+    #[arg(long, env = "REGISTRY_ID")]
+    pub id: NodeId,
 }
 
 #[derive(Debug, Clone, Args)]

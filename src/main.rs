@@ -43,6 +43,28 @@ async fn main() -> ExitCode {
             .await
             .map(|out| print!("{out}"))
             .map_err(|e| anyhow::anyhow!(e)),
+        Some(Command::Recover(args)) => {
+            vertice_register::raft::recover::recover(&args.data_dir, args.id)
+                .await
+                .map(|r| {
+                    let before: Vec<String> =
+                        r.before.iter().map(|(i, a)| format!("{i}={a}")).collect();
+                    println!(
+                        "node {} ({}) is now a cluster of one voter, itself: membership entry {} in term {} \
+                         (members before: {}); {} instances kept.\n\
+                         Start it as usual; start new nodes with empty data directories and --join http://{}. \
+                         Never start the old nodes on their old data.",
+                        r.id,
+                        r.addr,
+                        r.entry.index,
+                        r.entry.leader_id.get_term(),
+                        before.join(","),
+                        r.instances,
+                        r.addr
+                    )
+                })
+                .map_err(|e| anyhow::anyhow!(e))
+        }
         Some(Command::Bench(args)) => vertice_register::bench::run(args).await,
         Some(Command::DemoService(args)) => {
             vertice_register::demo::run_from_cli(args, shutdown_signal())

@@ -777,3 +777,71 @@ fn a_backup_restores_into_a_new_cluster_with_fresh_ttls() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 18, item 4: two of three nodes lost for good. `recover` on the
+/// stopped survivor's directory (refused while it runs) makes it a cluster
+/// of one voter: started as usual, it leads, holds every registration it
+/// had, takes writes, and a fresh node joins it as a voter. Shown to fail
+/// without the recovery (the survivor alone never elects itself).
+#[test]
+fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
+    let mut p = Procs::start();
+    let client = http();
+    let leader = wait_for_leader(&p, &[1, 2, 3]);
+    for i in 0..10 {
+        assert!(register(&client, &p.url(leader), &format!("kept-{i}")));
+    }
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    // Applied in order: the last one there means all are.
+    poll(
+        "the survivor to hold every registration",
+        Duration::from_secs(20),
+        || {
+            let r = client
+                .get(format!("{}/services/kept-9", p.url(survivor)))
+                .send()
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    );
+    let recover = |id: usize, p: &Procs| {
+        Command::new(BIN)
+            .args(["recover", "--id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(p.data_dir(id))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = recover(survivor, &p);
+    assert!(
+        !out.status.success(),
+        "recover must refuse a running node's directory"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+    for id in 1..=3 {
+        p.kill9(id);
+    }
+    let out = recover(survivor, &p);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("cluster of one voter"), "{stdout}");
+    p.spawn(survivor);
+    assert_eq!(wait_for_leader(&p, &[survivor]), survivor);
+    for i in 0..10 {
+        let r = client
+            .get(format!("{}/services/kept-{i}", p.url(survivor)))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "kept-{i}");
+    }
+    assert!(register(&client, &p.url(survivor), "after-recovery"));
+    p.spawn_with(4, &["--join", &p.url(survivor)]);
+    poll("node 4 to join as a voter", Duration::from_secs(30), || {
+        (members(&client, &p.url(survivor)).0 == vec![survivor as u64, 4]).then_some(())
+    });
+}

@@ -229,6 +229,28 @@ impl LogStore {
         Ok(())
     }
 
+    /// The last membership entry in the log, if the log holds one.
+    pub fn last_membership(
+        &self,
+    ) -> Result<Option<openraft::Membership<NodeId, super::Node>>, Corruption> {
+        for item in self.log.iter().rev() {
+            let (k, v) = item.map_err(|e| Corruption::new("log", describe_sled(&e)))?;
+            let entry = decode_entry(&k, &v)?;
+            if let openraft::EntryPayload::Membership(m) = entry.payload {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes `entry` after the last one, outside Raft (`recover`, on a
+    /// stopped node's directory); durable after [`LogStore::flush`].
+    pub(crate) fn put_entry(&self, entry: &Entry) -> Result<(), io::Error> {
+        let bytes = seal(entry).map_err(io::Error::other)?;
+        self.log.insert(key(entry.log_id.index), bytes)?;
+        Ok(())
+    }
+
     /// Makes everything written to the database so far durable: sled's
     /// flush and an `fdatasync` (see [`DiskSync`]).
     pub async fn flush(&self) -> Result<(), io::Error> {

@@ -34,6 +34,7 @@ pub mod durable;
 pub mod integrity;
 pub mod log_store;
 pub mod network;
+pub mod recover;
 pub mod replica;
 pub mod state_machine;
 
