@@ -209,6 +209,13 @@ pub struct StateMachineCheck {
     pub(crate) state: Applied,
 }
 
+impl StateMachineCheck {
+    /// The registry the records hold.
+    pub fn registry(&self) -> &crate::registry::Registry {
+        &self.state.registry
+    }
+}
+
 impl std::fmt::Debug for StateMachineCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateMachineCheck")
