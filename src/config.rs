@@ -19,6 +19,10 @@ use crate::raft::NodeId;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Log lines on stderr: `text` (colours only on a terminal) or `json`
+    /// (one object per line, for log shippers).
+    #[arg(long, env = "REGISTRY_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
 }
 
 // Parsed once at start: the size of the node's flags does not matter.
@@ -585,6 +589,21 @@ mod tests {
             panic!("not the cluster command")
         };
         assert_eq!(c.remote.registry, ["http://127.0.0.1:1", "https://b:2"]);
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json_on_any_subcommand() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied()).map(|c| c.log_format);
+        assert_eq!(parse(&["vertice-register"]).unwrap(), "text");
+        assert_eq!(
+            parse(&["vertice-register", "--log-format", "json"]).unwrap(),
+            "json"
+        );
+        assert_eq!(
+            parse(&["vertice-register", "node", "--log-format", "json"]).unwrap(),
+            "json"
+        );
+        assert!(parse(&["vertice-register", "--log-format", "xml"]).is_err());
     }
 
     #[test]
