@@ -586,8 +586,11 @@ fn a_backup_is_taken_while_writes_go_on_and_saved_whole() {
 }
 
 /// Issue 18: a read replica. Node 4 joins with `--learner`: it serves
-/// reads and forwards writes but stays out of the voters, and `cluster
-/// promote 4` makes it a voter once it has caught up.
+/// reads and forwards writes but stays out of the voters; when the leader
+/// is killed it follows the new one and serves consistent reads and
+/// forwards writes again; `cluster promote 4` makes it a voter once it has
+/// caught up. Shown to fail with `--learner` ignored (node 4 became a
+/// voter at once).
 #[test]
 fn a_learner_serves_reads_without_voting_until_promoted() {
     let mut p = Procs::start();
@@ -611,6 +614,35 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![4]));
     assert_eq!(health(&client, &replica).unwrap()["role"], "learner");
     assert!(register(&client, &replica, "through-replica"));
+
+    // The leader dies: the replica follows the new one, and still serves
+    // reads (consistent ones too) and forwards writes.
+    p.kill9(leader);
+    let rest: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+    let new_leader = wait_for_leader(&p, &rest);
+    poll(
+        "a consistent read through the replica after the failover",
+        Duration::from_secs(30),
+        || {
+            let r = client
+                .get(format!(
+                    "{replica}/services/through-replica?consistent=true"
+                ))
+                .send()
+                .ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        },
+    );
+    poll(
+        "a write through the replica after the failover",
+        Duration::from_secs(30),
+        || register(&client, &replica, "after-failover").then_some(()),
+    );
+    assert_eq!(
+        health(&client, &replica).unwrap()["leader_id"],
+        json!(new_leader)
+    );
+    let url = p.url(new_leader);
     let (ok, out, err) = cluster_cli(&replica, &["promote", "4"]);
     assert!(ok, "{out}{err}");
     assert_eq!(
