@@ -588,7 +588,7 @@ fn a_backup_is_taken_while_writes_go_on_and_saved_whole() {
 /// Issue 18: a read replica. Node 4 joins with `--learner`: it serves
 /// reads and forwards writes but stays out of the voters; when the leader
 /// is killed it follows the new one and serves consistent reads and
-/// forwards writes again; `cluster promote 4` makes it a voter once it has
+/// forwards writes again; a watch on it wakes on a write made elsewhere; `cluster promote 4` makes it a voter once it has
 /// caught up. Shown to fail with `--learner` ignored (node 4 became a
 /// voter at once).
 #[test]
@@ -614,6 +614,49 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![4]));
     assert_eq!(health(&client, &replica).unwrap()["role"], "learner");
     assert!(register(&client, &replica, "through-replica"));
+
+    // A watch (blocking query) on the replica wakes on a write made
+    // through the leader.
+    let r = client.get(format!("{replica}/services")).send().unwrap();
+    let index: u64 = r.headers()["x-registry-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let watch = {
+        let url = format!("{replica}/services?index={index}&wait=20s");
+        std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap();
+            client.get(url).send().unwrap().json::<Value>().unwrap()
+        })
+    };
+    poll(
+        "the watch to be waiting on the replica",
+        Duration::from_secs(10),
+        || {
+            let text = client
+                .get(format!("{replica}/metrics"))
+                .send()
+                .ok()?
+                .text()
+                .ok()?;
+            text.lines()
+                .any(|l| l.starts_with("registry_watchers ") && !l.ends_with(" 0"))
+                .then_some(())
+        },
+    );
+    assert!(register(&client, &url, "watched-through-replica"));
+    let list = watch.join().unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "watched-through-replica"),
+        "{list}"
+    );
 
     // The leader dies: the replica follows the new one, and still serves
     // reads (consistent ones too) and forwards writes.
@@ -810,10 +853,11 @@ fn a_backup_restores_into_a_new_cluster_with_fresh_ttls() {
     );
 }
 
-/// Issue 18, item 4: two of three nodes lost for good. `recover` on the
-/// stopped survivor's directory (refused while it runs) makes it a cluster
-/// of one voter: started as usual, it leads, holds every registration it
-/// had, takes writes, and a fresh node joins it as a voter. Shown to fail
+/// Issue 18, item 4: two of three nodes lost for good (killed, their
+/// directories deleted). `recover` on the stopped survivor's directory
+/// (refused while it runs) makes it a cluster of one voter: started as
+/// usual, it leads, holds every registration it had, takes writes, and two
+/// fresh nodes join it as voters and serve all of it. Shown to fail
 /// without the recovery (the survivor alone never elects itself).
 #[test]
 fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
@@ -854,6 +898,10 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
     for id in 1..=3 {
         p.kill9(id);
     }
+    // Two of three lost for good, disks and all.
+    for lost in (1..=3).filter(|i| *i != survivor) {
+        std::fs::remove_dir_all(p.data_dir(lost)).unwrap();
+    }
     let out = recover(survivor, &p);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -872,8 +920,28 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
         assert_eq!(r.status().as_u16(), 200, "kept-{i}");
     }
     assert!(register(&client, &p.url(survivor), "after-recovery"));
-    p.spawn_with(4, &["--join", &p.url(survivor)]);
-    poll("node 4 to join as a voter", Duration::from_secs(30), || {
-        (members(&client, &p.url(survivor)).0 == vec![survivor as u64, 4]).then_some(())
-    });
+    // Two fresh nodes join; they get everything the survivor held.
+    let via = p.url(survivor);
+    p.spawn_with(4, &["--join", &via]);
+    p.spawn_with(5, &["--join", &via]);
+    poll(
+        "nodes 4 and 5 to join as voters",
+        Duration::from_secs(60),
+        || (members(&client, &via).0 == vec![survivor as u64, 4, 5]).then_some(()),
+    );
+    for id in [4, 5] {
+        for name in ["kept-0", "kept-9", "after-recovery"] {
+            poll(
+                "a joined node to serve what the survivor held",
+                Duration::from_secs(30),
+                || {
+                    let r = client
+                        .get(format!("{}/services/{name}", p.url(id)))
+                        .send()
+                        .ok()?;
+                    (r.status().as_u16() == 200).then_some(())
+                },
+            );
+        }
+    }
 }
