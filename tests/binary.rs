@@ -616,25 +616,43 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     assert!(register(&client, &replica, "through-replica"));
 
     // A watch (blocking query) on the replica wakes on a write made
-    // through the leader.
-    let r = client.get(format!("{replica}/services")).send().unwrap();
-    let index: u64 = r.headers()["x-registry-index"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    // through the leader. Each answer's index feeds the next query (an
+    // answer may come at once for a change the replica applied after the
+    // first read), until the list holds the new service.
     let watch = {
-        let url = format!("{replica}/services?index={index}&wait=20s");
+        let replica = replica.clone();
         std::thread::spawn(move || {
             let client = reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap();
-            client.get(url).send().unwrap().json::<Value>().unwrap()
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut index = 0u64;
+            while Instant::now() < deadline {
+                let r = client
+                    .get(format!("{replica}/services?index={index}&wait=20s"))
+                    .send()
+                    .unwrap();
+                index = r.headers()["x-registry-index"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let list: Value = r.json().unwrap();
+                if list
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s == "watched-through-replica")
+                {
+                    return true;
+                }
+            }
+            false
         })
     };
     poll(
-        "the watch to be waiting on the replica",
+        "a watch to be waiting on the replica",
         Duration::from_secs(10),
         || {
             let text = client
@@ -649,14 +667,7 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
         },
     );
     assert!(register(&client, &url, "watched-through-replica"));
-    let list = watch.join().unwrap();
-    assert!(
-        list.as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s == "watched-through-replica"),
-        "{list}"
-    );
+    assert!(watch.join().unwrap(), "the watch never saw the new service");
 
     // The leader dies: the replica follows the new one, and still serves
     // reads (consistent ones too) and forwards writes.
