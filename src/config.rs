@@ -92,9 +92,10 @@ pub struct RecoverArgs {
     /// The stopped node's data directory.
     #[arg(long, env = "REGISTRY_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// The node's id (as it was started with).
+    /// The node's id; by default the one the directory records (nodes of
+    /// this release record it at their first start).
     #[arg(long, env = "REGISTRY_ID")]
-    pub id: NodeId,
+    pub id: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -891,16 +891,19 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
             (r.status().as_u16() == 200).then_some(())
         },
     );
-    let recover = |id: usize, p: &Procs| {
-        Command::new(BIN)
-            .args(["recover", "--id", &id.to_string()])
-            .arg("--data-dir")
-            .arg(p.data_dir(id))
-            .env("RUST_LOG", "warn")
+    // With --id, and without: the directory records its node's id.
+    let recover = |id: usize, p: &Procs, give_id: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("recover").arg("--data-dir").arg(p.data_dir(id));
+        if give_id {
+            cmd.args(["--id", &id.to_string()]);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .env_remove("REGISTRY_ID")
             .output()
             .unwrap()
     };
-    let out = recover(survivor, &p);
+    let out = recover(survivor, &p, true);
     assert!(
         !out.status.success(),
         "recover must refuse a running node's directory"
@@ -913,7 +916,7 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
     for lost in (1..=3).filter(|i| *i != survivor) {
         std::fs::remove_dir_all(p.data_dir(lost)).unwrap();
     }
-    let out = recover(survivor, &p);
+    let out = recover(survivor, &p, false);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

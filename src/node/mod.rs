@@ -155,6 +155,7 @@ impl RunningNode {
             DataDirError::Format(reason) => StartError::Format { dir, reason },
             DataDirError::Open(reason) => StartError::Storage { dir, reason },
         })?;
+        raft::recover::claim_node_id(&args.data_dir, args.id).map_err(StartError::Config)?;
         tracing::info!(
             log_entries = check.log.entries,
             instances = check.state_machine.instances,

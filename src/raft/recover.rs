@@ -1,4 +1,4 @@
-//! `vertice-register recover --data-dir DIR --id N`: on a stopped node's
+//! `vertice-register recover --data-dir DIR [--id N]`: on a stopped node's
 //! directory, after the cluster lost a majority for good, makes the node a
 //! cluster of one voter, itself, keeping its data, id and address.
 //!
@@ -20,6 +20,49 @@ use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, Vote};
 
 use super::{open_checked, DiskSync, Entry, LogId, LogStore, NodeId};
 
+/// The file in a data directory that names the node it belongs to
+/// (written at the node's first start by this release and later).
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// The node id a data directory records, if it records one.
+pub fn recorded_node_id(dir: &Path) -> Result<Option<NodeId>, String> {
+    let path = dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{} does not hold a node id", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Records that `dir` belongs to node `id` (durably), or refuses when it
+/// belongs to another node: a directory started under another id would
+/// vote and acknowledge as a node it is not.
+pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), String> {
+    match recorded_node_id(dir)? {
+        Some(own) if own == id => Ok(()),
+        Some(own) => Err(format!(
+            "{} is node {own}'s data directory; start it with --id {own}, or give node {id} an empty directory",
+            dir.display()
+        )),
+        None => {
+            let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
+            let written = (|| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                writeln!(f, "{id}")?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, dir.join(NODE_ID_FILE))?;
+                std::fs::File::open(dir)?.sync_all()
+            })();
+            written.map_err(|e| format!("cannot record the node id in {}: {e}", dir.display()))
+        }
+    }
+}
+
 /// What `recover` did, for the operator.
 #[derive(Debug)]
 pub struct Recovered {
@@ -32,8 +75,24 @@ pub struct Recovered {
     pub instances: u64,
 }
 
-/// Rewrites the membership of the stopped node `id` whose data is in `dir`.
-pub async fn recover(dir: &Path, id: NodeId) -> Result<Recovered, String> {
+/// Rewrites the membership of the stopped node whose data is in `dir`: node
+/// `id`, or the node the directory records.
+pub async fn recover(dir: &Path, id: Option<NodeId>) -> Result<Recovered, String> {
+    let id = match (id, recorded_node_id(dir)?) {
+        (Some(given), Some(own)) if given != own => {
+            return Err(format!(
+                "{} is node {own}'s data directory, not node {given}'s",
+                dir.display()
+            ))
+        }
+        (Some(id), _) | (None, Some(id)) => id,
+        (None, None) => {
+            return Err(format!(
+                "{} does not record its node's id (nodes of earlier releases did not): give --id",
+                dir.display()
+            ))
+        }
+    };
     let (db, report) = open_checked(dir).map_err(|e| {
         format!("{e} (is the node still running? stop it first: recover works on a stopped node's directory)")
     })?;
@@ -91,4 +150,25 @@ pub async fn recover(dir: &Path, id: NodeId) -> Result<Recovered, String> {
         entry: entry.log_id,
         instances: report.state_machine.instances,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_belongs_to_the_node_that_first_started_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_node_id(dir.path()).unwrap(), None);
+        claim_node_id(dir.path(), 2).unwrap();
+        claim_node_id(dir.path(), 2).unwrap();
+        assert_eq!(recorded_node_id(dir.path()).unwrap(), Some(2));
+        let err = claim_node_id(dir.path(), 3).unwrap_err();
+        assert!(
+            err.contains("node 2's data directory") && err.contains("--id 2"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join(NODE_ID_FILE), "x").unwrap();
+        assert!(recorded_node_id(dir.path()).is_err());
+    }
 }
