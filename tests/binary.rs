@@ -328,14 +328,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// `vertice-register cluster ARGS` against `registry` (a bare HOST:PORT, as
-/// operators type it): success, stdout, stderr.
-fn cluster_cli(registry: &str, args: &[&str]) -> (bool, String, String) {
+/// `vertice-register ARGS`: success, stdout, stderr.
+fn cli<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> (bool, String, String) {
     let out = Command::new(BIN)
-        .arg("cluster")
         .args(args)
-        .args(["--registry", registry, "--cluster-secret", SECRET])
         .env("RUST_LOG", "warn")
+        .env_remove("REGISTRY_ID")
         .output()
         .unwrap();
     (
@@ -343,6 +341,21 @@ fn cluster_cli(registry: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `vertice-register cluster ARGS` against `registry` (a bare HOST:PORT, as
+/// operators type it), with the secret.
+fn cluster_cli(registry: &str, args: &[&str]) -> (bool, String, String) {
+    let tail = ["--registry", registry, "--cluster-secret", SECRET];
+    cli(["cluster"].iter().chain(args).chain(&tail))
+}
+
+/// Whether a GET of `url` answers `200`.
+fn get_ok(client: &reqwest::blocking::Client, url: &str) -> bool {
+    client
+        .get(url)
+        .send()
+        .is_ok_and(|r| r.status().as_u16() == 200)
 }
 
 /// The voters and learners in `cluster status` (through the HTTP route).
@@ -506,18 +519,13 @@ fn a_backup_is_taken_while_writes_go_on_and_saved_whole() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("registry.backup");
     let registry = format!("127.0.0.1:{}", p.ports[follower - 1]);
-    let out = Command::new(BIN)
-        .args(["snapshot", "save"])
-        .arg(&file)
-        .args(["--registry", &registry, "--cluster-secret", SECRET])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, err) = snapshot_cli(&[
+        "save".as_ref(),
+        file.as_os_str(),
+        "--registry".as_ref(),
+        registry.as_ref(),
+    ]);
+    assert!(ok, "{stdout}{err}");
     stop.store(true, Ordering::Relaxed);
     let (writes, failed) = writer.join().unwrap();
     assert_eq!(
@@ -575,21 +583,20 @@ fn a_backup_is_taken_while_writes_go_on_and_saved_whole() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
 
-    let out = Command::new(BIN)
-        .args(["snapshot", "save"])
-        .arg(dir.path().join("missing/registry.backup"))
-        .args(["--registry", &registry, "--cluster-secret", SECRET])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+    let (ok, _, err) = snapshot_cli(&[
+        "save".as_ref(),
+        dir.path().join("missing/registry.backup").as_os_str(),
+        "--registry".as_ref(),
+        registry.as_ref(),
+    ]);
+    assert!(!ok && err.contains("missing"), "{err}");
 }
 
 /// Issue 18: a read replica. Node 4 joins with `--learner`: it serves
 /// reads and forwards writes but stays out of the voters; when the leader
 /// is killed it follows the new one and serves consistent reads and
-/// forwards writes again; a watch on it wakes on a write made elsewhere; `cluster promote 4` makes it a voter once it has
-/// caught up. Shown to fail with `--learner` ignored (node 4 became a
+/// forwards writes again; a watch on it wakes on a write made elsewhere;
+/// `cluster promote 4` makes it a voter once it has caught up. Shown to fail with `--learner` ignored (node 4 became a
 /// voter at once).
 #[test]
 fn a_learner_serves_reads_without_voting_until_promoted() {
@@ -603,13 +610,7 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     poll(
         "the replica to serve a read",
         Duration::from_secs(30),
-        || {
-            let r = client
-                .get(format!("{replica}/services/before-replica"))
-                .send()
-                .ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        },
+        || get_ok(&client, &format!("{replica}/services/before-replica")).then_some(()),
     );
     assert_eq!(members(&client, &url), (vec![1, 2, 3], vec![4]));
     assert_eq!(health(&client, &replica).unwrap()["role"], "learner");
@@ -678,13 +679,8 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
         "a consistent read through the replica after the failover",
         Duration::from_secs(30),
         || {
-            let r = client
-                .get(format!(
-                    "{replica}/services/through-replica?consistent=true"
-                ))
-                .send()
-                .ok()?;
-            (r.status().as_u16() == 200).then_some(())
+            let url = format!("{replica}/services/through-replica?consistent=true");
+            get_ok(&client, &url).then_some(())
         },
     );
     poll(
@@ -711,20 +707,13 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     assert!(!ok && err.contains("404"), "{err}");
 }
 
-/// `vertice-register snapshot ARGS`: success, stdout, stderr.
+/// `vertice-register snapshot ARGS`, with the secret.
 fn snapshot_cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("snapshot")
-        .args(args)
-        .args(["--cluster-secret", SECRET])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let tail: [&std::ffi::OsStr; 2] = ["--cluster-secret".as_ref(), SECRET.as_ref()];
+    cli([std::ffi::OsStr::new("snapshot")]
+        .iter()
+        .chain(args)
+        .chain(&tail))
 }
 
 /// An instance's `ttl_remaining` on the node at `url`, if it is there.
@@ -843,25 +832,22 @@ fn a_backup_restores_into_a_new_cluster_with_fresh_ttls() {
         seeded.path().as_os_str(),
     ]);
     assert!(ok, "{err}");
-    let out = Command::new(BIN)
-        .args([
-            "node",
-            "--id",
-            "7",
-            "--addr",
-            &format!("127.0.0.1:{}", free_ports(1)[0]),
-        ])
-        .arg("--data-dir")
-        .arg(seeded.path())
-        .args(["--join", &b.url(leader), "--cluster-secret", SECRET])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not --join"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let join = b.url(leader);
+    let (ok, _, err) = cli([
+        "node".as_ref(),
+        "--id".as_ref(),
+        "7".as_ref(),
+        "--addr".as_ref(),
+        std::ffi::OsStr::new(&addr),
+        "--data-dir".as_ref(),
+        seeded.path().as_os_str(),
+        "--join".as_ref(),
+        std::ffi::OsStr::new(&join),
+        "--cluster-secret".as_ref(),
+        SECRET.as_ref(),
+    ]);
+    assert!(!ok && err.contains("not --join"), "{err}");
 }
 
 /// Issue 18, item 4: two of three nodes lost for good (killed, their
@@ -883,32 +869,20 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
     poll(
         "the survivor to hold every registration",
         Duration::from_secs(20),
-        || {
-            let r = client
-                .get(format!("{}/services/kept-9", p.url(survivor)))
-                .send()
-                .ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        },
+        || get_ok(&client, &format!("{}/services/kept-9", p.url(survivor))).then_some(()),
     );
     // With --id, and without: the directory records its node's id.
-    let recover = |id: usize, p: &Procs, give_id: bool| {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("recover").arg("--data-dir").arg(p.data_dir(id));
-        if give_id {
-            cmd.args(["--id", &id.to_string()]);
-        }
-        cmd.env("RUST_LOG", "warn")
-            .env_remove("REGISTRY_ID")
-            .output()
-            .unwrap()
-    };
-    let out = recover(survivor, &p, true);
-    assert!(
-        !out.status.success(),
-        "recover must refuse a running node's directory"
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stop it first"));
+    let data = p.data_dir(survivor);
+    let id = survivor.to_string();
+    let (ok, _, err) = cli([
+        "recover".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--id".as_ref(),
+        std::ffi::OsStr::new(&id),
+    ]);
+    assert!(!ok, "recover must refuse a running node's directory");
+    assert!(err.contains("stop it first"), "{err}");
     for id in 1..=3 {
         p.kill9(id);
     }
@@ -916,22 +890,14 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
     for lost in (1..=3).filter(|i| *i != survivor) {
         std::fs::remove_dir_all(p.data_dir(lost)).unwrap();
     }
-    let out = recover(survivor, &p, false);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, err) = cli(["recover".as_ref(), "--data-dir".as_ref(), data.as_os_str()]);
+    assert!(ok, "{stdout}{err}");
     assert!(stdout.contains("cluster of one voter"), "{stdout}");
     p.spawn(survivor);
     assert_eq!(wait_for_leader(&p, &[survivor]), survivor);
     for i in 0..10 {
-        let r = client
-            .get(format!("{}/services/kept-{i}", p.url(survivor)))
-            .send()
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "kept-{i}");
+        let url = format!("{}/services/kept-{i}", p.url(survivor));
+        assert!(get_ok(&client, &url), "kept-{i}");
     }
     assert!(register(&client, &p.url(survivor), "after-recovery"));
     // Two fresh nodes join; they get everything the survivor held.
@@ -948,13 +914,7 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
             poll(
                 "a joined node to serve what the survivor held",
                 Duration::from_secs(30),
-                || {
-                    let r = client
-                        .get(format!("{}/services/{name}", p.url(id)))
-                        .send()
-                        .ok()?;
-                    (r.status().as_u16() == 200).then_some(())
-                },
+                || get_ok(&client, &format!("{}/services/{name}", p.url(id))).then_some(()),
             );
         }
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use blocking::{http, poll};
+use blocking::{copy_dir, http, poll};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
@@ -348,19 +348,6 @@ fn a_data_directory_of_an_older_release_is_refused() {
     let line = error_line(&stderr);
     assert!(line.contains("older release"), "{line}");
     assert!(line.contains("--join"), "{line}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }
 
 fn files(dir: &Path, out: &mut Vec<(PathBuf, u64)>) {

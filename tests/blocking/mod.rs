@@ -1,8 +1,9 @@
 //! Helpers for the tests that drive the real binary with blocking HTTP
-//! (`binary.rs`, `corruption.rs`, `powerloss/`).
+//! (`binary.rs`, `corruption.rs`, `data_format.rs`, `powerloss/`).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Free loopback ports: bound, read, and released for the child to take.
@@ -32,5 +33,19 @@ pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies the folder `from` (recursively) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
     }
 }
