@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::config::{ClusterAction, ClusterArgs, RemoteArgs, SnapshotAction, SnapshotArgs};
 use crate::raft::network::SECRET_HEADER;
@@ -52,11 +52,43 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
         }
         _ => Duration::from_secs(90),
     };
-    let http = client(&args.remote, wait)?;
+    // Any node passes a change on to the leader: a `503` to a change is its
+    // answer (e.g. the node did not catch up), not a reason to ask the next
+    // node, which would start the change again.
+    let next_on_503 = matches!(args.action, ClusterAction::Status);
+    let resp = ask(
+        &args.remote,
+        wait,
+        method,
+        &path,
+        body.as_ref(),
+        next_on_503,
+    )
+    .await?;
+    let value: Value = resp.json().await.unwrap_or(Value::Null);
+    Ok(match args.action {
+        ClusterAction::Status => status_table(&value),
+        ClusterAction::Add { .. } | ClusterAction::Promote { .. } => added(&value),
+        ClusterAction::Remove { .. } => removed(&value),
+    })
+}
+
+/// Sends the request to each `--registry` node in turn until one answers
+/// (and, with `next_on_503`, answers other than `503`): its successful
+/// answer, or its refusal as [`AdminError::Refused`].
+async fn ask(
+    remote: &RemoteArgs,
+    timeout: Duration,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    next_on_503: bool,
+) -> Result<reqwest::Response, AdminError> {
+    let http = client(remote, timeout)?;
     let mut last_error = String::from("no --registry given");
-    for base in &args.remote.registry {
-        let mut req = request(&http, &args.remote, method.clone(), base, &path);
-        if let Some(b) = &body {
+    for base in &remote.registry {
+        let mut req = request(&http, remote, method.clone(), base, path);
+        if let Some(b) = body {
             req = req.json(b);
         }
         let resp = match req.send().await {
@@ -67,27 +99,18 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
             }
         };
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
         let value: Value = resp.json().await.unwrap_or(Value::Null);
-        // Any node passes a change on to the leader: a `503` to a change is
-        // its answer (e.g. the node did not catch up), not a reason to ask
-        // the next node, which would start the change again.
-        if status.as_u16() == 503 && matches!(args.action, ClusterAction::Status) {
-            last_error = format!(
-                "{base}: {}",
-                value["message"].as_str().unwrap_or("unavailable")
-            );
+        let message = value["message"].as_str().unwrap_or("").to_string();
+        if status.as_u16() == 503 && next_on_503 {
+            last_error = format!("{base}: {message}");
             continue;
         }
-        if !status.is_success() {
-            return Err(AdminError::Refused {
-                status: status.as_u16(),
-                message: value["message"].as_str().unwrap_or("").to_string(),
-            });
-        }
-        return Ok(match args.action {
-            ClusterAction::Status => status_table(&value),
-            ClusterAction::Add { .. } | ClusterAction::Promote { .. } => added(&value),
-            ClusterAction::Remove { .. } => removed(&value),
+        return Err(AdminError::Refused {
+            status: status.as_u16(),
+            message,
         });
     }
     Err(AdminError::Unreachable(last_error))
@@ -131,100 +154,37 @@ pub async fn snapshot(args: &SnapshotArgs) -> Result<String, AdminError> {
         SnapshotAction::Restore { file, data_dir } => return restore(file, data_dir),
     };
     // Taking a backup of a million instances takes seconds; sending it, more.
-    let http = client(&args.remote, Duration::from_secs(600))?;
-    let mut last_error = String::from("no --registry given");
-    for base in &args.remote.registry {
-        let req = request(
-            &http,
-            &args.remote,
-            reqwest::Method::GET,
-            base,
-            "/cluster/snapshot",
-        );
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                last_error = format!("{base}: {e}");
-                continue;
-            }
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let value: Value = resp.json().await.unwrap_or(Value::Null);
-            let message = value["message"].as_str().unwrap_or("").to_string();
-            if status.as_u16() == 503 {
-                last_error = format!("{base}: {message}");
-                continue;
-            }
-            return Err(AdminError::Refused {
-                status: status.as_u16(),
-                message,
-            });
-        }
-        return save(resp, file).await;
-    }
-    Err(AdminError::Unreachable(last_error))
-}
-
-/// Streams a backup into a temporary file beside `file`, checks it whole,
-/// syncs it, renames it into place and syncs the folder: `file` is either
-/// absent (or as it was) or a complete, checked backup.
-async fn save(mut resp: reqwest::Response, file: &Path) -> Result<String, AdminError> {
-    use std::io::Write;
-
-    let io = |what: &str, e: std::io::Error| AdminError::Config(format!("{what}: {e}"));
-    let name = file
-        .file_name()
-        .ok_or_else(|| AdminError::Config(format!("{} is not a file name", file.display())))?;
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.partial-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = async {
-        let mut out = std::fs::File::create(&tmp)
-            .map_err(|e| io(&format!("creating {}", tmp.display()), e))?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| AdminError::Unreachable(format!("the backup was cut off: {e}")))?
-        {
-            out.write_all(&chunk)
-                .map_err(|e| io(&format!("writing {}", tmp.display()), e))?;
-            bytes.extend_from_slice(&chunk);
-        }
-        let (header, _) = backup::decode(&bytes)
-            .map_err(|e| AdminError::Config(format!("the node sent a bad backup: {e}")))?;
-        out.sync_all()
-            .map_err(|e| io(&format!("syncing {}", tmp.display()), e))?;
-        drop(out);
-        std::fs::rename(&tmp, file)
-            .map_err(|e| io(&format!("renaming it to {}", file.display()), e))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(&format!("syncing {}", dir.display()), e))?;
-        Ok(format!(
-            "saved {}: index {} (term {}) from node {}, {} services, {} instances, {} bytes, sha256 {}\n",
-            file.display(),
-            header.index,
-            header.term,
-            header.taken_by,
-            header.services,
-            header.instances,
-            bytes.len(),
-            backup::checksum_hex(&bytes)
-        ))
-    }
-    .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let timeout = Duration::from_secs(600);
+    let resp = ask(
+        &args.remote,
+        timeout,
+        reqwest::Method::GET,
+        "/cluster/snapshot",
+        None,
+        true,
+    )
+    .await?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| AdminError::Unreachable(format!("the backup was cut off: {e}")))?;
+    let (header, _) = backup::decode(&bytes)
+        .map_err(|e| AdminError::Config(format!("the node sent a bad backup: {e}")))?;
+    // Checked whole before it is written; `file` is then either as it was
+    // or the complete backup.
+    crate::raft::durable::write_file(file, &bytes)
+        .map_err(|e| AdminError::Config(format!("writing {}: {e}", file.display())))?;
+    Ok(format!(
+        "saved {}: index {} (term {}) from node {}, {} services, {} instances, {} bytes, sha256 {}\n",
+        file.display(),
+        header.index,
+        header.term,
+        header.taken_by,
+        header.services,
+        header.instances,
+        bytes.len(),
+        backup::checksum_hex(&bytes)
+    ))
 }
 
 /// `snapshot restore`: checks the backup whole, then copies it into the
@@ -251,16 +211,8 @@ fn restore(file: &Path, data_dir: &Path) -> Result<String, AdminError> {
         Err(e) => return Err(cfg(format!("reading {}: {e}", data_dir.display()))),
     }
     let target = data_dir.join(backup::RESTORE_FILE);
-    let tmp = data_dir.join(format!("{}.tmp", backup::RESTORE_FILE));
-    let written = (|| {
-        use std::io::Write;
-        let mut out = std::fs::File::create(&tmp)?;
-        out.write_all(&bytes)?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &target)?;
-        std::fs::File::open(data_dir)?.sync_all()
-    })();
-    written.map_err(|e| cfg(format!("writing {}: {e}", target.display())))?;
+    crate::raft::durable::write_file(&target, &bytes)
+        .map_err(|e| cfg(format!("writing {}: {e}", target.display())))?;
     Ok(format!(
         "{} seeded from {}: index {} (term {}, taken by node {}), {} services, {} instances, sha256 {}\n\
          Start a node on it with --peers (the same list on every node restored from this file), \

@@ -64,6 +64,36 @@ fn sync_path(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Writes `bytes` to the file `path` so that a crash leaves the old file
+/// (or none) or the whole new one: a temporary file beside it, synced,
+/// renamed over it, then the folder synced. The temporary file is removed
+/// on failure.
+pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file name", path.display()),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!("{}.tmp", name.to_string_lossy()));
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 impl DiskSync {
     /// Syncs nothing: sled's flush alone (`--unsafe-no-fsync`, or tests
     /// that need no durability).

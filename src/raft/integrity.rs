@@ -506,14 +506,7 @@ impl Fingerprint {
 pub fn record_clean_stop(dir: &Path, db: &sled::Db) -> io::Result<()> {
     let fp = Fingerprint::of(db).map_err(io::Error::other)?;
     let bytes = seal(&fp).map_err(io::Error::other)?;
-    let tmp = dir.join(format!("{CLEAN_STOP}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        io::Write::write_all(&mut f, &bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(CLEAN_STOP))?;
-    sync_dir(dir)
+    super::durable::write_file(&dir.join(CLEAN_STOP), &bytes)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -48,18 +48,8 @@ pub fn claim_node_id(dir: &Path, id: NodeId) -> Result<(), String> {
             "{} is node {own}'s data directory; start it with --id {own}, or give node {id} an empty directory",
             dir.display()
         )),
-        None => {
-            let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
-            let written = (|| {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                writeln!(f, "{id}")?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, dir.join(NODE_ID_FILE))?;
-                std::fs::File::open(dir)?.sync_all()
-            })();
-            written.map_err(|e| format!("cannot record the node id in {}: {e}", dir.display()))
-        }
+        None => super::durable::write_file(&dir.join(NODE_ID_FILE), format!("{id}\n").as_bytes())
+            .map_err(|e| format!("cannot record the node id in {}: {e}", dir.display())),
     }
 }
 
