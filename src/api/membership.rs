@@ -411,6 +411,15 @@ async fn add_here(state: &AppState, body: &Value) -> Result<Response, ApiError> 
     promote_here(state, id, &addr, since, wait).await
 }
 
+/// The node id in a `/cluster/nodes/{id}` path: a positive integer.
+fn path_node_id(path: Result<Path<String>, PathRejection>) -> Result<NodeId, ApiError> {
+    let Path(raw) = path?;
+    raw.parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))
+}
+
 /// `wait_seconds` in a body: how long a learner may take to catch up.
 fn wait_seconds(body: &Value) -> Result<Duration, ApiError> {
     match &body["wait_seconds"] {
@@ -472,12 +481,7 @@ pub async fn promote(
 ) -> Response {
     let mut target = Value::Null;
     let result = async {
-        let Path(raw) = path?;
-        let id: NodeId = raw
-            .parse()
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))?;
+        let id = path_node_id(path)?;
         target = json!({ "id": id });
         // The body is optional: none, or a JSON object.
         let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
@@ -542,12 +546,7 @@ pub async fn remove(
 ) -> Response {
     let mut target = Value::Null;
     let result = async {
-        let Path(raw) = path?;
-        let id: NodeId = raw
-            .parse()
-            .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| ApiError::bad("id", "id must be a positive integer"))?;
+        let id = path_node_id(path)?;
         let Query(RemoveQuery { force }) = query.map_err(|e| {
             ApiError::bad(
                 "force",

@@ -218,6 +218,10 @@ impl Registry {
             Command::RestartClocks { at } => {
                 let mut touched = 0;
                 for (service, instances) in &mut self.services {
+                    // Copied (if a snapshot shares it) only when it changes.
+                    if instances.values().all(|l| l.instance.last_heartbeat >= *at) {
+                        continue;
+                    }
                     for (id, live) in Arc::make_mut(instances).iter_mut() {
                         if *at > live.instance.last_heartbeat {
                             let live = Arc::make_mut(live);
