@@ -75,6 +75,15 @@ pub fn seal<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, bincode::Error> {
     Ok(buf)
 }
 
+/// `payload` (already serialized) behind its checksum: what [`seal`] gives
+/// for the value it encodes.
+pub fn seal_bytes(payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(CRC_LEN + payload.len());
+    buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    buf.extend_from_slice(payload);
+    buf
+}
+
 /// The payload of a sealed value, once its checksum is verified.
 pub fn verify(bytes: &[u8]) -> Result<&[u8], BadValue> {
     let (crc, payload) = match bytes.split_first_chunk::<CRC_LEN>() {
@@ -112,6 +121,15 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn sealing_serialized_bytes_is_sealing_the_value() {
+        let v = ("service", 8080u16, Some(7u64));
+        assert_eq!(
+            seal_bytes(&bincode::serialize(&v).unwrap()),
+            seal(&v).unwrap()
+        );
     }
 
     #[test]

@@ -65,6 +65,7 @@ use super::codec::{describe_sled, seal, unseal, Corruption, CRC_LEN};
 use super::log_store::{
     self, read_format, write_format, LogCheck, FORMAT_VERSION, LOG_TREE, META_TREE,
 };
+use super::migrate;
 use super::state_machine::{self, StateMachineCheck, SM_TREE};
 
 /// The file, beside `sled/`, where a clean stop records what it left.
@@ -108,7 +109,30 @@ pub fn open_checked(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError>
     // trips one is still damage, not a crash.
     std::panic::catch_unwind(|| {
         let opening = Instant::now();
-        let db = super::open_db(dir).map_err(open_error)?;
+        migrate::finish_interrupted(dir).map_err(|e| {
+            DataDirError::Open(format!(
+                "cannot finish an interrupted storage migration: {e}"
+            ))
+        })?;
+        let mut db = super::open_db(dir).map_err(open_error)?;
+        migrate::remove_leftovers(dir).map_err(|e| {
+            DataDirError::Open(format!(
+                "cannot remove an interrupted storage migration: {e}"
+            ))
+        })?;
+        if ensure_format(&db)? == Stored::Older {
+            db = migrate::migrate(db, dir, |new| {
+                check(new, dir).map(|_| ()).map_err(|e| e.to_string())
+            })
+            .map_err(|e| match e {
+                migrate::Failed::Io(why) => DataDirError::Open(format!(
+                    "was written by an older release and could not be migrated: {why}"
+                )),
+                migrate::Failed::Invalid(why) => DataDirError::Format(format!(
+                    "was written by an older release and cannot be migrated: {why}"
+                )),
+            })?;
+        }
         let started = Instant::now();
         let mut report = check(&db, dir)?;
         compare_clean_stop(dir, &db)?;
@@ -132,7 +156,13 @@ pub fn open_checked(dir: &Path) -> Result<(sled::Db, CheckReport), DataDirError>
 /// (`dir` is the data directory, which holds the snapshot file).
 pub fn check(db: &sled::Db, dir: &Path) -> Result<CheckReport, DataDirError> {
     let started = Instant::now();
-    ensure_format(db)?;
+    if ensure_format(db)? == Stored::Older {
+        return Err(DataDirError::Format(
+            "was written by an older release (no storage format marker: \
+             values without checksums)"
+                .into(),
+        ));
+    }
     let log = log_store::check(db)?;
     let state_machine = state_machine::check(db, dir)?;
     Ok(CheckReport {
@@ -163,29 +193,35 @@ fn open_error(e: sled::Error) -> DataDirError {
     }
 }
 
-fn ensure_format(db: &sled::Db) -> Result<(), DataDirError> {
+/// Which format a database holds, once [`ensure_format`] has looked.
+#[derive(Debug, PartialEq, Eq)]
+enum Stored {
+    /// This release's (a new, empty database is given its marker).
+    Current,
+    /// The format before the marker ([`migrate`] converts it).
+    Older,
+}
+
+fn ensure_format(db: &sled::Db) -> Result<Stored, DataDirError> {
     let sled_err = |e: sled::Error| Corruption::new("database", describe_sled(&e));
     let meta = db.open_tree(META_TREE).map_err(sled_err)?;
     match read_format(&meta)? {
-        Some(FORMAT_VERSION) => Ok(()),
+        Some(FORMAT_VERSION) => Ok(Stored::Current),
         Some(other) => Err(DataDirError::Format(format!(
-            "is in storage format {other}, but this release reads format {FORMAT_VERSION}"
+            "is in storage format {other}, but this release reads format {FORMAT_VERSION} \
+             (and migrates format 0)"
         ))),
         None => {
             for name in db.tree_names() {
                 if !db.open_tree(&name).map_err(sled_err)?.is_empty() {
-                    return Err(DataDirError::Format(
-                        "was written by an older release (no storage format marker: \
-                         values without checksums)"
-                            .into(),
-                    ));
+                    return Ok(Stored::Older);
                 }
             }
             // A new directory: mark it before anything else is written.
             write_format(&meta).map_err(|e| DataDirError::Open(e.to_string()))?;
             db.flush()
                 .map_err(|e| DataDirError::Open(describe_sled(&e)))?;
-            Ok(())
+            Ok(Stored::Current)
         }
     }
 }
@@ -298,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_directory_gets_the_format_marker_and_an_old_one_is_refused() {
+    fn a_new_directory_gets_the_format_marker_and_an_old_one_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
         {
             let (db, _) = open_checked(dir.path()).unwrap();
@@ -318,9 +354,21 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        match reopen(old.path()) {
-            Err(DataDirError::Format(why)) => assert!(why.contains("older release"), "{why}"),
-            other => panic!("expected a format error, got {:?}", other.map(|r| r.1)),
+        {
+            let (db, report) = reopen(old.path()).unwrap();
+            assert_eq!(report.log.entries, 1);
+            let meta = db.open_tree(META_TREE).unwrap();
+            assert_eq!(read_format(&meta).unwrap(), Some(FORMAT_VERSION));
+            let stored = db
+                .open_tree(LOG_TREE)
+                .unwrap()
+                .get(key(0))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                format!("{:?}", unseal::<Entry>(&stored).unwrap()),
+                format!("{:?}", register(0, 0))
+            );
         }
 
         // A newer release's marker.

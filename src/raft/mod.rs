@@ -33,6 +33,7 @@ pub mod codec;
 pub mod durable;
 pub mod integrity;
 pub mod log_store;
+mod migrate;
 pub mod network;
 pub mod recover;
 pub mod replica;
@@ -81,8 +82,13 @@ pub const SLED_DIR: &str = "sled";
 
 /// Opens (or creates) the node's sled database in `dir`.
 pub fn open_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    open_sled(&dir.join(SLED_DIR))
+}
+
+/// Opens (or creates) a sled database at `path` with the node's settings.
+fn open_sled(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
     sled::Config::new()
-        .path(dir.join(SLED_DIR))
+        .path(path)
         .cache_capacity(DB_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
         // We flush and fsync explicitly wherever durability is promised
