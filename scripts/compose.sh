@@ -3,7 +3,11 @@
 # (project name ${COMPOSE_PROJECT_NAME:-vertice}), run from anywhere:
 #
 #   scripts/compose.sh up [ARGS]     # image + cluster/cluster.env if missing, up -d, wait for 3 healthy nodes
-#   scripts/compose.sh down [-v]     # -v also removes the data volumes
+#   scripts/compose.sh down [--keep-data]
+#                                    # removes what up created: containers, network and the
+#                                    # data volumes (--keep-data keeps the volumes); the image
+#                                    # and cluster/cluster.env stay for the next up
+#   scripts/compose.sh stop | start  # stop the containers, keeping everything; start them again
 #   scripts/compose.sh ps | logs [ARGS]
 #
 # REGISTRY_IMAGE (default vertice-register:local) names the image;
@@ -76,11 +80,26 @@ case "$cmd" in
       "nodes :${REGISTRY_1_PUBLISH_PORT:-8881} :${REGISTRY_2_PUBLISH_PORT:-8882} :${REGISTRY_3_PUBLISH_PORT:-8883}," \
       "gateway http://127.0.0.1:${GATEWAY_PUBLISH_PORT:-8000}"
     ;;
-  down|ps|logs)
+  down)
+    volumes=(-v)
+    for a in "$@"; do
+      case "$a" in
+        --keep-data) volumes=() ;;
+        -v|--volumes) ;;  # the default; accepted for earlier callers
+        *) echo "down takes only --keep-data (got $a)" >&2; exit 2 ;;
+      esac
+    done
+    dc down --remove-orphans "${volumes[@]}"
+    if [ ${#volumes[@]} -eq 0 ]; then
+      echo "data volumes kept (scripts/compose.sh up reuses them; down without --keep-data removes them)"
+    fi
+    echo "kept for the next up: image $IMAGE, cluster/${REGISTRY_ENV_FILE:-cluster.env}"
+    ;;
+  stop|start|ps|logs)
     dc "$cmd" "$@"
     ;;
   *)
-    echo "usage: $0 up|down|ps|logs [ARGS]" >&2
+    echo "usage: $0 up|down [--keep-data]|stop|start|ps|logs [ARGS]" >&2
     exit 2
     ;;
 esac

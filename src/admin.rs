@@ -66,11 +66,29 @@ pub async fn run(args: &ClusterArgs) -> Result<String, AdminError> {
     )
     .await?;
     let value: Value = resp.json().await.unwrap_or(Value::Null);
-    Ok(match args.action {
-        ClusterAction::Status => status_table(&value),
+    let said = match args.action {
+        ClusterAction::Status => return Ok(status_table(&value)),
         ClusterAction::Add { .. } | ClusterAction::Promote { .. } => added(&value),
         ClusterAction::Remove { .. } => removed(&value),
-    })
+    };
+    // The sentence, then the membership as it is now, in `status`'s table.
+    let status = ask(
+        &args.remote,
+        Duration::from_secs(10),
+        reqwest::Method::GET,
+        "/cluster/status",
+        None,
+        true,
+    )
+    .await;
+    let table = match status {
+        Ok(resp) => match resp.json::<Value>().await {
+            Ok(v) => status_table(&v),
+            Err(e) => format!("(cluster status unreadable: {e})\n"),
+        },
+        Err(e) => format!("(cluster status unavailable: {e})\n"),
+    };
+    Ok(format!("{said}\n{table}"))
 }
 
 /// Sends the request to each `--registry` node in turn until one answers

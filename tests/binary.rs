@@ -430,7 +430,17 @@ fn membership_changes_that_would_weaken_the_cluster_are_refused() {
     assert!(row6.contains(&nobody) && row6.contains(" no "), "{table}");
     let (ok, out, err) = cluster_cli(&registry, &["remove", "6"]);
     assert!(ok, "{err}");
-    assert_eq!(out.trim(), "node 6 removed (voters: 1, 2, 3)");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("node 6 removed (voters: 1, 2, 3)"));
+    // Then the membership as it is now, as `status` prints it.
+    let table: Vec<&str> = lines.skip_while(|l| l.is_empty()).collect();
+    assert!(table[0].starts_with("leader "), "{out}");
+    assert!(table[1].starts_with("ID "), "{out}");
+    let ids: Vec<&str> = table[2..]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(ids, ["1", "2", "3"], "{out}");
 
     // With f down, removing g would leave {leader, f}: one of two answers.
     p.kill9(f);
@@ -696,12 +706,14 @@ fn a_learner_serves_reads_without_voting_until_promoted() {
     let (ok, out, err) = cluster_cli(&replica, &["promote", "4"]);
     assert!(ok, "{out}{err}");
     assert_eq!(
-        out.trim(),
+        out.lines().next().unwrap(),
         format!(
             "node 4 at 127.0.0.1:{} caught up and is a voter now (voters: 1, 2, 3, 4)",
             p.ports[3]
         )
     );
+    let row4 = out.lines().find(|l| l.starts_with("4 ")).unwrap();
+    assert!(row4.contains("yes"), "{out}");
     assert_eq!(members(&client, &url), (vec![1, 2, 3, 4], vec![]));
     let (ok, _, err) = cluster_cli(&replica, &["promote", "9"]);
     assert!(!ok && err.contains("404"), "{err}");
