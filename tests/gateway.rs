@@ -523,7 +523,11 @@ async fn deregistration_and_a_dead_registry() {
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 
-    // Deregister b: the watch drops it within a second (the cache TTL is 5 s).
+    // Deregister b: the watch drops it. Nothing else can: between the
+    // deregistration and the check below no request goes through the
+    // gateway (only `/gateway/status`, which resolves nothing), so no
+    // cache refresh runs. The bound is loose for a busy machine; how fast
+    // the watch is belongs to a benchmark.
     let deregistered = std::time::Instant::now();
     let (code, body) = c
         .delete(
@@ -544,10 +548,7 @@ async fn deregistration_and_a_dead_registry() {
     .await;
     let forgot = deregistered.elapsed();
     eprintln!("the gateway stopped routing to b {forgot:?} after its deregistration");
-    assert!(
-        forgot < Duration::from_secs(1),
-        "took {forgot:?}: not by watch"
-    );
+    assert!(forgot < Duration::from_secs(10), "took {forgot:?}");
     for _ in 0..10 {
         assert_eq!(echo_instance(&http, &gw, "dr").await, "a");
     }

@@ -290,26 +290,29 @@ async fn huge_heads_get_431_not_a_hang() {
     c.wait_for_leader().await;
     let addr = c.addrs[&1];
     let started = Instant::now();
-    // hyper answers 431 and closes; the close may reset the connection
-    // before the answer is read (0): either way, no hang.
+    // hyper answers 431 and closes. The close resets the connection (the
+    // rest of the request is unread), but `raw` reads while it writes, so
+    // the answer arrives before the reset: 200 of 200 tries of each case
+    // below gave exactly these codes on a loaded 2-core machine. A node that
+    // dropped the connection without answering fails here.
     // One 100 KiB header.
     let big = format!(
         "GET /services HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(100 * 1024)
     );
     let (code, _) = raw(addr, big.into_bytes()).await;
-    assert!(code == 431 || code == 0, "huge header: {code}");
+    assert_eq!(code, 431, "huge header");
     // 500 small headers.
     let many: String = (0..500).map(|i| format!("X-H{i}: v\r\n")).collect();
     let req = format!("GET /services HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n");
     let (code, _) = raw(addr, req.into_bytes()).await;
-    assert!(code == 431 || code == 0, "many headers: {code}");
+    assert_eq!(code, 431, "many headers");
     // A 100 KiB path.
     let long = format!("/services/{}", "a".repeat(100 * 1024));
     let (code, _) = raw(addr, raw_request(addr, "GET", &long)).await;
-    assert!(
-        code == 431 || code == 414 || code == 0,
-        "very long path: {code}"
+    assert_eq!(
+        code, 431,
+        "very long path (the request line is part of the head)"
     );
     // A path of 10 KiB fits the head: the registry refuses the name.
     let long = format!("/services/{}", "a".repeat(10 * 1024));
@@ -321,7 +324,7 @@ async fn huge_heads_get_431_not_a_hang() {
         b"GET /services/a\rb HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
     )
     .await;
-    assert!(code == 400 || code == 0, "CR in the path: {code}");
+    assert_eq!(code, 400, "CR in the path");
     assert!(started.elapsed() < Duration::from_secs(10));
     let (status, _, _) = c.get(1, "/services").await;
     assert_eq!(status, StatusCode::OK);

@@ -115,8 +115,14 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
             (urls.clone(), stop.clone(), c.http.clone(), last_ack.clone());
         tokio::spawn(async move {
             let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
+            'beats: while !stop.load(Ordering::SeqCst) {
+                // Retried until acknowledged, or until the test ends: if the
+                // instance is gone for good (the bug this test is for), the
+                // watcher counts it and the test fails instead of hanging.
                 while !heartbeat_any(&http, &urls, i, "steady", "a").await {
+                    if stop.load(Ordering::SeqCst) {
+                        break 'beats;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 last_ack.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
@@ -144,8 +150,10 @@ async fn p1_an_instance_heartbeating_every_third_of_its_ttl_survives_leader_chan
                     }
                     if let Ok(r) = http.get(format!("{url}/services/steady")).send().await {
                         polls.fetch_add(1, Ordering::SeqCst);
-                        let since_ack =
-                            t0.elapsed().as_millis() as u64 - last_ack.load(Ordering::SeqCst);
+                        // An ack stored after this poll began is newer
+                        // than the poll's own clock reading: 0, not a wrap.
+                        let since_ack = (t0.elapsed().as_millis() as u64)
+                            .saturating_sub(last_ack.load(Ordering::SeqCst));
                         if r.status() == StatusCode::NOT_FOUND && up[k].load(Ordering::SeqCst) {
                             let h = http.get(format!("{url}/health")).send().await.ok();
                             let h = match h {
