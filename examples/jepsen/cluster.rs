@@ -114,11 +114,39 @@ fn free_port(id: u64) -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
         .args([sig, &pid.to_string()])
         .stderr(Stdio::null())
-        .status();
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill {sig} {pid} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The state letter of process `pid` in `/proc` (`T`: stopped by a signal).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name in parentheses may hold spaces; the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Waits up to a second for `pid` to be in (or, with `stopped` false, out
+/// of) the stopped state: a pause counts only once the process is stopped.
+fn wait_stopped(pid: u32, stopped: bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let state = proc_state(pid);
+        if (state == Some('T')) == stopped {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("process {pid} is in state {state:?} after SIGSTOP/SIGCONT");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 impl Cluster {
@@ -248,56 +276,74 @@ impl Cluster {
         Ok(())
     }
 
-    pub fn kill9(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            n.paused = false;
+    /// SIGKILL; an error unless the node was running and died of it.
+    pub fn kill9(&mut self, id: u64) -> Result<()> {
+        use std::os::unix::process::ExitStatusExt;
+        let n = self.nodes.get_mut(&id).context("no such node")?;
+        n.paused = false;
+        let mut c = n
+            .child
+            .take()
+            .with_context(|| format!("node {id} is not running"))?;
+        c.kill().context("sending SIGKILL")?;
+        let status = c.wait().context("waiting for the killed node")?;
+        match status.signal() {
+            Some(9) => Ok(()),
+            _ => bail!("node {id} ended with {status}, not by SIGKILL (it was not running)"),
         }
     }
 
     /// SIGTERM, waiting up to 10 s for a clean exit (then SIGKILL).
-    pub fn terminate(&mut self, id: u64) {
-        let Some(n) = self.nodes.get_mut(&id) else {
-            return;
-        };
-        let Some(mut c) = n.child.take() else {
-            return;
-        };
+    /// SIGTERM, waiting up to 10 s for a clean exit (then SIGKILL); an
+    /// error unless the node was running and has exited.
+    pub fn terminate(&mut self, id: u64) -> Result<()> {
+        let n = self.nodes.get_mut(&id).context("no such node")?;
+        let mut c = n
+            .child
+            .take()
+            .with_context(|| format!("node {id} is not running"))?;
         if n.paused {
-            signal(c.id(), "-CONT");
+            signal(c.id(), "-CONT")?;
             n.paused = false;
         }
-        signal(c.id(), "-TERM");
+        signal(c.id(), "-TERM")?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = c.try_wait() {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = c.kill();
-        let _ = c.wait();
+        c.kill().context("sending SIGKILL after SIGTERM")?;
+        c.wait().context("waiting for the node")?;
+        Ok(())
     }
 
-    pub fn pause(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let Some(c) = &n.child {
-                signal(c.id(), "-STOP");
-                n.paused = true;
-            }
-        }
+    /// SIGSTOP; an error unless the node is then stopped (`/proc` state T).
+    pub fn pause(&mut self, id: u64) -> Result<()> {
+        let n = self.nodes.get_mut(&id).context("no such node")?;
+        let pid = n
+            .child
+            .as_ref()
+            .with_context(|| format!("node {id} is not running"))?
+            .id();
+        signal(pid, "-STOP")?;
+        n.paused = true;
+        wait_stopped(pid, true)
     }
 
-    pub fn resume(&mut self, id: u64) {
-        if let Some(n) = self.nodes.get_mut(&id) {
-            if let (Some(c), true) = (&n.child, n.paused) {
-                signal(c.id(), "-CONT");
-                n.paused = false;
-            }
+    /// SIGCONT to a paused node; an error unless it then runs again.
+    pub fn resume(&mut self, id: u64) -> Result<()> {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return Ok(());
+        };
+        if let (Some(c), true) = (&n.child, n.paused) {
+            let pid = c.id();
+            signal(pid, "-CONT")?;
+            n.paused = false;
+            wait_stopped(pid, false)?;
         }
+        Ok(())
     }
 
     fn health(&self, id: u64) -> Option<Value> {
@@ -383,6 +429,30 @@ impl Cluster {
         Ok(())
     }
 
+    /// Packets the partition chain has dropped since it was created: the
+    /// effect of a partition, not the attempt.
+    pub fn dropped_packets(&self) -> Result<u64> {
+        if !self.cut_active {
+            return Ok(0);
+        }
+        let out = Command::new("iptables")
+            .args(["-w", "-L", &self.chain, "-v", "-n", "-x"])
+            .output()
+            .context("running iptables -L")?;
+        if !out.status.success() {
+            bail!(
+                "iptables -L {}: {}",
+                self.chain,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Rule lines start with their packet count; the header lines do not.
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum())
+    }
+
     pub fn heal(&mut self) {
         if !self.cut_active {
             return;
@@ -434,7 +504,8 @@ impl Cluster {
         )?;
         self.members.retain(|&m| m != victim);
         self.publish();
-        self.kill9(victim);
+        // Out of the cluster now; it may have stopped by itself already.
+        let _ = self.kill9(victim);
         let _ = fs::remove_dir_all(&self.nodes[&victim].dir);
         Ok(())
     }
@@ -482,7 +553,7 @@ impl Cluster {
         self.heal();
         let ids: Vec<u64> = self.members.clone();
         for id in ids {
-            self.resume(id);
+            self.resume(id)?;
             self.start(id)?;
         }
         Ok(())
@@ -521,9 +592,10 @@ impl Cluster {
     pub fn stop_all(&mut self) {
         self.heal();
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        // Clean-up at the end (and on drop): nodes already stopped are fine.
         for id in ids {
-            self.resume(id);
-            self.kill9(id);
+            let _ = self.resume(id);
+            let _ = self.kill9(id);
         }
     }
 }

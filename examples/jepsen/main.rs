@@ -89,6 +89,27 @@ struct Args {
     /// Search steps the linearizability checker may spend per key.
     #[arg(long, default_value_t = 20_000_000)]
     budget: u64,
+    /// The run fails unless every kind of operation succeeded at least this
+    /// many times: a run that checked nothing proves nothing.
+    #[arg(long, default_value_t = 10)]
+    min_ok: usize,
+    /// Let the run pass when faults this machine cannot inject (partitions
+    /// without iptables or root) are skipped; without it, a skip fails it.
+    #[arg(long)]
+    allow_skip: bool,
+}
+
+/// What a run found: how to judge it.
+struct Outcome {
+    /// Anomalies, liveness failures and inconclusive keys, all counted.
+    anomalies: usize,
+    /// Of the anomalies, early expiries (check (d)).
+    early_expiries: usize,
+    /// Of the anomalies, linearizability violations (check (b)).
+    linearizability: usize,
+    /// Why the run cannot count, pass or fail: too few operations, a
+    /// requested fault never injected, a fault skipped without leave.
+    invalid: Vec<String>,
 }
 
 struct Fault {
@@ -113,32 +134,35 @@ fn sleep_until(t: Instant) {
 fn main() {
     let args = Args::parse();
     match run(&args) {
-        Ok((anomalies, early_expiries)) => {
-            let bit = if args.broken_leases {
-                early_expiries > 0
+        Ok(o) => {
+            if !o.invalid.is_empty() {
+                println!(
+                    "\nthe run cannot be judged ({} reasons: the 'invalid' lines above), so it fails",
+                    o.invalid.len()
+                );
+                std::process::exit(1);
+            }
+            // What "it bites" means: the violation the broken build makes,
+            // not any anomaly (a leader gap or an inconclusive search would
+            // otherwise pass for a caught stale read).
+            let (bit, what) = if args.broken_leases {
+                (o.early_expiries, "an early expiry (check (d))")
             } else {
-                anomalies > 0
+                (o.linearizability, "a linearizability violation (check (b))")
             };
-            let code = match (anomalies > 0, args.expect_violation) {
+            let code = match (o.anomalies > 0, args.expect_violation) {
                 (false, false) => 0,
-                (true, true) if bit => 0,
+                (true, true) if bit > 0 => 0,
                 _ => 1,
             };
-            if args.expect_violation && args.broken_leases {
-                if bit {
-                    println!(
-                        "\nexpected early expiry, and check (d) reported {early_expiries}: it bites"
-                    );
+            if args.expect_violation {
+                if bit > 0 {
+                    println!("\nexpected {what}, and the checker reported {bit}: it bites");
                 } else {
-                    println!("\nexpected early expiry, but check (d) found none");
-                }
-            } else if args.expect_violation {
-                if anomalies > 0 {
                     println!(
-                        "\nexpected a violation, and the checker reported {anomalies}: it bites"
+                        "\nexpected {what}, but the checker found none ({} other anomalies)",
+                        o.anomalies
                     );
-                } else {
-                    println!("\nexpected a violation, but the checker found none");
                 }
             }
             std::process::exit(code);
@@ -169,21 +193,21 @@ fn inject(c: &mut Cluster, kind: &'static str, hold: Duration, rng: &mut StdRng)
     let l = leader.unwrap_or(members[0]);
     let target = match kind {
         "kill-leader" => {
-            c.kill9(l);
+            c.kill9(l)?;
             std::thread::sleep(hold);
             c.start(l)?;
             format!("node {l} (leader)")
         }
         "kill-follower" => {
             let f = pick_follower(rng).context("no follower")?;
-            c.kill9(f);
+            c.kill9(f)?;
             std::thread::sleep(hold);
             c.start(f)?;
             format!("node {f}")
         }
         "kill-all" => {
             for &m in &members {
-                c.kill9(m);
+                c.kill9(m)?;
             }
             std::thread::sleep(hold.min(Duration::from_millis(500)));
             for &m in &members {
@@ -192,16 +216,16 @@ fn inject(c: &mut Cluster, kind: &'static str, hold: Duration, rng: &mut StdRng)
             format!("nodes {members:?}")
         }
         "pause-leader" => {
-            c.pause(l);
+            c.pause(l)?;
             std::thread::sleep(hold);
-            c.resume(l);
+            c.resume(l)?;
             format!("node {l} (leader), SIGSTOP for {hold:?}")
         }
         "pause-follower" => {
             let f = pick_follower(rng).context("no follower")?;
-            c.pause(f);
+            c.pause(f)?;
             std::thread::sleep(hold);
-            c.resume(f);
+            c.resume(f)?;
             format!("node {f}, SIGSTOP for {hold:?}")
         }
         "partition-leader" | "partition-partial" | "partition-one-way" => {
@@ -225,12 +249,18 @@ fn inject(c: &mut Cluster, kind: &'static str, hold: Duration, rng: &mut StdRng)
             };
             c.drop_packets(&pairs)?;
             std::thread::sleep(hold);
+            // The effect, not the attempt: nodes talk every 50 ms, so a
+            // partition that held dropped packets.
+            let dropped = c.dropped_packets()?;
             c.heal();
-            what
+            if dropped == 0 {
+                bail!("the partition dropped no packets");
+            }
+            format!("{what}, {dropped} packets dropped")
         }
         "restart" => {
             let m = *members.choose(rng).context("no member")?;
-            c.terminate(m);
+            c.terminate(m)?;
             c.start(m)?;
             format!("node {m} (SIGTERM and start)")
         }
@@ -253,8 +283,8 @@ fn inject(c: &mut Cluster, kind: &'static str, hold: Duration, rng: &mut StdRng)
     Ok(target)
 }
 
-/// Runs the test: how many anomalies, and how many of them early expiries.
-fn run(args: &Args) -> Result<(usize, usize)> {
+/// Runs the test and checks its history.
+fn run(args: &Args) -> Result<Outcome> {
     let start = Instant::now();
     let bin = match &args.bin {
         Some(b) => b.clone(),
@@ -404,6 +434,7 @@ fn run(args: &Args) -> Result<(usize, usize)> {
     let end = Instant::now() + run_for;
     let mut deck: Vec<&'static str> = Vec::new();
     let mut injected: Vec<Fault> = Vec::new();
+    let mut not_injected: Vec<String> = Vec::new();
     let mut liveness: Vec<String> = Vec::new();
     while Instant::now() < end && !faults.is_empty() {
         if deck.is_empty() {
@@ -437,6 +468,7 @@ fn run(args: &Args) -> Result<(usize, usize)> {
             }
             Err(e) => {
                 log(start, format!("fault {kind} not injected: {e:#}"));
+                not_injected.push(format!("{kind}: {e:#}"));
                 c.heal_all()?;
             }
         }
@@ -566,6 +598,9 @@ fn run(args: &Args) -> Result<(usize, usize)> {
     if !skipped.is_empty() {
         let _ = writeln!(s, "  skipped: {}", skipped.join(","));
     }
+    for n in &not_injected {
+        let _ = writeln!(s, "  not injected: {n}");
+    }
     let _ = writeln!(s, "checks:");
     let _ = writeln!(
         s,
@@ -623,17 +658,63 @@ fn run(args: &Args) -> Result<(usize, usize)> {
             );
         }
     }
+    // Whether the run can be judged at all.
+    let mut invalid = Vec::new();
+    for kind in [
+        Kind::Register,
+        Kind::Deregister,
+        Kind::Heartbeat,
+        Kind::Read,
+        Kind::ConsistentRead,
+        Kind::Watch,
+        Kind::FinalRead,
+    ] {
+        let ok = table.get(&kind).map_or(0, |row| row[0]);
+        if ok < args.min_ok {
+            invalid.push(format!(
+                "only {ok} successful {kind:?} operations (--min-ok {})",
+                args.min_ok
+            ));
+        }
+    }
+    for kind in &faults {
+        if !counts.contains_key(*kind) {
+            invalid.push(format!(
+                "fault {kind} was requested but never took effect (a longer run, or fewer --faults)"
+            ));
+        }
+    }
+    if !skipped.is_empty() && !args.allow_skip {
+        invalid.push(format!(
+            "faults skipped on this machine: {} (run as root with iptables, or pass --allow-skip)",
+            skipped.join(",")
+        ));
+    }
+    for why in &invalid {
+        let _ = writeln!(s, "invalid: {why}");
+    }
     let _ = writeln!(s, "history: {}", history.display());
     print!("{s}");
     std::fs::write(out.join("summary.txt"), &s)?;
-    let passed = (anomalies == 0) != args.expect_violation;
+    let count = |check: &str| report.anomalies.iter().filter(|a| a.check == check).count();
+    let outcome = Outcome {
+        anomalies,
+        early_expiries: count("(d) early expiry"),
+        linearizability: count("(b) linearizability"),
+        invalid,
+    };
+    let bit = if args.broken_leases {
+        outcome.early_expiries
+    } else {
+        outcome.linearizability
+    };
+    let passed = outcome.invalid.is_empty()
+        && match args.expect_violation {
+            false => anomalies == 0,
+            true => bit > 0,
+        };
     if passed && !args.keep {
         let _ = std::fs::remove_dir_all(&out);
     }
-    let early = report
-        .anomalies
-        .iter()
-        .filter(|a| a.check == "(d) early expiry")
-        .count();
-    Ok((anomalies, early))
+    Ok(outcome)
 }
