@@ -1289,9 +1289,8 @@ mod tests {
             h.len()
         );
         assert_eq!(verdict, Verdict::Linearizable);
-        if !cfg!(debug_assertions) {
-            assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
-        }
+        // How long it took is printed, not asserted: the search is bounded
+        // by BUDGET steps, and a busy machine says nothing about the checker.
 
         // Make one read in the middle stale: it returns the value of a register that was
         // overwritten (by another acknowledged register) before the read was called.
@@ -1329,9 +1328,6 @@ mod tests {
             eprintln!("{explanation}");
         }
         assert!(c.contains(&reader_id), "culprits {c:?}");
-        if !cfg!(debug_assertions) {
-            assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
-        }
     }
 
     /// A mutation that makes a simulated (linearizable) history non-linearizable: returns
