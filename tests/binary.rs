@@ -931,3 +931,95 @@ fn recover_makes_a_survivor_of_a_lost_majority_a_cluster_again() {
         }
     }
 }
+
+/// Sends `sig` (e.g. `-STOP`) to node `id`'s process.
+fn signal(p: &Procs, id: usize, sig: &str) {
+    let pid = p.children[id - 1].as_ref().unwrap().id();
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A leader paused (SIGSTOP) past its lease while the others elect a new
+/// leader and take a write, then resumed, must not answer a consistent read
+/// from its old state: every answer it gives shows the write, or is a
+/// refusal, never a `404` for it. The new leader is paused before the old
+/// one resumes, so nothing tells the old one of the write until it asks a
+/// quorum (the remaining follower, which has it, then wins the election
+/// and the reads go on). Run with the read lease (the default) and with
+/// `--no-read-lease` (every consistent read asks a quorum). Shown to fail
+/// with `--test-stale-reads` added to the nodes' flags (consistent reads
+/// from the local replica): the resumed node answered 404.
+fn consistent_reads_from_a_resumed_leader(extra: &[&str]) {
+    let mut p = Procs::new();
+    let peers = p.peers();
+    for id in 1..=3 {
+        let mut args = vec!["--peers", &peers];
+        args.extend_from_slice(extra);
+        p.spawn_with(id, &args);
+    }
+    let client = http();
+    let old = wait_for_leader(&p, &[1, 2, 3]);
+    assert!(register(&client, &p.url(old), "before-pause"));
+    let others: Vec<usize> = (1..=3).filter(|&id| id != old).collect();
+    for &id in &others {
+        poll(
+            "the registration on every node",
+            Duration::from_secs(10),
+            || get_ok(&client, &format!("{}/services/before-pause", p.url(id))).then_some(()),
+        );
+    }
+
+    signal(&p, old, "-STOP");
+    let new = wait_for_leader(&p, &others);
+    assert_ne!(new, old);
+    assert!(register(&client, &p.url(new), "while-paused"));
+    let follower = others.iter().copied().find(|&id| id != new).unwrap();
+    poll("the write on the follower", Duration::from_secs(10), || {
+        get_ok(
+            &client,
+            &format!("{}/services/while-paused", p.url(follower)),
+        )
+        .then_some(())
+    });
+    signal(&p, new, "-STOP");
+    signal(&p, old, "-CONT");
+
+    // Straight after the resume, and on for a while: never the old state.
+    let url = format!("{}/services/while-paused?consistent=true", p.url(old));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut shown, mut refused) = (0, 0);
+    while Instant::now() < deadline && shown < 20 {
+        match client.get(&url).send() {
+            Ok(r) if r.status().is_success() => shown += 1,
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.text().unwrap_or_default();
+                assert_ne!(
+                    status, 404,
+                    "the resumed leader answered from before its pause: {body}"
+                );
+                refused += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(
+        shown >= 20,
+        "the resumed node never served the read ({shown} answers, {refused} refusals)\n{}",
+        p.logs()
+    );
+}
+
+#[test]
+fn a_leader_resumed_after_a_pause_past_its_lease_never_serves_a_stale_consistent_read() {
+    consistent_reads_from_a_resumed_leader(&[]);
+}
+
+#[test]
+fn without_the_read_lease_a_resumed_leader_never_serves_a_stale_consistent_read() {
+    consistent_reads_from_a_resumed_leader(&["--no-read-lease"]);
+}
