@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use blocking::{copy_dir, http, poll};
+use blocking::{copy_dir, http, names, poll};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
@@ -353,11 +353,7 @@ fn a_data_directory_without_its_marker_is_refused_not_migrated_twice() {
     assert!(line.contains("older release"), "{line}");
     assert!(line.contains("cannot be migrated"), "{line}");
     assert!(line.contains("--join"), "{line}");
-    let mut left: Vec<_> = std::fs::read_dir(&data)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
+    let left = names(&data);
     assert!(!left.iter().any(|n| n.starts_with("sled.")), "{left:?}");
 }
 

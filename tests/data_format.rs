@@ -23,7 +23,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blocking::{copy_dir, free_ports, http, poll};
+use blocking::{copy_dir, free_ports, http, names, poll};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vertice-register");
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/data-format-1");
@@ -136,16 +136,6 @@ fn assert_fixture_0(report: &vertice_register::raft::CheckReport) {
     ]
     .map(|(s, i, t, z)| (s.to_string(), i.to_string(), t, z.to_string()));
     assert_eq!(found, want);
-}
-
-/// The names in a data directory.
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]

@@ -258,7 +258,7 @@ async fn three_nodes_run_on_mutual_tls() {
     // Refused by TLS itself (an alert from the node), not by anything else.
     match r {
         Err(e) => {
-            let why = chain(&e);
+            let why = vertice_register::http::error_chain(&e);
             assert!(
                 why.contains("alert") || why.contains("certificate"),
                 "{why}"
@@ -540,16 +540,4 @@ async fn the_gateway_and_the_cluster_command_speak_tls() {
     assert!(out.contains("leader"), "{out}");
     server.abort();
     c.shutdown().await;
-}
-
-/// An error and its causes, in one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }

@@ -482,27 +482,17 @@ fn is_retryable(s: StatusCode) -> bool {
     )
 }
 
-/// A failed request in one line, with its causes: reqwest's own message
-/// ("error sending request for url ...") hides the reason, such as
-/// "invalid peer certificate: UnknownIssuer".
+/// A failed request in one line, with its causes (such as "invalid peer
+/// certificate: UnknownIssuer").
 fn describe(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
-        format!("timed out: {e}")
+    let chain = crate::http::error_chain(e);
+    if e.is_timeout() {
+        format!("timed out: {chain}")
     } else if e.is_connect() {
-        format!("cannot connect: {e}")
+        format!("cannot connect: {chain}")
     } else {
-        e.to_string()
-    };
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        let line = c.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        cause = c.source();
+        chain
     }
-    text
 }
 
 /// The error a non-2xx answer stands for, with the server's message.

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use super::metrics::status_class;
 use super::routes::{Instance, Route, Source};
 use super::{error_response, Shared};
+use crate::http::error_chain;
 use crate::registry::validate;
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -356,18 +357,6 @@ async fn forward(
         );
         return upstream_response(resp, &route, &inst);
     }
-}
-
-/// An error and its causes: reqwest's own message rarely says what failed.
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 fn timeout_response(service: &str, ms: u128) -> Response {

@@ -64,10 +64,11 @@ use axum::Router;
 use futures::StreamExt;
 
 use super::metrics::{status_class, GatewayMetrics};
-use super::proxy::{end_to_end, error_chain, forwarded_for};
+use super::proxy::{end_to_end, forwarded_for};
 use super::{error_response, GatewayConfig, GatewayError};
 use crate::api::MAX_BODY;
 use crate::auth::Secret;
+use crate::http::error_chain;
 
 /// The nodes' longest blocking query: `wait` of at most 5 minutes plus up
 /// to 1/16 of jitter (`api::watch`), with a margin.

@@ -55,7 +55,8 @@ struct Inner {
     timer: Option<SyncTimer>,
 }
 
-fn sync_path(path: &Path) -> io::Result<()> {
+/// fsync of a file or directory by path; one that vanished needs nothing.
+pub(crate) fn sync_path(path: &Path) -> io::Result<()> {
     match File::open(path) {
         Ok(f) => f.sync_all(),
         // sled removes blobs it no longer needs; a vanished file needs nothing.

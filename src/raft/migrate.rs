@@ -27,12 +27,12 @@
 //! old database or the whole new one under a name the next start acts on.
 //! The migration needs free space for one more copy of the database.
 
-use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::codec::{describe_sled, seal_bytes};
+use super::durable::sync_path as sync;
 use super::log_store::{write_format, FORMAT_VERSION, META_TREE};
 use super::{open_db, open_sled, SLED_DIR};
 
@@ -206,11 +206,6 @@ fn paths(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::Path
     (dir.join(SLED_DIR), dir.join(BUILDING), dir.join(REPLACED))
 }
 
-/// fsync of a directory (its entries: names created, renamed, removed).
-fn sync(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// fsync of every file and folder under `path`, and of `path`.
 fn sync_all_in(path: &Path) -> io::Result<()> {
     for entry in std::fs::read_dir(path)? {
@@ -218,7 +213,7 @@ fn sync_all_in(path: &Path) -> io::Result<()> {
         if entry.file_type()?.is_dir() {
             sync_all_in(&entry.path())?;
         } else {
-            File::open(entry.path())?.sync_all()?;
+            sync(&entry.path())?;
         }
     }
     sync(path)
